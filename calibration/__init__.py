@@ -1,0 +1,1 @@
+"""Calibration: text samples in (data), sensitivity and the switching policy out."""

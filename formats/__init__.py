@@ -1,0 +1,1 @@
+"""Nested-bit weight format: quantization to master codes, bit planes, checkpoint files."""

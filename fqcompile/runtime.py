@@ -1,0 +1,148 @@
+"""Runtime: load a checkpoint without the original model and generate at a chosen precision."""
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .calibration.data import encode
+from .errors import FqError
+from .flex_linear import FlexLinear
+from .formats import checkpoint as ckpt
+from .models import check_causal_lm
+
+
+@dataclass
+class Loaded:
+    model: torch.nn.Module
+    tokenizer: object
+    manifest: dict
+    folder: Path
+
+
+def load(folder, precision: int | None = None, verify: bool = True, dtype: torch.dtype | None = None) -> Loaded:
+    """Build the model from the checkpoint's config and tensors.
+
+    `precision` is the highest precision this process will run: planes below it are
+    never read from disk. `verify` checks every file read against its SHA-256.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(folder)
+    manifest = ckpt.read_manifest(folder)
+    top = precision if precision is not None else manifest["ladder"][-1]
+    layouts = ckpt.layouts(manifest)
+    n_planes = next(iter(layouts.values())).planes_for(top) if layouts else 0
+    ckpt.verify(folder, manifest, ckpt.files_for(manifest, top), hashes=verify)
+
+    config = check_causal_lm(folder)
+    dtype = dtype or getattr(torch, manifest["source"]["dtype"])
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
+
+    dense = {k: v.to(dtype) if v.is_floating_point() else v for k, v in ckpt.load_tensors(folder / ckpt.DENSE).items()}
+    meta = ckpt.load_tensors(folder / ckpt.META)
+    planes = [ckpt.load_tensors(folder / ckpt.plane_file(i)) for i in range(n_planes)]
+    for name, layout in layouts.items():
+        parent_name, _, attr = name.rpartition(".")
+        try:
+            parent = model.get_submodule(parent_name)
+            old = getattr(parent, attr)
+        except AttributeError:
+            raise FqError(f"checkpoint module {name} does not exist in the model built from config.json") from None
+        if (old.out_features, old.in_features) != (layout.out_features, layout.in_features):
+            raise FqError(f"{name}: checkpoint shape {layout.out_features}x{layout.in_features} does not match config")
+        try:
+            tensors = [p[name] for p in planes], meta[f"{name}.scale"], meta[f"{name}.zero"]
+        except KeyError as exc:
+            raise FqError(f"checkpoint is missing tensor {exc}") from None
+        setattr(parent, attr, FlexLinear(layout, *tensors, bias=dense.pop(f"{name}.bias", None)))
+
+    result = model.load_state_dict(dense, strict=False, assign=True)
+    if result.unexpected_keys:
+        raise FqError(f"checkpoint tensors not in the model: {', '.join(result.unexpected_keys[:3])}")
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    _materialize_buffers(model)
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise FqError(f"checkpoint lacks tensors for: {', '.join(missing[:3])}")
+    model.eval()
+    return Loaded(model, AutoTokenizer.from_pretrained(folder), manifest, folder)
+
+
+def _materialize_buffers(model) -> None:
+    """Recompute non-persistent buffers (e.g. RoPE inverse frequencies) left on meta."""
+    for module in model.modules():
+        metas = [n for n, b in module.named_buffers(recurse=False) if b.is_meta]
+        for name in metas:
+            setattr(module, name, torch.empty_like(getattr(module, name), device="cpu"))
+        if metas:
+            model._init_weights(module)
+
+
+def flex_layers(model) -> list[FlexLinear]:
+    return [m for m in model.modules() if isinstance(m, FlexLinear)]
+
+
+def set_precision(model, bits: int) -> None:
+    """Run every quantized layer at `bits` (a static plan)."""
+    for layer in flex_layers(model):
+        layer.set_precision(bits)
+
+
+def bits_per_weight(model, bits: int) -> float:
+    """Bits read per weight at a static precision: the planes it needs plus scales/zeros."""
+    read = weights = 0
+    for layer in flex_layers(model):
+        n = layer.layout.planes_for(bits)
+        read += sum(p.numel() for p in layer.planes()[:n]) * 8 + layer.scale.numel() * 16 + layer.zero.numel() * 8
+        weights += layer.in_features * layer.out_features
+    return read / weights
+
+
+@torch.inference_mode()
+def generate(
+    loaded: Loaded,
+    prompt: str,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int = 0,
+    chat: bool = False,
+    streamer=None,
+) -> dict:
+    """Generate through Hugging Face `generate`; returns text and speed."""
+    tok = loaded.tokenizer
+    if chat:
+        if not tok.chat_template:
+            raise FqError("this model's tokenizer has no chat template (drop --chat)")
+        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+    else:
+        ids = encode(tok, prompt)
+    input_ids = torch.tensor([ids])
+    torch.manual_seed(seed)
+    sample = temperature > 0
+    start = time.perf_counter()
+    out = loaded.model.generate(
+        input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=sample,
+        temperature=temperature if sample else None,
+        top_p=top_p if sample else None,
+        top_k=top_k if sample else None,
+        pad_token_id=tok.eos_token_id,
+        streamer=streamer,
+    )
+    seconds = time.perf_counter() - start
+    new = out[0, input_ids.shape[1] :]
+    return {
+        "text": tok.decode(new, skip_special_tokens=True),
+        "new_tokens": int(new.numel()),
+        "seconds": seconds,
+        "tokens_per_s": new.numel() / seconds if seconds > 0 else float("nan"),
+    }
