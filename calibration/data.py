@@ -49,6 +49,8 @@ def load_texts(source: str, text_column: str | None = None) -> list[str]:
             ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", **kwargs)
         except Exception as exc:  # datasets raises many types for unreadable files
             raise FqError(f"cannot read dataset {source}: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
+    elif path.suffix in SUFFIX_BUILDER or source.startswith((".", "/", "~")) or source.count("/") > 1:
+        raise FqError(f"dataset not found: {source}")
     else:
         name, _, config = source.partition(":")
         require_hub(f"dataset '{source}'")

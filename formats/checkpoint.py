@@ -110,3 +110,25 @@ def load_tensors(path: Path, names=None) -> dict[str, torch.Tensor]:
             return {k: f.get_tensor(k) for k in (names if names is not None else f.keys())}
     except Exception as exc:  # safetensors raises its own error types for bad headers
         raise FqError(f"cannot read {path}: {exc}") from None
+
+
+def precision_stats(manifest: dict) -> dict[int, dict]:
+    """Per ladder precision: bits read per weight, quantized bytes read, bytes resident.
+
+    Bits read per weight counts the planes the precision needs (row padding included)
+    plus each group's fp16 scale and uint8 zero, over the quantized weights.
+    """
+    dense = manifest["files"].get(DENSE, {}).get("bytes", 0)
+    out = {}
+    for bits in manifest["ladder"]:
+        read = weights = 0
+        for layout in layouts(manifest).values():
+            width = sum(layout.widths[: layout.planes_for(bits)])
+            read += layout.out_features * (layout.padded_in * width // 8 + layout.n_groups * 3)
+            weights += layout.out_features * layout.in_features
+        out[bits] = {
+            "bits_per_weight": 8 * read / weights if weights else 0.0,
+            "quantized_bytes": read,
+            "resident_bytes": read + dense,
+        }
+    return out

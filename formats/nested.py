@@ -151,13 +151,16 @@ def pack_planes(codes: torch.Tensor, layout: Layout) -> list[torch.Tensor]:
 
 
 def unpack_codes(planes: list[torch.Tensor], layout: Layout, bits: int) -> torch.Tensor:
-    """The top `bits` bits of every code, as int32 [N, K] in [0, 2^bits)."""
+    """The top `bits` bits of every code, as uint8 [N, padded_in] in [0, 2^bits).
+
+    Columns past in_features are padding (zero codes).
+    """
     codes = None
     for plane, w in zip(planes[: layout.planes_for(bits)], layout.widths):
-        p = plane.to(torch.int32)
-        values = torch.cat([(p >> (s * w)) & ((1 << w) - 1) for s in range(8 // w)], dim=1)
+        mask = (1 << w) - 1
+        values = torch.cat([(plane >> (s * w)) & mask for s in range(8 // w)], dim=1)
         codes = values if codes is None else (codes << w) | values
-    return codes[:, : layout.in_features]
+    return codes
 
 
 def slice_params(scale: torch.Tensor, zero: torch.Tensor, layout: Layout, bits: int):
@@ -169,6 +172,9 @@ def slice_params(scale: torch.Tensor, zero: torch.Tensor, layout: Layout, bits: 
 def dequantize(planes, scale, zero, layout: Layout, bits: int, dtype=torch.float32) -> torch.Tensor:
     """The b-bit slice as a dense [N, K] weight (the torch reference path)."""
     s_b, z_b = slice_params(scale, zero, layout, bits)
-    g_idx = layout.group_index(device=s_b.device)
-    q = unpack_codes(planes, layout, bits).float()
-    return ((q - z_b[:, g_idx]) * s_b[:, g_idx]).to(dtype)
+    n, groups, size = layout.out_features, layout.n_groups, layout.group_size
+    q = unpack_codes(planes, layout, bits)
+    # Pad (or cut) the row to whole groups so scales broadcast instead of being gathered.
+    q = torch.nn.functional.pad(q, (0, groups * size - q.shape[1])).view(n, groups, size)
+    w = (q.to(torch.float32) - z_b.unsqueeze(-1)) * s_b.unsqueeze(-1)
+    return w.view(n, groups * size)[:, : layout.in_features].to(dtype)

@@ -11,6 +11,6 @@ __version__ = "0.1.0"
 from .errors import FqError  # noqa: E402
 from .metrics import evaluate  # noqa: E402
 from .export import export  # noqa: E402
-from .runtime import Loaded, bits_per_weight, generate, load, set_precision  # noqa: E402
+from .runtime import Loaded, generate, load, set_precision  # noqa: E402
 
-__all__ = ["FqError", "Loaded", "bits_per_weight", "evaluate", "export", "generate", "load", "set_precision"]
+__all__ = ["FqError", "Loaded", "evaluate", "export", "generate", "load", "set_precision"]

@@ -34,6 +34,7 @@ def atomic_dir(out: Path, force: bool, marker: str):
         yield tmp
         if not (tmp / marker).is_file():
             raise RuntimeError(f"internal error: output finished without {marker}")
+        _apply_umask(tmp)
         old = None
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
@@ -43,3 +44,12 @@ def atomic_dir(out: Path, force: bool, marker: str):
             shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _apply_umask(folder: Path) -> None:
+    """mkdtemp and some writers create owner-only files; give outputs the usual modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)

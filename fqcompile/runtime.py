@@ -92,16 +92,6 @@ def set_precision(model, bits: int) -> None:
         layer.set_precision(bits)
 
 
-def bits_per_weight(model, bits: int) -> float:
-    """Bits read per weight at a static precision: the planes it needs plus scales/zeros."""
-    read = weights = 0
-    for layer in flex_layers(model):
-        n = layer.layout.planes_for(bits)
-        read += sum(p.numel() for p in layer.planes()[:n]) * 8 + layer.scale.numel() * 16 + layer.zero.numel() * 8
-        weights += layer.in_features * layer.out_features
-    return read / weights
-
-
 @torch.inference_mode()
 def generate(
     loaded: Loaded,

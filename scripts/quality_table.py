@@ -19,6 +19,7 @@ import torch
 import fqcompile
 from fqcompile import models
 from fqcompile.calibration.data import load_samples
+from fqcompile.formats.checkpoint import precision_stats
 from fqcompile.metrics import FULL
 
 HERE = Path(__file__).resolve().parent
@@ -58,7 +59,7 @@ def main():
                 rows.append({
                     "method": f"{method} {rungs}",
                     "precision": b,
-                    "bits": fqcompile.bits_per_weight(loaded.model, b),
+                    "bits": precision_stats(loaded.manifest)[b]["bits_per_weight"],
                     "perplexity": r["perplexity"],
                     "kl": r["kl"],
                 })

@@ -1,0 +1,319 @@
+"""The `fqcompile` command line. Bad input: one line on stderr, exit code 2, nothing written."""
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import typer
+
+from .errors import FqError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+    help="Compile LLMs into switchable nested-bit checkpoints and run them.",
+)
+
+MODEL_HELP = "local HF folder, .gguf file, hub id (org/name), or the built-in 'smollm2-135m'"
+JSON_HELP = "also write the numbers to this JSON file (schema: docs/json.md)"
+
+
+def parse_ladder(text: str) -> tuple[int, ...]:
+    from .formats.nested import check_ladder
+
+    try:
+        return check_ladder(int(b) for b in text.split(",") if b.strip())
+    except ValueError:
+        raise FqError(f"ladder must be comma-separated integers like 4,8, got '{text}'") from None
+
+
+def write_json(path: Path | None, data) -> None:
+    if path is None:
+        return
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def mb(n_bytes: float) -> float:
+    return n_bytes / 1e6
+
+
+@app.command()
+def export(
+    out: Path = typer.Option(..., "--out", "-o", help="checkpoint folder to create"),
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help=MODEL_HELP),
+    ladder: str = typer.Option("4,8", help="precisions the checkpoint serves, increasing, each 2..8"),
+    group_size: int = typer.Option(128, help="quantization group along the input dimension"),
+    force: bool = typer.Option(False, "--force", help="replace an existing checkpoint folder"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+):
+    """Quantize a model to nested-bit codes and write a checkpoint folder."""
+    from .export import export as run_export
+
+    start = time.perf_counter()
+    folder = run_export(model, out, ladder=parse_ladder(ladder), group_size=group_size, force=force, progress=not quiet)
+    if not quiet:
+        print(f"wrote {folder} in {time.perf_counter() - start:.1f} s")
+        _print_summary(folder, verify=False)
+
+
+@app.command()
+def inspect(
+    folder: Path = typer.Argument(..., help="checkpoint folder"),
+    verify: bool = typer.Option(False, "--verify", help="check every file's SHA-256 against the manifest"),
+    json_path: Path = typer.Option(None, "--json", help=JSON_HELP),
+):
+    """Show a checkpoint's ladder, parts and sizes; check its files."""
+    write_json(json_path, _print_summary(folder, verify=verify))
+
+
+def _print_summary(folder: Path, verify: bool) -> dict:
+    from .formats import checkpoint as ckpt
+
+    manifest = ckpt.read_manifest(folder)
+    ckpt.verify(folder, manifest, hashes=verify)
+    stats = ckpt.precision_stats(manifest)
+    layouts = ckpt.layouts(manifest)
+    weights = sum(lay.out_features * lay.in_features for lay in layouts.values())
+    files = manifest["files"]
+    ragged = sorted({lay.in_features for lay in layouts.values() if lay.in_features % lay.group_size})
+    src = manifest["source"]
+    print(f"checkpoint  {folder}  (format {manifest['format']} v{manifest['format_version']})")
+    print(f"source      {src['model']}  ({src['architecture']}, {src['dtype']})")
+    print(f"quantizer   {manifest['quantizer']['method']}, group size {manifest['group_size']}, "
+          f"ladder {manifest['ladder']}, planes {manifest['plane_widths']} bits (most significant first)")
+    print(f"quantized   {len(layouts)} linear layers, {weights / 1e6:.1f} M weights; the rest unquantized in {ckpt.DENSE}")
+    if ragged:
+        print(f"note        group size {manifest['group_size']} does not divide in_features {ragged}: "
+              f"the last group of those rows is shorter")
+    print("files")
+    for name, entry in sorted(files.items()):
+        print(f"  {name:28s} {mb(entry['bytes']):10.2f} MB")
+    print(f"  {'total':28s} {mb(sum(e['bytes'] for e in files.values())):10.2f} MB")
+    print("precision   bits read/weight   quantized MB   resident MB")
+    for bits, s in stats.items():
+        print(f"  {bits:<9d} {s['bits_per_weight']:16.3f} {mb(s['quantized_bytes']):14.2f} {mb(s['resident_bytes']):13.2f}")
+    print(f"files       {len(files)} present with recorded sizes" + (", SHA-256 verified" if verify else ""))
+    return {
+        "folder": str(folder),
+        "format_version": manifest["format_version"],
+        "source": src,
+        "ladder": manifest["ladder"],
+        "group_size": manifest["group_size"],
+        "plane_widths": manifest["plane_widths"],
+        "quantized_modules": len(layouts),
+        "quantized_weights": weights,
+        "files": {n: e["bytes"] for n, e in files.items()},
+        "precisions": {str(b): s for b, s in stats.items()},
+        "verified_sha256": verify,
+    }
+
+
+@app.command()
+def generate(
+    folder: Path = typer.Argument(..., help="checkpoint folder"),
+    prompt: str = typer.Option(..., "--prompt", "-p"),
+    precision: int = typer.Option(None, help="static precision (default: top of the ladder)"),
+    max_new_tokens: int = typer.Option(64, min=1),
+    temperature: float = typer.Option(0.0, min=0.0, help="0 = greedy"),
+    top_p: float = typer.Option(1.0, min=0.0, max=1.0),
+    top_k: int = typer.Option(0, min=0),
+    seed: int = typer.Option(0),
+    chat: bool = typer.Option(False, "--chat", help="wrap the prompt in the model's chat template"),
+    stream: bool = typer.Option(True, "--stream/--no-stream"),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="check file hashes on load"),
+    json_path: Path = typer.Option(None, "--json", help=JSON_HELP),
+):
+    """Generate text from a checkpoint at a static precision."""
+    from transformers import TextStreamer
+
+    from .formats.checkpoint import precision_stats
+    from .runtime import generate as run_generate
+    from .runtime import load, set_precision
+
+    loaded = load(folder, precision=precision, verify=verify)
+    bits = precision or loaded.manifest["ladder"][-1]
+    set_precision(loaded.model, bits)
+    streamer = TextStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
+    result = run_generate(loaded, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                          top_k=top_k, seed=seed, chat=chat, streamer=streamer)
+    if not stream:
+        print(result["text"])
+    result.update(precision=bits, bits_per_weight=precision_stats(loaded.manifest)[bits]["bits_per_weight"])
+    print(f"{result['new_tokens']} tokens in {result['seconds']:.2f} s ({result['tokens_per_s']:.2f} tokens/s) "
+          f"at {bits} bits ({result['bits_per_weight']:.3f} bits read per weight)", file=sys.stderr)
+    write_json(json_path, result)
+
+
+@app.command(name="eval")
+def eval_(
+    target: str = typer.Argument(..., help="checkpoint folder, or a model (" + MODEL_HELP + ")"),
+    dataset: str = typer.Option("self", help="'self' (sampled from the model), local files/folder, or hub name[:config]"),
+    split: str = typer.Option("eval", help="calib, eval or all"),
+    precision: str = typer.Option("all", help="a ladder precision or 'all'"),
+    seq_len: int = typer.Option(512, min=2),
+    samples: int = typer.Option(None, min=1, help="number of samples (default: 32; 8 for 'self')"),
+    batch_size: int = typer.Option(2, min=1),
+    reference: str = typer.Option(None, help="full-precision model for KL (default: the checkpoint's source)"),
+    no_reference: bool = typer.Option(False, "--no-reference", help="skip KL and the reference model"),
+    text_column: str = typer.Option(None, help="column holding the text in jsonl/parquet/hub data"),
+    seed: int = typer.Option(0, help="seed for 'self' sampling"),
+    json_path: Path = typer.Option(None, "--json", help=JSON_HELP),
+):
+    """Perplexity and KL vs the full-precision model, per precision, on held-out text."""
+    from . import models
+    from .calibration.data import SELF, load_samples
+    from .formats import checkpoint as ckpt
+    from .metrics import FULL, evaluate
+    from .runtime import load
+
+    is_ckpt = (Path(target) / ckpt.MANIFEST).is_file()
+    if is_ckpt:
+        loaded = load(target)
+        model, tok, ladder = loaded.model, loaded.tokenizer, loaded.manifest["ladder"]
+        if precision == "all":
+            precisions = list(ladder)
+        elif precision.isdigit() and int(precision) in ladder:
+            precisions = [int(precision)]
+        else:
+            raise FqError(f"precision {precision} is not in the ladder {ladder} (or use 'all')")
+        stats = ckpt.precision_stats(loaded.manifest)
+        ref_spec = None if no_reference else (reference or loaded.manifest["source"]["model"])
+        ref = _reference(ref_spec, explicit=reference is not None)
+    else:
+        if precision != "all":
+            raise FqError("--precision applies to checkpoints; a plain model is evaluated as it is")
+        model, tok, _ = models.load(target)
+        precisions, stats, ref = [None], {}, None
+    n = samples or (8 if dataset == SELF else 32)
+    data = load_samples(dataset, tok, split=split, seq_len=seq_len, max_samples=n, model=ref or model,
+                        seed=seed, text_column=text_column)
+    results = evaluate(model, data, precisions=precisions, reference=ref, batch_size=batch_size)
+    print(f"{data.shape[0]} samples x {seq_len} tokens of {dataset} ({split}), "
+          f"{results[precisions[0]]['tokens']} tokens scored")
+    print(f"{'precision':>10} {'bits/weight':>12} {'resident MB':>12} {'perplexity':>11} {'KL':>9}")
+    rows = {}
+    for label, r in results.items():
+        name = FULL if label in (FULL, None) else str(label)
+        s = stats.get(label, {})
+        bpw = s.get("bits_per_weight")
+        kl = "-" if r["kl"] is None else f"{r['kl']:.4f}"
+        print(f"{name:>10} {bpw if bpw is None else round(bpw, 3)!s:>12} "
+              f"{'-' if not s else round(mb(s['resident_bytes']), 1)!s:>12} {r['perplexity']:11.3f} {kl:>9}")
+        rows[name] = dict(r, **{k: v for k, v in s.items()})
+    write_json(json_path, {"target": target, "dataset": dataset, "split": split, "seq_len": seq_len,
+                           "samples": int(data.shape[0]), "reference": ref_spec if is_ckpt else None,
+                           "results": rows})
+
+
+def _reference(spec: str | None, explicit: bool):
+    """The full-precision model for KL; a missing default source only costs the KL column."""
+    from . import models
+
+    if spec is None:
+        return None
+    try:
+        return models.load(spec)[0]
+    except FqError as exc:
+        if explicit:
+            raise
+        print(f"warning: source model unavailable ({exc}); KL not reported (use --reference)", file=sys.stderr)
+        return None
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("out/demo"), help="working folder for the demo's checkpoint"),
+    dataset: str = typer.Option("self", help="evaluation text: 'self' (sampled from the model) or local files"),
+    samples: int = typer.Option(8, min=1),
+    seq_len: int = typer.Option(256, min=16),
+    max_new_tokens: int = typer.Option(40, min=1),
+):
+    """The main job end to end on the built-in model: export, load, generate, evaluate."""
+    from . import models
+    from .calibration.data import load_samples
+    from .export import export as run_export
+    from .formats import checkpoint as ckpt
+    from .metrics import FULL, evaluate
+    from .runtime import generate as run_generate
+    from .runtime import load, set_precision
+
+    start = time.perf_counter()
+    folder = out / "smollm2-135m-nested"
+    print(f"[1/4] exporting {models.BUILTIN_NAME} with ladder [4, 8], group size 128 -> {folder}")
+    run_export(models.BUILTIN_NAME, folder, ladder=(4, 8), group_size=128, force=True)
+    _print_summary(folder, verify=True)
+    print("[2/4] loading the checkpoint (config + safetensors only) and generating at each precision")
+    loaded = load(folder)
+    speed = {}
+    prompt = "Write two sentences about the sea."
+    for bits in loaded.manifest["ladder"]:
+        set_precision(loaded.model, bits)
+        r = run_generate(loaded, prompt, max_new_tokens=max_new_tokens, chat=True)
+        speed[bits] = r["tokens_per_s"]
+        print(f"--- {bits}-bit ({r['tokens_per_s']:.1f} tokens/s) ---\n{r['text'].strip()}\n")
+    print(f"[3/4] evaluating against the full-precision model on {dataset} text ({samples} x {seq_len} tokens)")
+    ref, tok, _ = models.load(models.BUILTIN_NAME)
+    data = load_samples(dataset, tok, split="eval", seq_len=seq_len, max_samples=samples, model=ref)
+    results = evaluate(loaded.model, data, precisions=loaded.manifest["ladder"], reference=ref)
+    stats = ckpt.precision_stats(loaded.manifest)
+    print("[4/4] results")
+    print(f"| precision | bits read/weight | checkpoint MB | perplexity | KL vs full precision | tokens/s |")
+    print("|---|---|---|---|---|---|")
+    fp = results[FULL]
+    print(f"| full precision | 32 | {mb(sum(p.numel() * p.element_size() for p in ref.parameters())):.1f} "
+          f"| {fp['perplexity']:.3f} | 0 | - |")
+    for bits in loaded.manifest["ladder"]:
+        s, r = stats[bits], results[bits]
+        print(f"| {bits} | {s['bits_per_weight']:.3f} | {mb(s['resident_bytes']):.1f} | {r['perplexity']:.3f} "
+              f"| {r['kl']:.4f} | {speed[bits]:.1f} |")
+    print(f"checkpoint MB = bytes resident at that precision (planes it needs + scales/zeros + unquantized "
+          f"tensors); demo took {time.perf_counter() - start:.0f} s")
+
+
+def _quiet_libraries() -> None:
+    """Sub-second library progress bars and advice only clutter the CLI's own output."""
+    import datasets
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+
+
+def main() -> None:
+    """Console entry point: turns every expected failure into one line on stderr."""
+    _quiet_libraries()
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(prog_name="fqcompile", standalone_mode=False)
+    except typer.Abort:
+        print("error: aborted", file=sys.stderr)
+        sys.exit(130)
+    except FqError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except typer.TyperException as exc:  # usage errors: unknown option, missing argument...
+        print(f"error: {exc.format_message()}", file=sys.stderr)
+        sys.exit(getattr(exc, "exit_code", 2))
+    except Exception as exc:  # a bug, not bad input: still one line unless asked for more
+        if os.environ.get("FQCOMPILE_DEBUG"):
+            raise
+        print(f"error: internal error: {type(exc).__name__}: {exc} (FQCOMPILE_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()
