@@ -23,10 +23,10 @@ demo: setup
 	$(VENV)/bin/fqcompile demo
 
 test: setup
-	$(PY) -m pytest -q
+	$(VENV)/bin/pytest -q
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(VENV)/bin/pytest -q -m "not slow"
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import FqError
-from ..hub import require_hub
+from fqcompile.errors import FqError
+from fqcompile.hub import require_hub
 
 SELF = "self"
 SUFFIX_BUILDER = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}

@@ -12,8 +12,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..errors import FqError
-from .nested import Layout, check_ladder
+from fqcompile.errors import FqError
+from fqcompile.formats.nested import Layout, check_ladder, plane_widths
 
 FORMAT = "fqcompile-nested"
 FORMAT_VERSION = 1
@@ -36,6 +36,9 @@ def sha256(path: Path) -> str:
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], **metadata: str) -> None:
+    # safetensors writes metadata keys in hash order: more than one key makes the bytes
+    # differ between runs, so callers pass at most one.
+    assert len(metadata) <= 1, "one metadata key at most (deterministic output)"
     save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, str(path), metadata=metadata or None)
 
 
@@ -67,9 +70,18 @@ def read_manifest(folder: Path) -> dict:
                 f"{folder}: checkpoint format version {version} is not supported "
                 f"(this fqcompile reads version {FORMAT_VERSION})"
             )
-        check_ladder(manifest["ladder"])
-        int(manifest["group_size"])
-        manifest["modules"], manifest["files"]  # noqa: B018 - presence check
+        ladder = check_ladder(manifest["ladder"])
+        if int(manifest["group_size"]) < 1:
+            raise ValueError(f"group_size {manifest['group_size']}")
+        if manifest["master_bits"] != ladder[-1] or tuple(manifest["plane_widths"]) != plane_widths(ladder):
+            raise ValueError("master_bits/plane_widths disagree with the ladder")
+        if manifest["plane_layout"] != "row-segments" or manifest["grid"] != "lowest-rung":
+            raise ValueError(f"unknown plane layout or grid {manifest['plane_layout']}/{manifest['grid']}")
+        for info in manifest["modules"].values():
+            out_features, in_features = (int(n) for n in info["shape"])
+            if out_features < 1 or in_features < 1:
+                raise ValueError(f"shape {info['shape']}")
+        manifest["files"]  # noqa: B018 - presence check
     except (ValueError, KeyError, TypeError) as exc:
         raise FqError(f"{path} is malformed ({type(exc).__name__}: {exc})") from None
     return manifest

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import FqError
+from fqcompile.errors import FqError
 
 MIN_BITS, MAX_BITS = 2, 8
 PLANE_WIDTHS = (8, 4, 2, 1)
@@ -107,7 +107,8 @@ def quantize_rtn(w: torch.Tensor, group_size: int, ladder):
     """Round-to-nearest group quantization of W [N, K] to nested master codes (module doc).
 
     Returns codes (uint8 [N, K], B bits), scale (fp16 [N, G]) and zero (uint8 [N, G]) of
-    the lowest rung's grid. Each group's range is widened to include 0 (as GPTQ does) so
+    the lowest rung's grid. Every weight is within half a step of its dequantized value
+    at every precision of the ladder. Each group's range is widened to include 0 (as GPTQ does) so
     the zero point is a valid code; codes are computed with the stored fp16 scale.
     """
     if not torch.isfinite(w).all():
@@ -121,9 +122,14 @@ def quantize_rtn(w: torch.Tensor, group_size: int, ladder):
     wmin = torch.where(valid, padded, torch.inf).amin(-1).clamp(max=0)
     wmax = torch.where(valid, padded, -torch.inf).amax(-1).clamp(min=0)
     qmax = 2**low - 1
-    scale = ((wmax - wmin) / qmax).to(torch.float16)
-    # An all-zero group has no range; any positive scale represents it exactly.
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    exact = (wmax - wmin) / qmax
+    scale = exact.to(torch.float16)
+    # Round the stored scale up, never down, so the grid still spans the group's range
+    # and no weight is clamped by more than half a step.
+    scale = torch.where(scale.float() < exact, torch.nextafter(scale, torch.full_like(scale, torch.inf)), scale)
+    # An all-zero group has no range: the smallest fp16 step keeps it within 3e-8 of 0 at
+    # every precision (above the lowest rung, 0 sits on a cell edge, not a cell centre).
+    scale = torch.where(scale > 0, scale, torch.full_like(scale, 2.0**-24))
     if not torch.isfinite(scale).all():
         raise FqError("weights too large for fp16 group scales")
     s = scale.float()

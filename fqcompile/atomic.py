@@ -24,7 +24,9 @@ def atomic_dir(out: Path, force: bool, marker: str):
 
     `marker` is the file every complete output holds (written last by the caller); an
     existing `out` is replaced only with `force` and only if it holds that marker.
-    A killed process leaves at most a hidden `.NAME.partial-*` folder behind.
+    A killed process leaves at most a hidden `.NAME.partial-*` folder behind (or, if
+    killed between the two renames of a --force replacement, a `.NAME.old-*` one holding
+    the previous output); never a half-written `out`.
     """
     out = Path(out)
     check_writable(out, force, marker)

@@ -35,7 +35,7 @@ def write_json(path: Path | None, data) -> None:
     if path is None:
         return
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial")
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
     os.replace(tmp, path)
 
@@ -146,7 +146,7 @@ def generate(
     if not stream:
         print(result["text"])
     result.update(precision=bits, bits_per_weight=precision_stats(loaded.manifest)[bits]["bits_per_weight"])
-    print(f"{result['new_tokens']} tokens in {result['seconds']:.2f} s ({result['tokens_per_s']:.2f} tokens/s) "
+    print(f"{result['new_tokens']} tokens in {result['seconds']:.2f} s ({result['tokens_per_s'] or 0:.2f} tokens/s) "
           f"at {bits} bits ({result['bits_per_weight']:.3f} bits read per weight)", file=sys.stderr)
     write_json(json_path, result)
 
@@ -190,7 +190,7 @@ def eval_(
         if precision != "all":
             raise FqError("--precision applies to checkpoints; a plain model is evaluated as it is")
         model, tok, _ = models.load(target)
-        precisions, stats, ref = [None], {}, None
+        precisions, stats, ref, ref_spec = [None], {}, None, None
     n = samples or (8 if dataset == SELF else 32)
     data = load_samples(dataset, tok, split=split, seq_len=seq_len, max_samples=n, model=ref or model,
                         seed=seed, text_column=text_column)
@@ -204,11 +204,11 @@ def eval_(
         s = stats.get(label, {})
         bpw = s.get("bits_per_weight")
         kl = "-" if r["kl"] is None else f"{r['kl']:.4f}"
-        print(f"{name:>10} {bpw if bpw is None else round(bpw, 3)!s:>12} "
+        print(f"{name:>10} {'-' if bpw is None else round(bpw, 3)!s:>12} "
               f"{'-' if not s else round(mb(s['resident_bytes']), 1)!s:>12} {r['perplexity']:11.3f} {kl:>9}")
         rows[name] = dict(r, **{k: v for k, v in s.items()})
     write_json(json_path, {"target": target, "dataset": dataset, "split": split, "seq_len": seq_len,
-                           "samples": int(data.shape[0]), "reference": ref_spec if is_ckpt else None,
+                           "samples": int(data.shape[0]), "reference": ref_spec if ref is not None else None,
                            "results": rows})
 
 
@@ -267,7 +267,7 @@ def demo(
     print(f"| precision | bits read/weight | checkpoint MB | perplexity | KL vs full precision | tokens/s |")
     print("|---|---|---|---|---|---|")
     fp = results[FULL]
-    print(f"| full precision | 32 | {mb(sum(p.numel() * p.element_size() for p in ref.parameters())):.1f} "
+    print(f"| full precision | {ref.dtype.itemsize * 8} | {mb(sum(p.numel() * p.element_size() for p in ref.parameters())):.1f} "
           f"| {fp['perplexity']:.3f} | 0 | - |")
     for bits in loaded.manifest["ladder"]:
         s, r = stats[bits], results[bits]

@@ -24,9 +24,10 @@ def dense_state(model, skip: set[str]) -> dict[str, torch.Tensor]:
     """Unquantized tensors, each stored once (tied weights such as lm_head are re-tied on load)."""
     seen, out = set(), {}
     for name, tensor in model.state_dict().items():
-        if name in skip or tensor.data_ptr() in seen:
+        key = (tensor.data_ptr(), tensor.shape, tensor.stride(), tensor.dtype)
+        if name in skip or (tensor.numel() and key in seen):
             continue
-        seen.add(tensor.data_ptr())
+        seen.add(key)
         out[name] = tensor.detach().contiguous()
     return out
 
@@ -101,7 +102,7 @@ def export(
         ckpt.save_tensors(tmp / ckpt.DENSE, dense_state(hf_model, skip))
         ckpt.save_tensors(tmp / ckpt.META, meta)
         for i, plane in enumerate(planes):
-            ckpt.save_tensors(tmp / ckpt.plane_file(i), plane, plane=str(i), width=str(widths[i]))
+            ckpt.save_tensors(tmp / ckpt.plane_file(i), plane, plane=f"{i} width={widths[i]}")
         (tmp / ckpt.POLICY).write_text('{"kind": "static", "precision": %d}\n' % ladder[-1])
         ckpt.write_manifest(tmp, manifest)
     return out

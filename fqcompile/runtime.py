@@ -57,7 +57,10 @@ def load(folder, precision: int | None = None, verify: bool = True, dtype: torch
             tensors = [p[name] for p in planes], meta[f"{name}.scale"], meta[f"{name}.zero"]
         except KeyError as exc:
             raise FqError(f"checkpoint is missing tensor {exc}") from None
-        setattr(parent, attr, FlexLinear(layout, *tensors, bias=dense.pop(f"{name}.bias", None)))
+        bias = dense.pop(f"{name}.bias", None)
+        if (bias is not None) != bool(manifest["modules"][name].get("bias")):
+            raise FqError(f"checkpoint bias of {name} does not match its manifest entry")
+        setattr(parent, attr, FlexLinear(layout, *tensors, bias=bias))
 
     result = model.load_state_dict(dense, strict=False, assign=True)
     if result.unexpected_keys:
@@ -134,5 +137,5 @@ def generate(
         "text": tok.decode(new, skip_special_tokens=True),
         "new_tokens": int(new.numel()),
         "seconds": seconds,
-        "tokens_per_s": new.numel() / seconds if seconds > 0 else float("nan"),
+        "tokens_per_s": new.numel() / seconds if seconds > 0 else None,
     }

@@ -2,11 +2,15 @@
 
 Today every device runs the torch reference (dequantize, then matmul); the fast CPU
 path and the Triton kernels slot in behind `flex_linear` by device.
+
+Imports are absolute on purpose: with the repository root on sys.path (python -m from
+the checkout), transformers probes for the PyPI package `kernels` and imports this folder
+under that name; absolute imports keep that harmless.
 """
 
 import torch
 
-from .reference import reference_linear
+from fqcompile.kernels.reference import reference_linear
 
 
 def flex_linear(x: torch.Tensor, planes, meta, precision: int) -> torch.Tensor:

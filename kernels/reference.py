@@ -3,7 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from ..formats.nested import dequantize
+from fqcompile.formats.nested import dequantize
 
 
 def reference_linear(x: torch.Tensor, planes, meta, precision: int) -> torch.Tensor:

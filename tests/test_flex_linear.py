@@ -1,0 +1,60 @@
+"""FlexLinear and the kernel interface against a float64 matmul, at every precision."""
+
+import pytest
+import torch
+
+from fqcompile.errors import FqError
+from fqcompile.flex_linear import FlexLinear
+from fqcompile.formats.nested import Layout, pack_planes, quantize_rtn
+from fqcompile.kernels import flex_linear
+
+
+def make(shape, group, ladder, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=gen) * 0.1
+    layout = Layout(*shape, group_size=group, ladder=ladder)
+    codes, scale, zero = quantize_rtn(w, group, ladder)
+    return layout, codes, scale, zero, pack_planes(codes, layout)
+
+
+@pytest.mark.parametrize("ladder", [(4, 8), (2, 3, 4, 6, 8)])
+@pytest.mark.parametrize("shape,group", [((96, 200), 64), ((33, 576), 128), ((17, 61), 32)])
+@pytest.mark.parametrize("batch", [(1,), (3,), (2, 5)])
+def test_flex_linear_matches_float64_reference(ladder, shape, group, batch, oracle_weight):
+    layout, codes, scale, zero, planes = make(shape, group, ladder, seed=shape[0])
+    x = torch.randn(*batch, shape[1], generator=torch.Generator().manual_seed(11))
+    for bits in ladder:
+        ref = x.double() @ oracle_weight(codes, scale, zero, ladder, bits, group).T
+        y = flex_linear(x, planes, (layout, scale, zero), bits)
+        assert y.shape == (*batch, shape[0]) and y.dtype == torch.float32
+        assert (y.double() - ref).norm() <= 1e-5 * ref.norm()
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2e-2), (torch.float16, 2e-3)])
+def test_low_precision_activations(dtype, tol, oracle_weight):
+    layout, codes, scale, zero, planes = make((64, 256), 128, (4, 8))
+    x = torch.randn(4, 256, generator=torch.Generator().manual_seed(2))
+    for bits in (4, 8):
+        ref = x.double() @ oracle_weight(codes, scale, zero, (4, 8), bits, 128).T
+        y = flex_linear(x.to(dtype), planes, (layout, scale, zero), bits)
+        assert y.dtype == dtype
+        assert (y.double() - ref).norm() <= tol * ref.norm()
+
+
+def test_module_switches_precision_and_keeps_only_given_planes(oracle_weight):
+    layout, codes, scale, zero, planes = make((40, 128), 64, (4, 8))
+    bias = torch.randn(40)
+    full = FlexLinear(layout, planes, scale, zero, bias=bias)
+    top_only = FlexLinear(layout, planes[:1], scale, zero, bias=bias)
+    x = torch.randn(2, 128)
+    assert full.precisions == (4, 8) and top_only.precisions == (4,)
+    assert full.precision == 8 and top_only.precision == 4
+    full.set_precision(4)
+    assert torch.equal(full(x), top_only(x))
+    full.set_precision(8)
+    ref = x.double() @ oracle_weight(codes, scale, zero, (4, 8), 8, 64).T + bias.double()
+    assert (full(x).double() - ref).norm() <= 1e-5 * ref.norm()
+    with pytest.raises(FqError, match="not available"):
+        top_only.set_precision(8)
+    with pytest.raises(FqError):
+        FlexLinear(layout, [planes[1][:, :-1]], scale, zero)  # wrong plane shape
