@@ -43,6 +43,9 @@ def resolve(spec: str) -> Path:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise FqError(f"GGUF file not found: {spec}")
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise FqError(f"cannot read GGUF file {spec}: it does not start with the GGUF magic bytes")
         st = path.stat()
         key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
         return _convert_gguf(path, key=f"{path.stem}-{key}", name=str(path))

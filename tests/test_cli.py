@@ -1,0 +1,113 @@
+"""The installed `fqcompile` command: real runs, JSON outputs, and one-line refusals of bad input."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fqcompile.formats import checkpoint as ckpt
+
+EXE = shutil.which("fqcompile") or str(Path(sys.executable).with_name("fqcompile"))
+
+
+def run(*args, cwd=None):
+    env = dict(os.environ, FQCOMPILE_DEBUG="")
+    return subprocess.run([EXE, *map(str, args)], capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
+
+
+def assert_refused(result, message):
+    """Non-zero exit, exactly one line on stderr containing `message`, no traceback."""
+    assert result.returncode != 0, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert message in lines[0], lines[0]
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_inspect_and_json(tiny_ckpt, tmp_path):
+    out = run("inspect", tiny_ckpt, "--verify", "--json", tmp_path / "i.json")
+    assert out.returncode == 0, out.stderr
+    assert "SHA-256 verified" in out.stdout and "plane-1.safetensors" in out.stdout
+    data = json.loads((tmp_path / "i.json").read_text())
+    assert data["ladder"] == [4, 8] and data["verified_sha256"] is True
+    assert set(data["precisions"]) == {"4", "8"}
+    assert data["precisions"]["4"]["quantized_bytes"] < data["precisions"]["8"]["quantized_bytes"]
+
+
+def test_generate_streams_and_reports(tiny_ckpt, tmp_path):
+    out = run("generate", tiny_ckpt, "--prompt", "Hello", "--precision", "4", "--max-new-tokens", "6",
+              "--temperature", "0.8", "--top-p", "0.9", "--seed", "3", "--json", tmp_path / "g.json")
+    assert out.returncode == 0, out.stderr
+    data = json.loads((tmp_path / "g.json").read_text())
+    assert data["new_tokens"] == 6 and data["precision"] == 4 and data["tokens_per_s"] > 0
+    assert data["text"].strip() and data["text"].strip() in out.stdout  # streamed to stdout
+    assert "tokens/s" in out.stderr
+
+
+def test_eval_json_on_local_text(tiny_dir, tiny_ckpt, tmp_path, austen):
+    out = run("eval", tiny_ckpt, "--dataset", austen / "emma.txt", "--samples", "2", "--seq-len", "64",
+              "--reference", tiny_dir, "--json", tmp_path / "e.json")
+    assert out.returncode == 0, out.stderr
+    data = json.loads((tmp_path / "e.json").read_text())
+    rows = data["results"]
+    assert set(rows) == {"fp", "4", "8"} and rows["8"]["tokens"] == 2 * 63
+    assert 0 <= rows["8"]["kl"] < rows["4"]["kl"]
+    assert rows["4"]["bits_per_weight"] < rows["8"]["bits_per_weight"]
+
+
+def test_eval_checkpoint_without_reachable_source_still_reports_perplexity(tiny_ckpt, tmp_path, austen):
+    # the manifest names the tiny model's temporary folder as source; point it somewhere gone
+    manifest = json.loads((tiny_ckpt / ckpt.MANIFEST).read_text())
+    copy = tmp_path / "moved"
+    shutil.copytree(tiny_ckpt, copy)
+    manifest["source"]["model"] = str(tmp_path / "gone")
+    (copy / ckpt.MANIFEST).write_text(json.dumps(manifest))
+    out = run("eval", copy, "--dataset", austen / "emma.txt", "--samples", "1", "--seq-len", "32", "--precision", "4",
+              "--json", tmp_path / "e.json")
+    assert out.returncode == 0, out.stderr
+    assert "KL not reported" in out.stderr
+    data = json.loads((tmp_path / "e.json").read_text())
+    assert data["reference"] is None and data["results"]["4"]["kl"] is None
+
+
+@pytest.fixture
+def damaged(ckpt_copy):
+    path = ckpt_copy / "plane-1.safetensors"
+    path.write_bytes(path.read_bytes()[:-10])
+    return ckpt_copy
+
+
+def test_bad_input_is_refused_in_one_line(tiny_dir, tiny_ckpt, damaged, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    no_config = tmp_path / "no-config"
+    no_config.mkdir()
+    unreadable_gguf = tmp_path / "broken.gguf"
+    unreadable_gguf.write_bytes(b"not a gguf file at all")
+    cases = [
+        (("export", "--out", tmp_path / "a", "--model", tmp_path / "missing"), "model not found"),
+        (("export", "--out", tmp_path / "a", "--model", "someorg/somemodel"), "cannot be reached"),
+        (("export", "--out", tmp_path / "a", "--model", no_config), "no config.json"),
+        (("export", "--out", tmp_path / "a", "--model", unreadable_gguf), "cannot read GGUF"),
+        (("export", "--out", tmp_path / "a", "--model", tiny_dir, "--ladder", "4,10"), "between 2 and 8"),
+        (("export", "--out", tmp_path / "a", "--model", tiny_dir, "--ladder", "8,4"), "strictly increasing"),
+        (("export", "--out", tmp_path / "a", "--model", tiny_dir, "--ladder", "four"), "comma-separated"),
+        (("export", "--out", tmp_path / "a", "--model", tiny_dir, "--group-size", "0"), "positive"),
+        (("export", "--out", tiny_ckpt, "--model", tiny_dir), "already exists"),
+        (("export", "--model", tiny_dir), "Missing option"),
+        (("inspect", tmp_path), "not an fqcompile checkpoint"),
+        (("inspect", damaged), "truncated"),
+        (("generate", damaged, "--prompt", "x"), "truncated"),
+        (("generate", tiny_ckpt, "--prompt", "x", "--precision", "6"), "not in the ladder"),
+        (("eval", tiny_ckpt, "--dataset", empty, "--no-reference"), "too short"),
+        (("eval", tiny_ckpt, "--dataset", tmp_path / "nothing.txt", "--no-reference"), "dataset not found"),
+        (("eval", tiny_ckpt, "--precision", "3", "--no-reference"), "not in the ladder"),
+        (("frobnicate",), "No such command"),
+    ]
+    for args, message in cases:
+        assert_refused(run(*args), message)
+    assert not (tmp_path / "a").exists()

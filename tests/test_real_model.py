@@ -1,0 +1,89 @@
+"""The built-in SmolLM2-135M end to end: size, quality of each slice, real layers, GGUF input."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fqcompile
+from fqcompile import models
+from fqcompile.calibration.data import load_samples
+from fqcompile.flex_linear import FlexLinear
+from fqcompile.formats import checkpoint as ckpt
+from fqcompile.formats.nested import quantize_rtn
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smol(smol_dir):
+    return models.load(str(smol_dir))
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("smol")
+    nested = fqcompile.export(models.BUILTIN_NAME, root / "nested", ladder=(4, 8), progress=False)
+    direct = fqcompile.export(models.BUILTIN_NAME, root / "direct4", ladder=(4,), progress=False)
+    return nested, direct
+
+
+def test_nested_checkpoint_holds_about_one_8bit_model(exported):
+    manifest = ckpt.read_manifest(exported[0])
+    layouts = ckpt.layouts(manifest).values()
+    # one 8-bit group-128 model: 8 bits per weight + fp16 scale and uint8 zero per group
+    one_8bit = sum(x.out_features * (x.in_features + -(-x.in_features // 128) * 3) for x in layouts)
+    quantized = sum(e["bytes"] for f, e in manifest["files"].items() if f.startswith("plane-") or f == ckpt.META)
+    assert quantized <= 1.05 * one_8bit, quantized / one_8bit
+    assert manifest["files"]["plane-0.safetensors"]["bytes"] == manifest["files"]["plane-1.safetensors"]["bytes"]
+
+
+def test_slice_quality_on_held_out_austen(smol, exported, austen):
+    """8-bit slice within +0.5% of full precision; 4-bit slice within 2% of direct 4-bit RTN."""
+    ref, tok, _ = smol
+    samples = load_samples(str(austen), tok, split="eval", seq_len=512, max_samples=4)
+    nested = fqcompile.load(exported[0])
+    direct = fqcompile.load(exported[1])
+    r = fqcompile.evaluate(nested.model, samples, precisions=[4, 8], reference=ref, progress=False)
+    d = fqcompile.evaluate(direct.model, samples, precisions=[4], progress=False)
+    fp = r["fp"]["perplexity"]
+    assert r[8]["perplexity"] <= 1.005 * fp, (r[8], fp)
+    assert r[4]["perplexity"] <= 1.02 * d[4]["perplexity"], (r[4], d[4])
+    assert 0 < r[8]["kl"] < 0.01 < r[4]["kl"]
+
+
+def test_real_layers_against_float64(smol, exported, oracle_weight):
+    ref, _, _ = smol
+    loaded = fqcompile.load(exported[0])
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.14.mlp.down_proj", "model.layers.29.mlp.up_proj"]
+    x = torch.randn(2, 1536, generator=torch.Generator().manual_seed(0))
+    for name in names:
+        layer = loaded.model.get_submodule(name)
+        assert isinstance(layer, FlexLinear)
+        w = ref.get_submodule(name).weight
+        codes, scale, zero = quantize_rtn(w, 128, (4, 8))
+        xin = x[:, : layer.in_features]
+        for bits in (4, 8):
+            layer.set_precision(bits)
+            want = xin.double() @ oracle_weight(codes, scale, zero, (4, 8), bits, 128).T
+            assert (layer(xin).double() - want).norm() <= 1e-5 * want.norm()
+
+
+def test_generate_from_checkpoint_in_a_fresh_process(exported):
+    out = subprocess.run(
+        [sys.executable, "-m", "fqcompile.cli", "generate", str(exported[0]), "--chat", "--no-stream",
+         "--prompt", "What is the capital of France?", "--precision", "8", "--max-new-tokens", "12"],
+        capture_output=True, text=True, timeout=300, cwd=Path(exported[0]).parent,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "Paris" in out.stdout
+
+
+def test_gguf_file_as_model(tmp_path):
+    gguf = models._builtin_gguf(models.BUILTIN_NAME)
+    folder = models.resolve(str(gguf))
+    assert (folder / "config.json").is_file() and models.resolve(str(gguf)) == folder  # cached
+    out = fqcompile.export(str(gguf), tmp_path / "from-gguf", ladder=(4, 8), progress=False)
+    assert ckpt.read_manifest(out)["source"]["architecture"] == "LlamaForCausalLM"
