@@ -93,6 +93,7 @@ def main():
 
 def plot(rows, fp_ppl, path):
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -109,6 +110,8 @@ def plot(rows, fp_ppl, path):
     ax.set_xlabel("bits read per weight (codes + scales/zeros)")
     ax.set_ylabel("perplexity (held-out)")
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
