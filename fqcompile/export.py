@@ -49,7 +49,8 @@ def export(
     """Quantize `model` to nested-bit codes and write the checkpoint folder `out`."""
     ladder, group_size, out = check_ladder(ladder), check_group_size(group_size), Path(out)
     check_writable(out, force, ckpt.MANIFEST)  # before minutes of work, not after
-    hf_model, tokenizer, folder = models.load(model)
+    # The stored dtype: unquantized tensors stay in it; quantization itself runs in fp32.
+    hf_model, tokenizer, folder = models.load(model, dtype="auto")
     targets = quantizable(hf_model)
     if not targets:
         raise FqError(f"{model} has no linear layers to quantize")

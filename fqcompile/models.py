@@ -78,8 +78,11 @@ def check_causal_lm(folder: Path):
     return config
 
 
-def load(spec: str, dtype: torch.dtype = torch.float32):
-    """Load (model, tokenizer, folder) for a model spec; weights from safetensors only."""
+def load(spec: str, dtype: torch.dtype | str = torch.float32):
+    """Load (model, tokenizer, folder) for a model spec; weights from safetensors only.
+
+    dtype "auto" keeps the dtype the weights are stored in.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = resolve(spec)

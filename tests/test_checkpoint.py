@@ -224,3 +224,21 @@ def test_killed_export_leaves_nothing_loadable(smol_dir, tmp_path):
     # a rerun is not confused by the leftover
     fqcompile.export(str(smol_dir), out, progress=False)
     assert ckpt.read_manifest(Path(out))["ladder"] == [4, 8]
+
+
+def test_bf16_model_keeps_its_dtype(tiny_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    bf16 = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.bfloat16).save_pretrained(bf16)
+    AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(bf16)
+    out = fqcompile.export(str(bf16), tmp_path / "ck", ladder=(4, 8), group_size=32, progress=False)
+    assert ckpt.read_manifest(out)["source"]["dtype"] == "bfloat16"
+    dense = ckpt.load_tensors(out / ckpt.DENSE)
+    assert all(t.dtype == torch.bfloat16 for t in dense.values())
+    loaded = fqcompile.load(out)
+    ids = torch.tensor([[1, 17, 300, 42]])
+    logits = loaded.model(ids).logits
+    ref = models.load(str(bf16))[0](ids).logits  # the bf16 weights, computed in fp32
+    assert logits.dtype == torch.bfloat16
+    assert ((logits.float() - ref).norm() / ref.norm()) < 0.05
