@@ -64,8 +64,8 @@ def load_texts(source: str, text_column: str | None = None) -> list[str]:
 def _column(ds, text_column: str | None, source: str) -> list[str]:
     string_columns = [c for c, f in ds.features.items() if getattr(f, "dtype", None) in ("string", "large_string")]
     column = text_column or ("text" if "text" in string_columns else (string_columns or [None])[0])
-    if column is None or column not in ds.column_names:
-        raise FqError(f"dataset {source} has no text column (columns: {', '.join(ds.column_names)})")
+    if column not in string_columns:
+        raise FqError(f"dataset {source} has no text column '{column}' (text columns: {', '.join(string_columns) or 'none'})")
     return [t for t in ds[column] if t and t.strip()]
 
 

@@ -62,7 +62,7 @@ def read_manifest(folder: Path) -> dict:
         raise FqError(f"{folder} is not an fqcompile checkpoint (no {MANIFEST})")
     try:
         manifest = json.loads(path.read_text())
-        if manifest.get("format") != FORMAT:
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise FqError(f"{path}: not an {FORMAT} manifest")
         version = manifest.get("format_version")
         if version != FORMAT_VERSION:
@@ -81,8 +81,12 @@ def read_manifest(folder: Path) -> dict:
             out_features, in_features = (int(n) for n in info["shape"])
             if out_features < 1 or in_features < 1:
                 raise ValueError(f"shape {info['shape']}")
-        manifest["files"]  # noqa: B018 - presence check
-    except (ValueError, KeyError, TypeError) as exc:
+        required = [DENSE, META] + [plane_file(i) for i in range(len(manifest["plane_widths"]))]
+        for name in required:
+            entry = manifest["files"][name]
+            if not isinstance(entry["bytes"], int) or not isinstance(entry["sha256"], str):
+                raise ValueError(f"file entry {name}")
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise FqError(f"{path} is malformed ({type(exc).__name__}: {exc})") from None
     return manifest
 

@@ -99,9 +99,6 @@ class Layout:
     def plane_shape(self, index: int) -> tuple[int, int]:
         return (self.out_features, self.padded_in * self.widths[index] // 8)
 
-    def group_index(self, device=None) -> torch.Tensor:
-        return torch.arange(self.in_features, device=device) // self.group_size
-
 
 def quantize_rtn(w: torch.Tensor, group_size: int, ladder):
     """Round-to-nearest group quantization of W [N, K] to nested master codes (module doc).

@@ -31,13 +31,23 @@ def parse_ladder(text: str) -> tuple[int, ...]:
         raise FqError(f"ladder must be comma-separated integers like 4,8, got '{text}'") from None
 
 
+def check_json_path(path: Path | None) -> None:
+    """Refuse an unwritable --json path before the work, not after it."""
+    if path is not None and (Path(path).is_dir() or not Path(path).parent.is_dir()):
+        raise FqError(f"cannot write --json {path}: not a file in an existing folder")
+
+
 def write_json(path: Path | None, data) -> None:
     if path is None:
         return
     path = Path(path)
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise FqError(f"cannot write --json {path}: {exc.strerror or exc}") from None
 
 
 def mb(n_bytes: float) -> float:
@@ -70,6 +80,7 @@ def inspect(
     json_path: Path = typer.Option(None, "--json", help=JSON_HELP),
 ):
     """Show a checkpoint's ladder, parts and sizes; check its files."""
+    check_json_path(json_path)
     write_json(json_path, _print_summary(folder, verify=verify))
 
 
@@ -137,6 +148,7 @@ def generate(
     from .runtime import generate as run_generate
     from .runtime import load, set_precision
 
+    check_json_path(json_path)
     loaded = load(folder, precision=precision, verify=verify)
     bits = precision or loaded.manifest["ladder"][-1]
     set_precision(loaded.model, bits)
@@ -173,6 +185,7 @@ def eval_(
     from .metrics import FULL, evaluate
     from .runtime import load
 
+    check_json_path(json_path)
     is_ckpt = (Path(target) / ckpt.MANIFEST).is_file()
     if is_ckpt:
         loaded = load(target)
@@ -206,7 +219,7 @@ def eval_(
         kl = "-" if r["kl"] is None else f"{r['kl']:.4f}"
         print(f"{name:>10} {'-' if bpw is None else round(bpw, 3)!s:>12} "
               f"{'-' if not s else round(mb(s['resident_bytes']), 1)!s:>12} {r['perplexity']:11.3f} {kl:>9}")
-        rows[name] = dict(r, **{k: v for k, v in s.items()})
+        rows[name] = dict(r, **s)
     write_json(json_path, {"target": target, "dataset": dataset, "split": split, "seq_len": seq_len,
                            "samples": int(data.shape[0]), "reference": ref_spec if ref is not None else None,
                            "results": rows})
@@ -290,9 +303,9 @@ def _quiet_libraries() -> None:
 
 def main() -> None:
     """Console entry point: turns every expected failure into one line on stderr."""
-    _quiet_libraries()
     command = typer.main.get_command(app)
     try:
+        _quiet_libraries()
         code = command.main(prog_name="fqcompile", standalone_mode=False)
     except typer.Abort:
         print("error: aborted", file=sys.stderr)

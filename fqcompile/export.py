@@ -88,7 +88,8 @@ def export(
         "grid": "lowest-rung",
         "quantizer": {"method": "rtn", "scale_dtype": "float16", "zero_dtype": "uint8"},
         "source": {
-            "model": model,
+            # local paths absolute, so `eval` finds the reference from any folder
+            "model": str(Path(model).resolve()) if Path(model).exists() else model,
             "architecture": type(hf_model).__name__,
             "dtype": str(hf_model.dtype).removeprefix("torch."),
         },

@@ -6,7 +6,8 @@ import time
 import torch
 from rich.progress import Progress
 
-from .runtime import flex_layers, set_precision
+from .errors import FqError
+from .runtime import set_precision
 
 FULL = "fp"  # label of the unquantized reference row
 
@@ -41,7 +42,10 @@ def evaluate(model, samples: torch.Tensor, precisions=(None,), reference=None, b
                 row["nll"] -= lp.gather(-1, targets).double().sum().item()
                 row["seconds"] += seconds
                 if ref_lp is not None:
-                    row["kl"] += (ref_lp.exp() * (ref_lp - lp)).sum(-1).double().sum().item()
+                    if ref_lp.shape != lp.shape:
+                        raise FqError(f"reference model's vocabulary ({ref_lp.shape[-1]}) differs from the model's ({lp.shape[-1]})")
+                    p = ref_lp.exp()  # where p == 0 the term is 0, not 0 * inf
+                    row["kl"] += torch.where(p > 0, p * (ref_lp - lp), 0.0).sum(-1).double().sum().item()
                 del lp
             bar.advance(task, len(batch))
     return {

@@ -76,13 +76,29 @@ def load(folder, precision: int | None = None, verify: bool = True, dtype: torch
 
 
 def _materialize_buffers(model) -> None:
-    """Recompute non-persistent buffers (e.g. RoPE inverse frequencies) left on meta."""
+    """Recompute non-persistent buffers (e.g. RoPE inverse frequencies) left on meta.
+
+    transformers' own initializer knows how to compute them, but it also re-initializes
+    the module's loaded tensors: those are saved and put back. A buffer it does not
+    compute stays NaN and is refused.
+    """
     for module in model.modules():
         metas = [n for n, b in module.named_buffers(recurse=False) if b.is_meta]
+        if not metas:
+            continue
         for name in metas:
-            setattr(module, name, torch.empty_like(getattr(module, name), device="cpu"))
-        if metas:
-            model._init_weights(module)
+            buf = getattr(module, name)
+            setattr(module, name, torch.full(buf.shape, float("nan"), dtype=buf.dtype, device="cpu"))
+        loaded = {n: t.detach().clone() for n, t in [*module.named_parameters(recurse=False),
+                                                     *module.named_buffers(recurse=False)] if n not in metas}
+        model._init_weights(module)
+        with torch.no_grad():
+            for name, value in loaded.items():
+                getattr(module, name).copy_(value)
+        for name in metas:
+            buf = getattr(module, name)
+            if buf.is_floating_point() and torch.isnan(buf).any():
+                raise FqError(f"cannot rebuild buffer {type(module).__name__}.{name} for this architecture")
 
 
 def flex_layers(model) -> list[FlexLinear]:

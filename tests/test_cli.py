@@ -15,7 +15,8 @@ EXE = str(Path(sys.executable).with_name("fqcompile"))  # the one installed besi
 
 
 def run(*args, cwd=None):
-    env = dict(os.environ, FQCOMPILE_DEBUG="")
+    # a closed local port stands in for the hub, so the "no network" case holds with or without one
+    env = dict(os.environ, FQCOMPILE_DEBUG="", HF_ENDPOINT="http://127.0.0.1:9")
     return subprocess.run([EXE, *map(str, args)], capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
 
 
@@ -87,6 +88,7 @@ def test_bad_input_is_refused_in_one_line(tiny_dir, tiny_ckpt, damaged, tmp_path
     empty.write_text("")
     no_config = tmp_path / "no-config"
     no_config.mkdir()
+    (tmp_path / "nums.jsonl").write_text('{"n": 1, "text": "a"}\n{"n": 2, "text": "b"}\n')
     unreadable_gguf = tmp_path / "broken.gguf"
     unreadable_gguf.write_bytes(b"not a gguf file at all")
     cases = [
@@ -108,6 +110,9 @@ def test_bad_input_is_refused_in_one_line(tiny_dir, tiny_ckpt, damaged, tmp_path
         (("eval", tiny_ckpt, "--dataset", tmp_path / "nothing.txt", "--no-reference"), "dataset not found"),
         (("eval", tiny_ckpt, "--precision", "3", "--no-reference"), "not in the ladder"),
         (("frobnicate",), "No such command"),
+        (("inspect", tiny_ckpt, "--json", tmp_path / "no" / "such" / "dir.json"), "cannot write --json"),
+        (("eval", tiny_ckpt, "--dataset", tmp_path / "nums.jsonl", "--text-column", "n", "--no-reference"),
+         "no text column"),
     ]
     for args, message in cases:
         assert_refused(run(*args), message)
