@@ -61,16 +61,59 @@ def export(
     ladder: str = typer.Option("4,8", help="precisions the checkpoint serves, increasing, each 2..8"),
     group_size: int = typer.Option(128, help="quantization group along the input dimension"),
     force: bool = typer.Option(False, "--force", help="replace an existing checkpoint folder"),
+    calib: Path = typer.Option(None, "--calib", help="calibration folder whose fitted policy goes into the checkpoint"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ):
     """Quantize a model to nested-bit codes and write a checkpoint folder."""
     from .export import export as run_export
 
     start = time.perf_counter()
-    folder = run_export(model, out, ladder=parse_ladder(ladder), group_size=group_size, force=force, progress=not quiet)
+    folder = run_export(model, out, ladder=parse_ladder(ladder), group_size=group_size, force=force,
+                        progress=not quiet, calib=calib)
     if not quiet:
         print(f"wrote {folder} in {time.perf_counter() - start:.1f} s")
         _print_summary(folder, verify=False)
+
+
+def parse_percent(text: str | None) -> float | None:
+    if text is None:
+        return None
+    try:
+        return float(text.rstrip("%")) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise FqError(f"expected a percentage like 1% or a fraction like 0.01, got '{text}'") from None
+
+
+@app.command()
+def calibrate(
+    out: Path = typer.Option(..., "--out", "-o", help="calibration folder (resumable)"),
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help=MODEL_HELP),
+    dataset: str = typer.Option("self", help="'self' (sampled from the model), local files/folder, or hub name[:config]"),
+    ladder: str = typer.Option("4,8", help="precisions, as for export"),
+    unit: str = typer.Option("block", help="switching unit: block (a decoder layer's linears) or linear"),
+    target_bits: float = typer.Option(None, help="average bits per weight to reach (default: middle of the ladder)"),
+    max_ppl_increase: str = typer.Option(None, help="allowed perplexity increase instead, e.g. 1%"),
+    samples: int = typer.Option(32, help="calibration samples"),
+    eval_samples: int = typer.Option(16, help="held-out samples for validating the fit"),
+    seq_len: int = typer.Option(256, min=8),
+    group_size: int = typer.Option(128),
+    buckets: int = typer.Option(8, help="entropy buckets"),
+    smoothing: float = typer.Option(0.0, help="EMA smoothing of the entropy signal (0 = none)"),
+    batch_size: int = typer.Option(4, min=1),
+    seed: int = typer.Option(0),
+):
+    """Measure layer sensitivity by entropy and KL, fit the switching policy, validate and report."""
+    from .calibrate import calibrate as run_calibrate
+
+    start = time.perf_counter()
+    policy = run_calibrate(model, out, dataset=dataset, ladder=parse_ladder(ladder), unit=unit,
+                           target_bits=target_bits, max_ppl_increase=parse_percent(max_ppl_increase),
+                           samples=samples, eval_samples=eval_samples, seq_len=seq_len, group_size=group_size,
+                           buckets=buckets, smoothing=smoothing, batch_size=batch_size, seed=seed)
+    exp, sm = policy["expected"], policy["static_mixed"]
+    print(f"policy: {exp['avg_bits']:.2f} average bits, expected mean KL {exp['kl']:.4f} "
+          f"(static mixed at {sm['avg_bits']:.2f} bits: {sm['expected_kl']:.4f})")
+    print(f"wrote {out}/policy.json and {out}/report.md in {time.perf_counter() - start:.0f} s")
 
 
 @app.command()

@@ -1,5 +1,6 @@
 """Export: a Hugging Face model -> a nested-bit checkpoint folder (RTN quantizer)."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -45,6 +46,7 @@ def export(
     group_size: int = 128,
     force: bool = False,
     progress: bool = True,
+    calib=None,
 ) -> Path:
     """Quantize `model` to nested-bit codes and write the checkpoint folder `out`."""
     ladder, group_size, out = check_ladder(ladder), check_group_size(group_size), Path(out)
@@ -54,6 +56,11 @@ def export(
     targets = quantizable(hf_model)
     if not targets:
         raise FqError(f"{model} has no linear layers to quantize")
+    policy = {"kind": "static", "precision": ladder[-1]}
+    if calib is not None:
+        from .calibrate import check_for_export
+
+        policy = check_for_export(calib, folder, ladder, group_size, [n for n, _ in targets])
     ragged = sorted({m.in_features for _, m in targets if m.in_features % group_size})
     if ragged and progress:
         print(
@@ -105,6 +112,6 @@ def export(
         ckpt.save_tensors(tmp / ckpt.META, meta)
         for i, plane in enumerate(planes):
             ckpt.save_tensors(tmp / ckpt.plane_file(i), plane, plane=f"{i} width={widths[i]}")
-        (tmp / ckpt.POLICY).write_text('{"kind": "static", "precision": %d}\n' % ladder[-1])
+        (tmp / ckpt.POLICY).write_text(json.dumps(policy, indent=1) + "\n")
         ckpt.write_manifest(tmp, manifest)
     return out

@@ -1,0 +1,199 @@
+"""Sensitivity measurement: per-token KL(p_ref || p_q) with one unit lowered at a time.
+
+The full-precision model gives, per calibration token, the reference distribution and its
+entropy. Then, for every unit (a decoder block's linear layers, or one linear layer) and
+every lower precision of the ladder, the model runs with only that unit fake-quantized
+(the same RTN codes `export` writes) and the per-token KL against the reference is kept.
+
+Reuse: the hidden state entering block i does not depend on what happens in later
+blocks, so it is captured once and the lowered run starts at the unit's block, not at
+the embeddings (half a forward pass on average instead of a whole one).
+"""
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fqcompile.formats.nested import Layout, dequantize, pack_planes, quantize_rtn
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A switching unit: its name, the block it starts in, and its linear layers."""
+
+    name: str
+    block: int
+    modules: tuple[str, ...]
+
+
+def units_of(model, linears: list[str], kind: str) -> list[Unit]:
+    """Units in model order: 'block' groups the linears of each decoder layer, 'linear' keeps them apart."""
+    layers = model.get_decoder().layers
+    names = {id(m): n for n, m in model.named_modules()}
+    block_name = {i: names[id(layer)] for i, layer in enumerate(layers)}
+    by_block: dict[int, list[str]] = {}
+    for name in linears:
+        block = next((i for i, n in block_name.items() if name.startswith(n + ".")), None)
+        if block is None:
+            raise ValueError(f"{name} is outside the decoder layers")
+        by_block.setdefault(block, []).append(name)
+    if kind == "block":
+        return [Unit(block_name[b], b, tuple(mods)) for b, mods in sorted(by_block.items())]
+    return [Unit(m, b, (m,)) for b, mods in sorted(by_block.items()) for m in mods]
+
+
+def fake_quantized(weight: torch.Tensor, group_size: int, ladder, bits: int) -> torch.Tensor:
+    """The b-bit slice of the nested RTN codes of `weight`, dense (exactly what export serves)."""
+    layout = Layout(weight.shape[0], weight.shape[1], group_size, tuple(ladder))
+    codes, scale, zero = quantize_rtn(weight, group_size, layout.ladder)
+    return dequantize(pack_planes(codes, layout), scale, zero, layout, bits, dtype=weight.dtype)
+
+
+@contextlib.contextmanager
+def layers_from(model, start: int):
+    """Run the decoder from layer `start` on: feed that layer's input as `inputs_embeds`."""
+    decoder = model.get_decoder()
+    full = decoder.layers
+    decoder.layers = nn.ModuleList(list(full)[start:])
+    try:
+        yield
+    finally:
+        decoder.layers = full
+
+
+@contextlib.contextmanager
+def swapped_weights(model, weights: dict[str, torch.Tensor]):
+    """Temporarily replace linear weights (no copies of the originals are made)."""
+    originals = {}
+    try:
+        for name, w in weights.items():
+            module = model.get_submodule(name)
+            originals[name] = module.weight
+            module.weight = nn.Parameter(w, requires_grad=False)
+        yield
+    finally:
+        for name, w in originals.items():
+            model.get_submodule(name).weight = w
+
+
+@torch.inference_mode()
+def capture(model, batch: torch.Tensor):
+    """Reference pass: (input of every decoder layer, output of the last one) for a batch.
+
+    The last layer's output is fed through `run_from(model, n_layers, ...)` to get the
+    reference logits again (final norm, head and any logit post-processing included).
+    """
+    layers = model.get_decoder().layers
+    inputs: list[torch.Tensor] = [None] * len(layers)
+    final: list[torch.Tensor] = []
+    hooks = []
+
+    def grab(i):
+        def hook(_module, args, kwargs):
+            inputs[i] = args[0] if args else kwargs["hidden_states"]
+
+        return hook
+
+    for i, layer in enumerate(layers):
+        hooks.append(layer.register_forward_pre_hook(grab(i), with_kwargs=True))
+    hooks.append(model.get_decoder().norm.register_forward_pre_hook(lambda _m, a: final.append(a[0])))
+    try:
+        model(batch, use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return inputs, final[0]
+
+
+def log_probs(logits: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(logits[:, :-1].float(), dim=-1)
+
+
+def kl_per_token(ref_lp: torch.Tensor, lp: torch.Tensor) -> torch.Tensor:
+    p = ref_lp.exp()  # where p == 0 the term is 0, not 0 * inf
+    return torch.where(p > 0, p * (ref_lp - lp), 0.0).sum(-1)
+
+
+def entropy(lp: torch.Tensor) -> torch.Tensor:
+    p = lp.exp()
+    return -torch.where(p > 0, p * lp, 0.0).sum(-1)
+
+
+@torch.inference_mode()
+def run_from(model, start: int, hidden: torch.Tensor) -> torch.Tensor:
+    with layers_from(model, start):
+        return model(inputs_embeds=hidden, use_cache=False).logits
+
+
+def save_atomic(path, tensors: dict[str, torch.Tensor]) -> None:
+    """A results file appears whole or not at all (resume trusts every file it finds)."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.partial")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    tmp.replace(path)
+
+
+@torch.inference_mode()
+def measure(model, samples, units, ladder, group_size, folder, batch_size=4, progress=True):
+    """Measure every unit at every lower precision; results saved per unit as they finish.
+
+    Files in `folder`: reference.safetensors (entropy and NLL of the reference per token),
+    baseline.safetensors (KL with every unit at the top precision), units/NNN.safetensors
+    (kl_<b> per lower precision b). Units whose file exists are skipped (resume).
+    """
+    from rich.progress import Progress
+    from safetensors.torch import load_file
+
+    from fqcompile.errors import FqError
+
+    (folder / "units").mkdir(parents=True, exist_ok=True)
+    batches = [samples[i : i + batch_size] for i in range(0, len(samples), batch_size)]
+    n_layers = len(model.get_decoder().layers)
+    captured = [capture(model, b) for b in batches]
+    ref_lps = lambda i: log_probs(run_from(model, n_layers, captured[i][1]))  # noqa: E731
+
+    ref_file = folder / "reference.safetensors"
+    if not ref_file.exists():
+        ent, nll = [], []
+        for i, batch in enumerate(batches):
+            lp = ref_lps(i)
+            ent.append(entropy(lp))
+            nll.append(-lp.gather(-1, batch[:, 1:, None])[..., 0])
+        save_atomic(ref_file, {"entropy": torch.cat(ent), "nll": torch.cat(nll)})
+
+    linears = [m for u in units for m in u.modules]
+    top = ladder[-1]
+    base_file = folder / "baseline.safetensors"
+    if not base_file.exists():
+        weights = {m: fake_quantized(model.get_submodule(m).weight, group_size, ladder, top) for m in linears}
+        with swapped_weights(model, weights):
+            kl = [kl_per_token(ref_lps(i), log_probs(model(b, use_cache=False).logits)) for i, b in enumerate(batches)]
+        save_atomic(base_file, {"kl": torch.cat(kl)})
+
+    todo = [(i, u) for i, u in enumerate(units) if not (folder / "units" / f"{i:03d}.safetensors").exists()]
+    with Progress(transient=True, disable=not progress) as bar:
+        task = bar.add_task(f"measuring {len(units)} units x {len(ladder) - 1} precisions", total=len(units),
+                            completed=len(units) - len(todo))
+        for index, unit in todo:
+            lowered = {b: {m: fake_quantized(model.get_submodule(m).weight, group_size, ladder, b)
+                           for m in unit.modules} for b in ladder[:-1]}
+            kls = {b: [] for b in lowered}
+            for i in range(len(batches)):
+                ref = ref_lps(i)
+                for b, weights in lowered.items():
+                    with swapped_weights(model, weights):
+                        kls[b].append(kl_per_token(ref, log_probs(run_from(model, unit.block, captured[i][0][unit.block]))))
+            save_atomic(folder / "units" / f"{index:03d}.safetensors", {f"kl_{b}": torch.cat(v) for b, v in kls.items()})
+            bar.advance(task)
+
+    try:
+        return {
+            "reference": load_file(str(ref_file)),
+            "baseline": load_file(str(base_file))["kl"],
+            "units": [load_file(str(folder / "units" / f"{i:03d}.safetensors")) for i in range(len(units))],
+        }
+    except Exception as exc:  # a damaged results file: say which, do not guess
+        raise FqError(f"calibration results in {folder} are unreadable ({exc}); delete that folder's units/ to remeasure") from None

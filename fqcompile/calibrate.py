@@ -1,0 +1,216 @@
+"""`fqcompile calibrate`: measure sensitivity, fit the switching policy, validate, report.
+
+The folder is resumable: calibration.json (the settings that define the measurement) is
+written first, per-unit results as they finish. A rerun with the same settings skips
+what is measured; the fit settings (target, buckets, smoothing) may change between runs,
+so a new target is a quick refit. Different measurement settings are refused.
+"""
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from . import models
+from .calibration import measure as m
+from .calibration import policy as pol
+from .calibration.data import load_samples
+from .calibration.validate import run_plans
+from .errors import FqError
+from .export import quantizable
+from .formats.checkpoint import sha256
+from .formats.nested import check_ladder
+
+SETTINGS = "calibration.json"
+POLICY = "policy.json"
+UNIT_KINDS = ("block", "linear")
+
+
+def fingerprint(folder: Path) -> str:
+    """Identity of a model: the SHA-256 of its config.json."""
+    return sha256(Path(folder) / "config.json")
+
+
+def _open_folder(out: Path, settings: dict) -> None:
+    if out.exists() and not out.is_dir():
+        raise FqError(f"{out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        path = out / SETTINGS
+        if not path.is_file():
+            raise FqError(f"{out} is not empty and holds no {SETTINGS}: refusing to write into it")
+        try:
+            previous = json.loads(path.read_text())
+        except ValueError:
+            raise FqError(f"{path} is corrupted") from None
+        diff = sorted(k for k in settings if previous.get(k) != settings[k])
+        if diff:
+            raise FqError(f"{out} holds a calibration with other settings ({', '.join(diff)}): "
+                          f"use another folder or delete it")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / SETTINGS, settings)
+
+
+def _write_json(path: Path, data) -> None:
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def calibrate(
+    model: str,
+    out,
+    dataset: str = "self",
+    ladder=(4, 8),
+    unit: str = "block",
+    target_bits: float | None = None,
+    max_ppl_increase: float | None = None,
+    samples: int = 32,
+    eval_samples: int = 16,
+    seq_len: int = 256,
+    group_size: int = 128,
+    buckets: int = 8,
+    smoothing: float = 0.0,
+    batch_size: int = 4,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    """Calibrate `model` into folder `out`; returns the fitted policy (also in out/policy.json)."""
+    start = time.perf_counter()
+    ladder, out = check_ladder(ladder), Path(out)
+    if len(ladder) < 2:
+        raise FqError("calibration needs a ladder with at least two precisions")
+    if unit not in UNIT_KINDS:
+        raise FqError(f"unit must be one of {', '.join(UNIT_KINDS)}, got '{unit}'")
+    if target_bits is not None and max_ppl_increase is not None:
+        raise FqError("give either a target in average bits or an allowed perplexity increase, not both")
+    if max_ppl_increase is None and target_bits is None:
+        target_bits = (ladder[0] + ladder[-1]) / 2
+    if target_bits is not None and not ladder[0] <= target_bits:
+        raise FqError(f"target of {target_bits} average bits is below the lowest precision {ladder[0]}")
+    if max_ppl_increase is not None and not max_ppl_increase > 0:
+        raise FqError(f"the allowed perplexity increase must be positive, got {max_ppl_increase}")
+    if buckets < 1 or not 0 <= smoothing < 1 or samples < 2 or eval_samples < 1:
+        raise FqError("need buckets >= 1, 0 <= smoothing < 1, samples >= 2, eval samples >= 1")
+
+    folder = models.resolve(model)
+    settings = {
+        "model": model, "fingerprint": fingerprint(folder), "dataset": dataset, "ladder": list(ladder),
+        "unit": unit, "group_size": group_size, "samples": samples, "eval_samples": eval_samples,
+        "seq_len": seq_len, "seed": seed,
+    }
+    fp_model, tok, _ = models.load(model)
+    calib = load_samples(dataset, tok, split="calib", seq_len=seq_len, max_samples=samples, model=fp_model, seed=seed)
+    held_out = load_samples(dataset, tok, split="eval", seq_len=seq_len, max_samples=eval_samples, model=fp_model,
+                            seed=seed)
+    _open_folder(out, settings)  # only now: bad data must not leave a folder behind
+    units = m.units_of(fp_model, [n for n, _ in quantizable(fp_model)], unit)
+    measure_start = time.perf_counter()
+    results = m.measure(fp_model, calib, units, ladder, group_size, out, batch_size, progress)
+    measure_seconds = time.perf_counter() - measure_start
+    expected_shape = (len(calib), seq_len - 1)
+    for r in [results["baseline"], *[v for u in results["units"] for v in u.values()]]:
+        if tuple(r.shape) != expected_shape:
+            raise FqError(f"calibration results in {out} do not match these samples: delete its units/ to remeasure")
+
+    weights = torch.tensor([sum(fp_model.get_submodule(n).weight.numel() for n in u.modules) for u in units],
+                           dtype=torch.float64)
+    shares = weights / weights.sum()
+    edges = pol.bucket_edges(pol.signal(results["reference"]["entropy"], smoothing), buckets)
+    dkl, base, token_share = pol.table(results, ladder, edges, smoothing)
+
+    # validation on held-out text: predicted vs measured KL at several budgets, dynamic and static-mixed
+    budgets = [ladder[0] + (ladder[-1] - ladder[0]) * f for f in (0.125, 0.3125, 0.5, 0.6875, 0.875)]
+    dyn = [pol.plans(dkl, shares, ladder, pol.fit(dkl, base, token_share, shares, ladder, target_bits=b))
+           for b in budgets]
+    static = [pol.static_mixed(dkl, base, token_share, shares, ladder, b).expand(len(edges) + 1, -1) for b in budgets]
+    validate_start = time.perf_counter()
+    measured, eval_share = run_plans(fp_model, held_out, units, ladder, group_size, edges, smoothing, dyn + static,
+                                     batch_size)
+    validate_seconds = time.perf_counter() - validate_start
+    rows = []
+    for i, b in enumerate(budgets):
+        bits, predicted = pol.expected(dkl, base, eval_share, shares, ladder, dyn[i])
+        s_bits, s_pred = pol.expected(dkl, base, eval_share, shares, ladder, static[i])
+        rows.append({"target_bits": b, "avg_bits": bits, "predicted_kl": predicted, "measured_kl": measured[i],
+                     "ratio": measured[i] / predicted if predicted > 0 else None, "static_avg_bits": s_bits,
+                     "static_predicted_kl": s_pred, "static_measured_kl": measured[len(budgets) + i]})
+    pred = torch.tensor([r["predicted_kl"] for r in rows])
+    meas = torch.tensor([r["measured_kl"] for r in rows])
+    correction = float((pred * meas).sum() / (pred * pred).sum()) if (pred > 0).any() else 1.0
+
+    # mean KL ~ mean NLL increase to first order, so ppl x (1 + p) <=> mean KL <= log(1 + p)
+    max_kl = None if max_ppl_increase is None else math.log1p(max_ppl_increase)
+    lam = pol.fit(dkl, base, token_share, shares, ladder, target_bits=target_bits, max_kl=max_kl,
+                  correction=correction)
+    plan = pol.plans(dkl, shares, ladder, lam)
+    avg_bits, kl = pol.expected(dkl, base, token_share, shares, ladder, plan)
+    static_plan = pol.static_mixed(dkl, base, token_share, shares, ladder, avg_bits)
+    s_bits, s_kl = pol.expected(dkl, base, token_share, shares, ladder, static_plan.expand(len(edges) + 1, -1))
+    ladder_t = torch.tensor(ladder)
+    sensitivity = dkl[:, 0].double() @ token_share  # mean KL at the lowest precision
+    half = len(calib) // 2
+    halves = [pol.table(results, ladder, edges, smoothing, rows=r)[0][:, 0].mean(-1)
+              for r in (slice(0, half), slice(half, None))]
+    policy = {
+        "kind": "dynamic",
+        "version": 1,
+        "ladder": list(ladder),
+        "unit": unit,
+        "units": [{"name": u.name, "modules": list(u.modules), "weight_share": float(s)} for u, s in zip(units, shares)],
+        "signal": {"kind": "previous-token-entropy", "unit": "nats", "smoothing": smoothing},
+        "bucket_edges": edges,
+        "plans": ladder_t[plan].tolist(),
+        "prefill_precision": ladder[-1],
+        "lam": lam,
+        "target": {"avg_bits": target_bits} if max_ppl_increase is None else {"max_ppl_increase": max_ppl_increase},
+        "expected": {"avg_bits": avg_bits, "kl": kl * correction, "bucket_share": token_share.tolist()},
+        "kl_correction": correction,
+        "static_mixed": {"avg_bits": s_bits, "expected_kl": s_kl * correction, "bits": ladder_t[static_plan].tolist()},
+        "calibration": {"model": model, "fingerprint": settings["fingerprint"], "group_size": group_size,
+                        "dataset": dataset, "tokens": int(calib[:, 1:].numel())},
+    }
+    summary = {
+        "settings": settings,
+        "units": [u.name for u in units],
+        "bucket_edges": edges,
+        "bucket_share": token_share.tolist(),
+        "base_kl": base.tolist(),
+        "mean_kl": {str(b): dkl[:, j].tolist() for j, b in enumerate(ladder[:-1])},
+        "sensitivity": sensitivity.tolist(),
+        "split_half_spearman": pol.spearman(*halves),
+        "validation": rows,
+        "kl_correction": correction,
+        "seconds": {"measure": measure_seconds, "validate": validate_seconds,
+                    "total": time.perf_counter() - start},
+    }
+    _write_json(out / "table.json", summary)
+    _write_json(out / POLICY, policy)
+    from .calibration.report import write_report
+
+    write_report(out, summary, policy, dkl, shares, base, token_share, ladder)
+    return policy
+
+
+def check_for_export(calib_dir, model_folder: Path, ladder, group_size, quantized: list[str]) -> dict:
+    """The calibration's policy, if it belongs to this model, ladder and group size."""
+    calib_dir = Path(calib_dir)
+    try:
+        settings = json.loads((calib_dir / SETTINGS).read_text())
+        policy = json.loads((calib_dir / POLICY).read_text())
+    except FileNotFoundError as exc:
+        raise FqError(f"{calib_dir} is not a finished calibration (missing {Path(exc.filename).name})") from None
+    except ValueError:
+        raise FqError(f"{calib_dir} holds a corrupted {SETTINGS} or {POLICY}") from None
+    if settings.get("fingerprint") != fingerprint(model_folder):
+        raise FqError(f"calibration {calib_dir} was made for another model ({settings.get('model')})")
+    if list(settings.get("ladder", [])) != list(ladder) or policy.get("ladder") != list(ladder):
+        raise FqError(f"calibration {calib_dir} is for ladder {settings.get('ladder')}, not {list(ladder)}")
+    if settings.get("group_size") != group_size:
+        raise FqError(f"calibration {calib_dir} used group size {settings.get('group_size')}, not {group_size}")
+    missing = {mod for u in policy["units"] for mod in u["modules"]} - set(quantized)
+    if missing:
+        raise FqError(f"calibration {calib_dir} names layers this export does not quantize: {sorted(missing)[:3]}")
+    return policy
