@@ -19,6 +19,9 @@ from torch import nn
 from fqcompile.formats.nested import Layout, dequantize, pack_planes, quantize_rtn
 
 
+REF_CACHE_BYTES = 2 << 30
+
+
 @dataclass(frozen=True)
 class Unit:
     """A switching unit: its name, the block it starts in, and its linear layers."""
@@ -153,7 +156,18 @@ def measure(model, samples, units, ladder, group_size, folder, batch_size=4, pro
     batches = [samples[i : i + batch_size] for i in range(0, len(samples), batch_size)]
     n_layers = len(model.get_decoder().layers)
     captured = [capture(model, b) for b in batches]
-    ref_lps = lambda i: log_probs(run_from(model, n_layers, captured[i][1]))  # noqa: E731
+    # Reference log-probs are needed once per unit and batch: keep them when they fit in
+    # REF_CACHE_BYTES (SmolLM2, 8k tokens: 1.6 GB), else recompute them from the last layer.
+    vocab = model.get_output_embeddings().weight.shape[0]
+    cache = {} if samples[:, 1:].numel() * vocab * 4 <= REF_CACHE_BYTES else None
+
+    def ref_lps(i):
+        if cache is not None and i in cache:
+            return cache[i]
+        lp = log_probs(run_from(model, n_layers, captured[i][1]))
+        if cache is not None:
+            cache[i] = lp
+        return lp
 
     ref_file = folder / "reference.safetensors"
     if not ref_file.exists():

