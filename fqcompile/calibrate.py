@@ -177,6 +177,8 @@ def calibrate(
         "units": [u.name for u in units],
         "bucket_edges": edges,
         "bucket_share": token_share.tolist(),
+        "bucket_tokens": [round(float(s) * int((~torch.isnan(pol.signal(results["reference"]["entropy"]))).sum()))
+                          for s in token_share],
         "base_kl": base.tolist(),
         "mean_kl": {str(b): dkl[:, j].tolist() for j, b in enumerate(ladder[:-1])},
         "sensitivity": sensitivity.tolist(),

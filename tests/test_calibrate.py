@@ -93,6 +93,16 @@ def test_export_takes_only_a_matching_calibration(calib_dir, tiny_dir, smol_dir,
     assert not any((tmp_path / n).exists() for n in "abc")
 
 
+def test_linear_units(tiny_dir, austen, tmp_path):
+    policy = calibrate(str(tiny_dir), tmp_path / "lin", unit="linear", progress=False,
+                       **small_args(austen, samples=2, eval_samples=1, seq_len=24, buckets=2, ladder=(2, 4)))
+    names = [u["name"] for u in policy["units"]]
+    assert len(names) == 14 and all(u["modules"] == [u["name"]] for u in policy["units"])
+    assert names[0] == "model.layers.0.self_attn.q_proj" and names[-1] == "model.layers.1.mlp.down_proj"
+    table = json.loads((tmp_path / "lin" / "table.json").read_text())
+    assert sum(table["bucket_tokens"]) == 2 * 22  # positions 1..22 of two 24-token samples (23 scored)
+
+
 def test_plans_follow_the_price_rule():
     ladder = (4, 8)
     # 2 units of equal size, 2 buckets; unit 0 is cheap to lower in bucket 0 only
