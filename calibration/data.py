@@ -89,7 +89,7 @@ def text_samples(texts: list[str], tokenizer, seq_len: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def self_samples(model, tokenizer, n: int, seq_len: int, seed: int, batch_size: int = 8) -> torch.Tensor:
+def self_samples(model, tokenizer, n: int, seq_len: int, seed: int, batch_size: int = 16) -> torch.Tensor:
     """`n` sequences sampled from the model itself (temperature 1, top-k 50), seeded.
 
     Needs nothing but the model; EOS is suppressed so every sample is full length.
