@@ -33,7 +33,8 @@ def fingerprint(folder: Path) -> str:
     return sha256(Path(folder) / "config.json")
 
 
-def _open_folder(out: Path, settings: dict) -> None:
+def _check_folder(out: Path, settings: dict) -> None:
+    """Refuse a folder that holds anything but a calibration with these settings."""
     if out.exists() and not out.is_dir():
         raise FqError(f"{out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()):
@@ -48,9 +49,6 @@ def _open_folder(out: Path, settings: dict) -> None:
         if diff:
             raise FqError(f"{out} holds a calibration with other settings ({', '.join(diff)}): "
                           f"use another folder or delete it")
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / SETTINGS, settings)
 
 
 def _write_json(path: Path, data) -> None:
@@ -101,11 +99,14 @@ def calibrate(
         "unit": unit, "group_size": group_size, "samples": samples, "eval_samples": eval_samples,
         "seq_len": seq_len, "seed": seed,
     }
+    _check_folder(out, settings)  # before minutes of sampling and measuring
     fp_model, tok, _ = models.load(model)
     calib = load_samples(dataset, tok, split="calib", seq_len=seq_len, max_samples=samples, model=fp_model, seed=seed)
     held_out = load_samples(dataset, tok, split="eval", seq_len=seq_len, max_samples=eval_samples, model=fp_model,
                             seed=seed)
-    _open_folder(out, settings)  # only now: bad data must not leave a folder behind
+    if not (out / SETTINGS).is_file():  # only now: bad data must not leave a folder behind
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(out / SETTINGS, settings)
     units = m.units_of(fp_model, [n for n, _ in quantizable(fp_model)], unit)
     measure_start = time.perf_counter()
     results = m.measure(fp_model, calib, units, ladder, group_size, out, batch_size, progress)
