@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from fqcompile.formats.nested import Layout, dequantize, pack_planes, quantize_rtn
+from fqcompile.metrics import entropy, kl_per_token, log_probs
 
 
 REF_CACHE_BYTES = 2 << 30
@@ -108,20 +109,6 @@ def capture(model, batch: torch.Tensor):
         for h in hooks:
             h.remove()
     return inputs, final[0]
-
-
-def log_probs(logits: torch.Tensor) -> torch.Tensor:
-    return torch.log_softmax(logits[:, :-1].float(), dim=-1)
-
-
-def kl_per_token(ref_lp: torch.Tensor, lp: torch.Tensor) -> torch.Tensor:
-    p = ref_lp.exp()  # where p == 0 the term is 0, not 0 * inf
-    return torch.where(p > 0, p * (ref_lp - lp), 0.0).sum(-1)
-
-
-def entropy(lp: torch.Tensor) -> torch.Tensor:
-    p = lp.exp()
-    return -torch.where(p > 0, p * lp, 0.0).sum(-1)
 
 
 @torch.inference_mode()

@@ -44,8 +44,7 @@ def evaluate(model, samples: torch.Tensor, precisions=(None,), reference=None, b
                 if ref_lp is not None:
                     if ref_lp.shape != lp.shape:
                         raise FqError(f"reference model's vocabulary ({ref_lp.shape[-1]}) differs from the model's ({lp.shape[-1]})")
-                    p = ref_lp.exp()  # where p == 0 the term is 0, not 0 * inf
-                    row["kl"] += torch.where(p > 0, p * (ref_lp - lp), 0.0).sum(-1).double().sum().item()
+                    row["kl"] += kl_per_token(ref_lp, lp).double().sum().item()
                 del lp
             bar.advance(task, len(batch))
     return {
@@ -61,8 +60,23 @@ def evaluate(model, samples: torch.Tensor, precisions=(None,), reference=None, b
 
 def _log_probs(model, batch):
     start = time.perf_counter()
-    logits = model(batch).logits[:, :-1]
+    logits = model(batch).logits
     seconds = time.perf_counter() - start
-    return torch.log_softmax(logits.float(), dim=-1), seconds
+    return log_probs(logits), seconds
+
+
+def log_probs(logits: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(logits[:, :-1].float(), dim=-1)
+
+
+def kl_per_token(ref_lp: torch.Tensor, lp: torch.Tensor) -> torch.Tensor:
+    p = ref_lp.exp()  # where p == 0 the term is 0, not 0 * inf
+    return torch.where(p > 0, p * (ref_lp - lp), 0.0).sum(-1)
+
+
+def entropy(lp: torch.Tensor) -> torch.Tensor:
+    p = lp.exp()
+    return -torch.where(p > 0, p * lp, 0.0).sum(-1)
+
 
 
