@@ -139,8 +139,7 @@ def precision_stats(manifest: dict) -> dict[int, dict]:
     for bits in manifest["ladder"]:
         read = weights = 0
         for layout in layouts(manifest).values():
-            width = sum(layout.widths[: layout.planes_for(bits)])
-            read += layout.out_features * (layout.padded_in * width // 8 + layout.n_groups * 3)
+            read += bytes_read(layout, bits)
             weights += layout.out_features * layout.in_features
         out[bits] = {
             "bits_per_weight": 8 * read / weights if weights else 0.0,
@@ -148,3 +147,9 @@ def precision_stats(manifest: dict) -> dict[int, dict]:
             "resident_bytes": read + dense,
         }
     return out
+
+
+def bytes_read(layout: Layout, bits: int) -> int:
+    """Bytes a b-bit use of one layer reads: its planes (row padding included), fp16 scales, uint8 zeros."""
+    width = sum(layout.widths[: layout.planes_for(bits)])
+    return layout.out_features * (layout.padded_in * width // 8 + layout.n_groups * 3)

@@ -172,6 +172,8 @@ def calibrate(
         "static_mixed": {"avg_bits": s_bits, "expected_kl": s_kl * correction, "bits": ladder_t[static_plan].tolist()},
         "calibration": {"model": model, "fingerprint": settings["fingerprint"], "group_size": group_size,
                         "dataset": dataset, "tokens": int(calib[:, 1:].numel())},
+        # the requirement model itself, so the runtime can refit other targets without the raw data
+        "table": {"dkl": dkl.tolist(), "base": base.tolist(), "bucket_share": token_share.tolist()},
     }
     summary = {
         "settings": settings,

@@ -19,6 +19,7 @@ app = typer.Typer(
 )
 
 MODEL_HELP = "local HF folder, .gguf file, hub id (org/name), or the built-in 'smollm2-135m'"
+POLICY_HELP = "dynamic | dynamic:BITS | static:B | static-mixed:BITS (default: the checkpoint's own policy)"
 JSON_HELP = "also write the numbers to this JSON file (schema: docs/json.md)"
 
 
@@ -172,8 +173,10 @@ def _print_summary(folder: Path, verify: bool) -> dict:
 @app.command()
 def generate(
     folder: Path = typer.Argument(..., help="checkpoint folder"),
-    prompt: str = typer.Option(..., "--prompt", "-p"),
-    precision: int = typer.Option(None, help="static precision (default: top of the ladder)"),
+    prompt: list[str] = typer.Option(..., "--prompt", "-p", help="repeat for a batch of prompts"),
+    policy: str = typer.Option(None, help=POLICY_HELP),
+    precision: int = typer.Option(None, help="shortcut for --policy static:B"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="share of tokens at each precision per unit"),
     max_new_tokens: int = typer.Option(64, min=1),
     temperature: float = typer.Option(0.0, min=0.0, help="0 = greedy"),
     top_p: float = typer.Option(1.0, min=0.0, max=1.0),
@@ -184,26 +187,40 @@ def generate(
     verify: bool = typer.Option(True, "--verify/--no-verify", help="check file hashes on load"),
     json_path: Path = typer.Option(None, "--json", help=JSON_HELP),
 ):
-    """Generate text from a checkpoint at a static precision."""
+    """Generate text from a checkpoint under a precision policy (dynamic or static)."""
     from transformers import TextStreamer
 
-    from .formats.checkpoint import precision_stats
+    from .controller import Controller, resolve
     from .runtime import generate as run_generate
-    from .runtime import load, set_precision
+    from .runtime import load
 
     check_json_path(json_path)
-    loaded = load(folder, precision=precision, verify=verify)
-    bits = precision or loaded.manifest["ladder"][-1]
-    set_precision(loaded.model, bits)
-    streamer = TextStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
-    result = run_generate(loaded, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                          top_k=top_k, seed=seed, chat=chat, streamer=streamer)
-    if not stream:
-        print(result["text"])
-    result.update(precision=bits, bits_per_weight=precision_stats(loaded.manifest)[bits]["bits_per_weight"])
-    print(f"{result['new_tokens']} tokens in {result['seconds']:.2f} s ({result['tokens_per_s'] or 0:.2f} tokens/s) "
-          f"at {bits} bits ({result['bits_per_weight']:.3f} bits read per weight)", file=sys.stderr)
+    spec = policy_spec(policy, precision)
+    static_bits = int(spec.split(":")[1]) if spec and spec.startswith("static:") else None
+    loaded = load(folder, precision=static_bits, verify=verify)  # a static precision reads only its planes
+    controller = Controller(loaded.model, loaded.manifest, resolve(loaded.policy, loaded.manifest, spec))
+    batch = len(prompt) > 1
+    streamer = TextStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True) if stream and not batch else None
+    result = run_generate(loaded, prompt if batch else prompt[0], max_new_tokens=max_new_tokens,
+                          temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, chat=chat,
+                          streamer=streamer, controller=controller)
+    stats = controller.stats(verbose=verbose)
+    if streamer is None:
+        print("\n---\n".join(result["text"]) if batch else result["text"])
+    result.update(controller=stats, precision=static_bits, bits_per_weight=stats["avg_bits_read"])
+    share = ", ".join(f"{b}-bit {s:.0%}" for b, s in stats["share"].items())
+    print(f"{result['new_tokens']} tokens in {result['seconds']:.2f} s ({result['tokens_per_s'] or 0:.2f} tokens/s), "
+          f"policy {stats['policy']}: {stats['avg_bits_read'] or 0:.3f} bits read per weight; tokens at {share}",
+          file=sys.stderr)
+    for unit, shares in stats.get("per_unit", {}).items():
+        print(f"  {unit}: " + ", ".join(f"{b}-bit {s:.0%}" for b, s in shares.items()), file=sys.stderr)
     write_json(json_path, result)
+
+
+def policy_spec(policy: str | None, precision: int | None) -> str | None:
+    if policy is not None and precision is not None:
+        raise FqError("give --policy or --precision, not both")
+    return f"static:{precision}" if precision is not None else policy
 
 
 @app.command(name="eval")
@@ -212,6 +229,8 @@ def eval_(
     dataset: str = typer.Option("self", help="'self' (sampled from the model), local files/folder, or hub name[:config]"),
     split: str = typer.Option("eval", help="calib, eval or all"),
     precision: str = typer.Option("all", help="a ladder precision or 'all'"),
+    policy: list[str] = typer.Option(None, "--policy", help="evaluate as served under a policy (repeatable): "
+                                     + POLICY_HELP),
     seq_len: int = typer.Option(512, min=2),
     samples: int = typer.Option(None, min=1, help="number of samples (default: 32; 8 for 'self')"),
     batch_size: int = typer.Option(2, min=1),
@@ -250,6 +269,14 @@ def eval_(
     n = samples or (8 if dataset == SELF else 32)
     data = load_samples(dataset, tok, split=split, seq_len=seq_len, max_samples=n, model=ref or model,
                         seed=seed, text_column=text_column)
+    if policy:
+        if not is_ckpt:
+            raise FqError("--policy applies to checkpoints")
+        rows = served_rows(loaded, data, policy, ref, batch_size)
+        write_json(json_path, {"target": target, "dataset": dataset, "split": split, "seq_len": seq_len,
+                               "samples": int(data.shape[0]), "reference": ref_spec if ref is not None else None,
+                               "policies": rows})
+        return
     results = evaluate(model, data, precisions=precisions, reference=ref, batch_size=batch_size)
     print(f"{data.shape[0]} samples x {seq_len} tokens of {dataset} ({split}), "
           f"{results[precisions[0]]['tokens']} tokens scored")
@@ -266,6 +293,36 @@ def eval_(
     write_json(json_path, {"target": target, "dataset": dataset, "split": split, "seq_len": seq_len,
                            "samples": int(data.shape[0]), "reference": ref_spec if ref is not None else None,
                            "results": rows})
+
+
+def served_rows(loaded, data, specs, ref, batch_size) -> dict:
+    """Each policy evaluated as served (static:B as one teacher-forced pass: it does not depend on the signal)."""
+    from .controller import Controller, resolve
+    from .formats.checkpoint import precision_stats
+    from .metrics import evaluate, evaluate_served
+    from .runtime import dense_weights
+
+    rows = {}
+    print(f"{'policy':>18} {'bits read/weight':>17} {'perplexity':>11} {'KL':>9}  tokens at each precision")
+    with dense_weights(loaded.model):
+        for spec in specs:
+            plan = resolve(loaded.policy, loaded.manifest, spec)
+            if plan.label.startswith("static:"):
+                bits = int(plan.label.split(":")[1])
+                r = evaluate(loaded.model, data, precisions=[bits], reference=ref, batch_size=batch_size)[bits]
+                r.update(policy=plan.label, avg_bits_read=precision_stats(loaded.manifest)[bits]["bits_per_weight"],
+                         share={str(b): float(b == bits) for b in loaded.manifest["ladder"]})
+            else:
+                controller = Controller(loaded.model, loaded.manifest, plan)
+                try:
+                    r = evaluate_served(loaded.model, controller, data, reference=ref, batch_size=max(batch_size, 8))
+                finally:
+                    controller.close()
+            kl = "-" if r["kl"] is None else f"{r['kl']:.4f}"
+            share = ", ".join(f"{b}: {s:.0%}" for b, s in r["share"].items())
+            print(f"{r['policy']:>18} {r['avg_bits_read']:17.3f} {r['perplexity']:11.3f} {kl:>9}  {share}")
+            rows[r["policy"]] = r
+    return rows
 
 
 def _reference(spec: str | None, explicit: bool):

@@ -1,6 +1,7 @@
 """FlexLinear: a linear layer over nested-bit weights whose precision can change per call."""
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import FqError
@@ -28,6 +29,8 @@ class FlexLinear(nn.Module):
         self.register_buffer("zero", zero, persistent=False)
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
         self.precision = max(self.precisions)
+        self.dense = None  # {bits: weight} while runtime.dense_weights() is active
+
 
     @property
     def precisions(self) -> tuple[int, ...]:
@@ -37,13 +40,26 @@ class FlexLinear(nn.Module):
     def planes(self) -> list[torch.Tensor]:
         return [getattr(self, f"plane{i}") for i in range(self.n_planes)]
 
-    def set_precision(self, bits: int) -> None:
-        if bits not in self.precisions:
-            raise FqError(f"precision {bits} is not available (loaded: {list(self.precisions)})")
+    def set_precision(self, bits) -> None:
+        """One precision for the whole batch (int), or one per batch row (a [B] tensor of bits)."""
+        wanted = set(bits.tolist()) if torch.is_tensor(bits) else {bits}
+        if not wanted <= set(self.precisions):
+            raise FqError(f"precision {sorted(wanted)} is not available (loaded: {list(self.precisions)})")
         self.precision = bits
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = flex_linear(x, self.planes(), (self.layout, self.scale, self.zero), self.precision)
+        meta = (self.layout, self.scale, self.zero)
+        bits = self.precision
+        values = bits.unique().tolist() if torch.is_tensor(bits) else [bits]
+        run = (lambda v, b: F.linear(v, self.dense[b])) if self.dense else (
+            lambda v, b: flex_linear(v, self.planes(), meta, b))
+        if len(values) == 1:
+            y = run(x, values[0])
+        else:  # per-row precisions: each group of rows through its own slice
+            y = x.new_empty(*x.shape[:-1], self.out_features)
+            for b in values:
+                rows = bits == b
+                y[rows] = run(x[rows], b)
         return y + self.bias if self.bias is not None else y
 
     def extra_repr(self) -> str:

@@ -1,5 +1,7 @@
 """Runtime: load a checkpoint without the original model and generate at a chosen precision."""
 
+import contextlib
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +21,7 @@ class Loaded:
     tokenizer: object
     manifest: dict
     folder: Path
+    policy: dict
 
 
 def load(folder, precision: int | None = None, verify: bool = True, dtype: torch.dtype | None = None) -> Loaded:
@@ -72,7 +75,11 @@ def load(folder, precision: int | None = None, verify: bool = True, dtype: torch
     if missing:
         raise FqError(f"checkpoint lacks tensors for: {', '.join(missing[:3])}")
     model.eval()
-    return Loaded(model, AutoTokenizer.from_pretrained(folder), manifest, folder)
+    try:
+        policy = json.loads((folder / ckpt.POLICY).read_text())
+    except ValueError:
+        raise FqError(f"{folder / ckpt.POLICY} is not valid JSON") from None
+    return Loaded(model, AutoTokenizer.from_pretrained(folder), manifest, folder, policy)
 
 
 def _materialize_buffers(model) -> None:
@@ -105,6 +112,22 @@ def flex_layers(model) -> list[FlexLinear]:
     return [m for m in model.modules() if isinstance(m, FlexLinear)]
 
 
+@contextlib.contextmanager
+def dense_weights(model, dtype=torch.float32):
+    """Keep every slice dequantized while inside (evaluation speed; costs dense memory per precision)."""
+    from .formats.nested import dequantize
+
+    layers = flex_layers(model)
+    try:
+        for layer in layers:
+            layer.dense = {b: dequantize(layer.planes(), layer.scale, layer.zero, layer.layout, b, dtype)
+                           for b in layer.precisions}
+        yield
+    finally:
+        for layer in layers:
+            layer.dense = None
+
+
 def set_precision(model, bits: int) -> None:
     """Run every quantized layer at `bits` (a static plan)."""
     for layer in flex_layers(model):
@@ -122,36 +145,57 @@ def generate(
     seed: int = 0,
     chat: bool = False,
     streamer=None,
+    controller=None,
+    stop_strings=None,
 ) -> dict:
-    """Generate through Hugging Face `generate`; returns text and speed."""
+    """Generate through Hugging Face `generate`; returns text and speed (and the controller's stats).
+
+    `prompt` may be a list: the prompts are left-padded into one batch.
+    """
     tok = loaded.tokenizer
-    if chat:
-        if not tok.chat_template:
-            raise FqError("this model's tokenizer has no chat template (drop --chat)")
-        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
-        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
-    else:
-        ids = encode(tok, prompt)
-    input_ids = torch.tensor([ids])
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    rows = [_prompt_ids(tok, p, chat) for p in prompts]
+    width = max(map(len, rows))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+    attention = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    if controller is not None:
+        controller.reset()
     torch.manual_seed(seed)
     sample = temperature > 0
     start = time.perf_counter()
     out = loaded.model.generate(
         input_ids,
-        attention_mask=torch.ones_like(input_ids),
+        attention_mask=attention,
+        stop_strings=stop_strings,
+        tokenizer=tok if stop_strings else None,
         max_new_tokens=max_new_tokens,
         do_sample=sample,
         temperature=temperature if sample else None,
         top_p=top_p if sample else None,
         top_k=top_k if sample else None,
-        pad_token_id=tok.eos_token_id,
+        pad_token_id=pad,
         streamer=streamer,
     )
     seconds = time.perf_counter() - start
-    new = out[0, input_ids.shape[1] :]
-    return {
-        "text": tok.decode(new, skip_special_tokens=True),
-        "new_tokens": int(new.numel()),
+    new = out[:, input_ids.shape[1] :]
+    texts = [tok.decode(row, skip_special_tokens=True) for row in new]
+    count = int((new != pad).sum()) if len(rows) > 1 else int(new.numel())
+    result = {
+        "text": texts[0] if isinstance(prompt, str) else texts,
+        "new_tokens": count,
         "seconds": seconds,
-        "tokens_per_s": new.numel() / seconds if seconds > 0 else None,
+        "tokens_per_s": count / seconds if seconds > 0 else None,
     }
+    if controller is not None:
+        result["controller"] = controller.stats()
+    return result
+
+
+def _prompt_ids(tok, prompt: str, chat: bool) -> list[int]:
+    if not chat:
+        return encode(tok, prompt)
+    if not tok.chat_template:
+        raise FqError("this model's tokenizer has no chat template (drop --chat)")
+    ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)

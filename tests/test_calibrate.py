@@ -84,6 +84,19 @@ def test_export_takes_only_a_matching_calibration(calib_dir, tiny_dir, smol_dir,
                            calib=calib_dir)
     assert json.loads((out / ckpt.POLICY).read_text()) == json.loads((calib_dir / "policy.json").read_text())
     ckpt.verify(out, ckpt.read_manifest(out))
+    # the runtime serves it: its own plan, refits for other targets, and the static-mixed baseline
+    from fqcompile.controller import Controller, resolve
+
+    loaded = fqcompile.load(out)
+    assert resolve(loaded.policy, loaded.manifest, None).label == "dynamic"
+    for spec, most in (("dynamic:4.5", 4.5), ("static-mixed:6", 6.0)):
+        plan = resolve(loaded.policy, loaded.manifest, spec)
+        shares = torch.tensor([u["weight_share"] for u in loaded.policy["units"]], dtype=torch.float64)
+        assert (plan.bits.double() @ shares <= most + 1e-9).all() or spec.startswith("dynamic")
+        controller = Controller(loaded.model, loaded.manifest, plan)
+        result = fqcompile.generate(loaded, "It was", max_new_tokens=4, controller=controller)
+        assert result["controller"]["decode_tokens"] == 3
+        controller.close()
     with pytest.raises(FqError, match="ladder"):
         fqcompile.export(str(tiny_dir), tmp_path / "a", ladder=(3, 8), group_size=32, progress=False, calib=calib_dir)
     with pytest.raises(FqError, match="group size"):

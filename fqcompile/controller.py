@@ -1,0 +1,160 @@
+"""The precision controller: each unit's precision, step by step, from the switching policy.
+
+It hooks the model's forward. Before a call: a prompt (more than one new token per row,
+or no signal yet) runs at the prefill precision; a decode step runs every unit at the
+precision the policy gives for the bucket of each row's signal (rows are independent:
+FlexLinear runs rows at different precisions through their own slices). After a call:
+the entropy of each row's last next-token distribution becomes the next step's signal.
+That works under Hugging Face `generate` (sampling, streaming, stopping criteria and
+batches are untouched) and under the "as served" evaluation in metrics.py.
+"""
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .calibration import policy as pol
+from .errors import FqError
+from .flex_linear import FlexLinear
+from .formats import checkpoint as ckpt
+from .metrics import entropy
+
+
+@dataclass
+class Plan:
+    """A resolved policy: per entropy bucket, the bits of every unit."""
+
+    label: str
+    units: list[list[str]]  # module names per unit
+    edges: list[float]
+    bits: torch.Tensor  # [buckets, units] long
+    prefill: int
+    smoothing: float = 0.0
+
+
+def resolve(policy: dict, manifest: dict, spec: str | None) -> Plan:
+    """Turn a --policy spec into a Plan: dynamic, dynamic:BITS, static:B or static-mixed:BITS.
+
+    Without a spec: the checkpoint's own policy (dynamic if it was exported with --calib).
+    """
+    ladder = list(manifest["ladder"])
+    kind, _, arg = (spec or ("dynamic" if policy.get("kind") == "dynamic" else f"static:{ladder[-1]}")).partition(":")
+    if kind == "static":
+        bits = int(arg) if arg else ladder[-1]
+        if bits not in ladder:
+            raise FqError(f"precision {bits} is not in the ladder {ladder}")
+        return Plan(f"static:{bits}", [list(manifest["modules"])], [], torch.tensor([[bits]]), bits)
+    if kind not in ("dynamic", "static-mixed"):
+        raise FqError(f"unknown policy '{spec}' (use dynamic, dynamic:BITS, static:B or static-mixed:BITS)")
+    if policy.get("kind") != "dynamic":
+        raise FqError(f"policy '{spec}' needs a calibrated checkpoint (export --calib)")
+    units = [u["modules"] for u in policy["units"]]
+    edges, smoothing, prefill = policy["bucket_edges"], policy["signal"]["smoothing"], policy["prefill_precision"]
+    if kind == "dynamic" and not arg:
+        return Plan("dynamic", units, edges, torch.tensor(policy["plans"]), prefill, smoothing)
+    try:
+        target = float(arg)
+    except ValueError:
+        raise FqError(f"policy '{spec}': expected a number of average bits after ':'") from None
+    table = policy["table"]
+    dkl = torch.tensor(table["dkl"], dtype=torch.float64)
+    base = torch.tensor(table["base"], dtype=torch.float64)
+    share = torch.tensor(table["bucket_share"], dtype=torch.float64)
+    shares = torch.tensor([u["weight_share"] for u in policy["units"]], dtype=torch.float64)
+    ladder_t = torch.tensor(ladder)
+    if kind == "static-mixed":
+        idx = pol.static_mixed(dkl, base, share, shares, ladder, target)
+        return Plan(f"static-mixed:{target:g}", units, [], ladder_t[idx][None], prefill)
+    lam = pol.fit(dkl, base, share, shares, ladder, target_bits=target)
+    return Plan(f"dynamic:{target:g}", units, edges, ladder_t[pol.plans(dkl, shares, ladder, lam)], prefill, smoothing)
+
+
+class Controller:
+    """Attach to a loaded checkpoint model; `stats()` reports what it did."""
+
+    def __init__(self, model, manifest: dict, plan: Plan):
+        self.plan = plan
+        self.ladder = list(manifest["ladder"])
+        self.layers = [[model.get_submodule(n) for n in names] for names in plan.units]
+        for layer in (m for unit in self.layers for m in unit):
+            if not isinstance(layer, FlexLinear):
+                raise FqError("the policy names a layer that is not quantized in this checkpoint")
+            if not set(plan.bits.flatten().tolist()) | {plan.prefill} <= set(layer.precisions):
+                raise FqError(f"policy {plan.label} needs precisions that were not loaded")
+        self.edges = torch.tensor(plan.edges, dtype=torch.float32)
+        # bytes each unit reads per weight at each precision (planes + scales/zeros)
+        layouts = ckpt.layouts(manifest)
+        self.unit_bytes = torch.tensor([[sum(ckpt.bytes_read(layouts[n], b) for n in names) for b in self.ladder]
+                                        for names in plan.units], dtype=torch.float64)
+        self.weights = sum(x.out_features * x.in_features for x in layouts.values())
+        self.reset()
+        self.hooks = [model.register_forward_pre_hook(self._before, with_kwargs=True),
+                      model.register_forward_hook(self._after)]
+
+    def reset(self) -> None:
+        """Forget the signal (a new prompt) and the statistics."""
+        self.signal = None
+        self.counts = torch.zeros(len(self.layers), len(self.ladder), dtype=torch.float64)  # row-steps
+        self.bytes = 0.0
+        self.decode_tokens = 0
+        self.overhead = 0.0
+
+    def close(self) -> None:
+        for h in self.hooks:
+            h.remove()
+
+    def _before(self, _model, args, kwargs):
+        start = time.perf_counter()
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            ids = kwargs["inputs_embeds"]
+        rows, new = ids.shape[0], ids.shape[1]
+        if self.signal is None or new > 1 or self.signal.shape[0] != rows:
+            self.signal = None
+            self._set([self.plan.prefill] * len(self.layers))
+        else:
+            buckets = torch.bucketize(self.signal, self.edges, right=True) if len(self.edges) else torch.zeros(
+                rows, dtype=torch.long)
+            bits = self.plan.bits[buckets]  # [rows, units]
+            self._set([b[0].item() if (b == b[0]).all() else b for b in bits.T])
+            index = torch.searchsorted(torch.tensor(self.ladder), bits)  # [rows, units] ladder positions
+            self.counts += torch.nn.functional.one_hot(index, len(self.ladder)).sum(0).double()
+            self.bytes += float(self.unit_bytes.gather(1, index.T).sum())
+            self.decode_tokens += rows
+        self.overhead += time.perf_counter() - start
+
+    def _after(self, _model, _args, output):
+        start = time.perf_counter()
+        h = entropy(torch.log_softmax(output.logits[:, -1].float(), dim=-1))
+        s = self.plan.smoothing
+        self.signal = h if self.signal is None or not s else s * self.signal + (1 - s) * h
+        self.overhead += time.perf_counter() - start
+
+    def _set(self, per_unit) -> None:
+        for layers, bits in zip(self.layers, per_unit):
+            for layer in layers:
+                layer.precision = bits
+
+    def stats(self, verbose: bool = False) -> dict:
+        """Decode steps only (the prompt runs at the prefill precision)."""
+        total = self.counts.sum()
+        shares = (self.counts.sum(0) / total).tolist() if total else [0.0] * len(self.ladder)
+        out = {
+            "policy": self.plan.label,
+            "decode_tokens": self.decode_tokens,
+            "avg_bits_read": 8 * self.bytes / (self.decode_tokens * self.weights) if self.decode_tokens else None,
+            "share": {str(b): s for b, s in zip(self.ladder, shares)},
+            "controller_seconds": self.overhead,
+        }
+        if verbose:
+            out["per_unit"] = {names[0] if len(names) == 1 else _common(names): {
+                str(b): float(c / max(1.0, self.counts[u].sum())) for b, c in zip(self.ladder, self.counts[u])}
+                for u, names in enumerate(self.plan.units)}
+        return out
+
+
+def _common(names: list[str]) -> str:
+    parts = [n.split(".") for n in names]
+    prefix = [p[0] for p in zip(*parts) if len(set(p)) == 1]
+    return ".".join(prefix) or "all"
