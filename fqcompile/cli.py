@@ -272,7 +272,9 @@ def eval_(
     if policy:
         if not is_ckpt:
             raise FqError("--policy applies to checkpoints")
-        rows = served_rows(loaded, data, policy, ref, batch_size)
+        from .served import evaluate_policies
+
+        rows = evaluate_policies(loaded, data, policy, ref, batch_size)
         write_json(json_path, {"target": target, "dataset": dataset, "split": split, "seq_len": seq_len,
                                "samples": int(data.shape[0]), "reference": ref_spec if ref is not None else None,
                                "policies": rows})
@@ -293,36 +295,6 @@ def eval_(
     write_json(json_path, {"target": target, "dataset": dataset, "split": split, "seq_len": seq_len,
                            "samples": int(data.shape[0]), "reference": ref_spec if ref is not None else None,
                            "results": rows})
-
-
-def served_rows(loaded, data, specs, ref, batch_size) -> dict:
-    """Each policy evaluated as served (static:B as one teacher-forced pass: it does not depend on the signal)."""
-    from .controller import Controller, resolve
-    from .formats.checkpoint import precision_stats
-    from .metrics import evaluate, evaluate_served
-    from .runtime import dense_weights
-
-    rows = {}
-    print(f"{'policy':>18} {'bits read/weight':>17} {'perplexity':>11} {'KL':>9}  tokens at each precision")
-    with dense_weights(loaded.model):
-        for spec in specs:
-            plan = resolve(loaded.policy, loaded.manifest, spec)
-            if plan.label.startswith("static:"):
-                bits = int(plan.label.split(":")[1])
-                r = evaluate(loaded.model, data, precisions=[bits], reference=ref, batch_size=batch_size)[bits]
-                r.update(policy=plan.label, avg_bits_read=precision_stats(loaded.manifest)[bits]["bits_per_weight"],
-                         share={str(b): float(b == bits) for b in loaded.manifest["ladder"]})
-            else:
-                controller = Controller(loaded.model, loaded.manifest, plan)
-                try:
-                    r = evaluate_served(loaded.model, controller, data, reference=ref, batch_size=max(batch_size, 8))
-                finally:
-                    controller.close()
-            kl = "-" if r["kl"] is None else f"{r['kl']:.4f}"
-            share = ", ".join(f"{b}: {s:.0%}" for b, s in r["share"].items())
-            print(f"{r['policy']:>18} {r['avg_bits_read']:17.3f} {r['perplexity']:11.3f} {kl:>9}  {share}")
-            rows[r["policy"]] = r
-    return rows
 
 
 def _reference(spec: str | None, explicit: bool):
@@ -377,7 +349,7 @@ def demo(
     results = evaluate(loaded.model, data, precisions=loaded.manifest["ladder"], reference=ref)
     stats = ckpt.precision_stats(loaded.manifest)
     print("[4/4] results")
-    print(f"| precision | bits read/weight | checkpoint MB | perplexity | KL vs full precision | tokens/s |")
+    print("| precision | bits read/weight | checkpoint MB | perplexity | KL vs full precision | tokens/s |")
     print("|---|---|---|---|---|---|")
     fp = results[FULL]
     print(f"| full precision | {ref.dtype.itemsize * 8} | {mb(sum(p.numel() * p.element_size() for p in ref.parameters())):.1f} "

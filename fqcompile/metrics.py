@@ -58,41 +58,6 @@ def evaluate(model, samples: torch.Tensor, precisions=(None,), reference=None, b
     }
 
 
-@torch.inference_mode()
-def evaluate_served(model, controller, samples: torch.Tensor, reference=None, batch_size: int = 8, progress=True):
-    """Perplexity and KL "as served": sequential teacher forcing through the KV cache.
-
-    Position 0 is the prompt (prefill precision); every later position t runs under the
-    plan the controller chose from the distribution at t-1, and the KV cache is built by
-    those same plans. Returns the metrics plus the controller's statistics.
-    """
-    nll = kl = 0.0
-    tokens = 0
-    controller.reset()
-    with Progress(transient=True, disable=not progress) as bar:
-        task = bar.add_task(f"evaluating {controller.plan.label} as served", total=len(samples) * (samples.shape[1] - 1))
-        for start in range(0, len(samples), batch_size):
-            batch = samples[start : start + batch_size]
-            ref_lp = log_probs(reference(batch).logits) if reference is not None else None
-            controller.signal = None  # a new prompt
-            past = None
-            for t in range(batch.shape[1] - 1):
-                out = model(batch[:, t : t + 1], cache=past, use_cache=True)
-                past = out.cache
-                lp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
-                nll -= lp.gather(-1, batch[:, t + 1, None]).double().sum().item()
-                if ref_lp is not None:
-                    kl += kl_per_token(ref_lp[:, t], lp).double().sum().item()
-                tokens += len(batch)
-                bar.advance(task, len(batch))
-    return {
-        "perplexity": math.exp(nll / tokens),
-        "kl": kl / tokens if reference is not None else None,
-        "tokens": tokens,
-        **controller.stats(),
-    }
-
-
 def _log_probs(model, batch):
     start = time.perf_counter()
     logits = model(batch).logits

@@ -7,7 +7,8 @@ import fqcompile
 from fqcompile.calibration.data import load_samples
 from fqcompile.controller import Controller, Plan, resolve
 from fqcompile.errors import FqError
-from fqcompile.metrics import evaluate, evaluate_served
+from fqcompile.metrics import evaluate
+from fqcompile.served import evaluate_served
 from fqcompile.runtime import flex_layers
 
 
