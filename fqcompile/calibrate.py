@@ -94,8 +94,10 @@ def calibrate(
         raise FqError("need buckets >= 1, 0 <= smoothing < 1, samples >= 2, eval samples >= 1")
 
     folder = models.resolve(model)
+    # local data by absolute path, so a rerun from another folder is recognised as the same
+    dataset_id = str(Path(dataset).resolve()) if Path(dataset).exists() else dataset
     settings = {
-        "model": model, "fingerprint": fingerprint(folder), "dataset": dataset, "ladder": list(ladder),
+        "model": model, "fingerprint": fingerprint(folder), "dataset": dataset_id, "ladder": list(ladder),
         "unit": unit, "group_size": group_size, "samples": samples, "eval_samples": eval_samples,
         "seq_len": seq_len, "seed": seed,
     }

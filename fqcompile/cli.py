@@ -314,52 +314,64 @@ def _reference(spec: str | None, explicit: bool):
 
 @app.command()
 def demo(
-    out: Path = typer.Option(Path("out/demo"), help="working folder for the demo's checkpoint"),
-    dataset: str = typer.Option("self", help="evaluation text: 'self' (sampled from the model) or local files"),
-    samples: int = typer.Option(8, min=1),
-    seq_len: int = typer.Option(256, min=16),
+    out: Path = typer.Option(Path("out/demo"), help="working folder for the demo's outputs"),
+    dataset: str = typer.Option("self", help="text: 'self' (sampled from the model) or local files"),
+    samples: int = typer.Option(8, min=2, help="held-out samples for the final table"),
+    seq_len: int = typer.Option(192, min=16),
+    target_bits: float = typer.Option(6.0, help="average bits the dynamic policy aims for"),
     max_new_tokens: int = typer.Option(40, min=1),
 ):
-    """The main job end to end on the built-in model: export, load, generate, evaluate."""
+    """The main job end to end on the built-in model: calibrate, export, generate, evaluate as served."""
     from . import models
+    from .calibrate import calibrate as run_calibrate
     from .calibration.data import load_samples
+    from .controller import Controller, resolve
     from .export import export as run_export
     from .formats import checkpoint as ckpt
-    from .metrics import FULL, evaluate
+    from .metrics import evaluate
     from .runtime import generate as run_generate
-    from .runtime import load, set_precision
+    from .runtime import load
+    from .served import evaluate_policies
 
     start = time.perf_counter()
-    folder = out / "smollm2-135m-nested"
-    print(f"[1/4] exporting {models.BUILTIN_NAME} with ladder [4, 8], group size 128 -> {folder}")
-    run_export(models.BUILTIN_NAME, folder, ladder=(4, 8), group_size=128, force=True)
+    calib, folder = out / "calibration", out / "smollm2-135m-nested"
+    print(f"[1/5] calibrating {models.BUILTIN_NAME} on {dataset} text (small settings; see `fqcompile calibrate`)")
+    policy = run_calibrate(models.BUILTIN_NAME, calib, dataset=dataset, target_bits=target_bits, samples=12,
+                           eval_samples=4, seq_len=128, buckets=4)
+    print(f"      policy: {policy['expected']['avg_bits']:.2f} average bits; report in {calib}/report.md")
+    print(f"[2/5] exporting with ladder [4, 8], group size 128 and the fitted policy -> {folder}")
+    run_export(models.BUILTIN_NAME, folder, ladder=(4, 8), group_size=128, force=True, calib=calib)
     _print_summary(folder, verify=True)
-    print("[2/4] loading the checkpoint (config + safetensors only) and generating at each precision")
+    print("[3/5] loading the checkpoint (config + safetensors only) and generating under each policy")
     loaded = load(folder)
+    specs = ["static:8", "static:4", f"static-mixed:{target_bits:g}", "dynamic"]
     speed = {}
-    prompt = "Write two sentences about the sea."
-    for bits in loaded.manifest["ladder"]:
-        set_precision(loaded.model, bits)
-        r = run_generate(loaded, prompt, max_new_tokens=max_new_tokens, chat=True)
-        speed[bits] = r["tokens_per_s"]
-        print(f"--- {bits}-bit ({r['tokens_per_s']:.1f} tokens/s) ---\n{r['text'].strip()}\n")
-    print(f"[3/4] evaluating against the full-precision model on {dataset} text ({samples} x {seq_len} tokens)")
+    for spec in specs:
+        controller = Controller(loaded.model, loaded.manifest, resolve(loaded.policy, loaded.manifest, spec))
+        r = run_generate(loaded, "Write two sentences about the sea.", max_new_tokens=max_new_tokens, chat=True,
+                         controller=controller)
+        controller.close()
+        speed[spec] = r["tokens_per_s"]
+        print(f"--- {spec}: {r['tokens_per_s']:.1f} tokens/s, {r['controller']['avg_bits_read']:.2f} bits read "
+              f"per weight ---\n{r['text'].strip()}\n")
+    print(f"[4/5] evaluating as served against the full-precision model ({samples} x {seq_len} held-out tokens)")
     ref, tok, _ = models.load(models.BUILTIN_NAME)
-    data = load_samples(dataset, tok, split="eval", seq_len=seq_len, max_samples=samples, model=ref)
-    results = evaluate(loaded.model, data, precisions=loaded.manifest["ladder"], reference=ref)
-    stats = ckpt.precision_stats(loaded.manifest)
-    print("[4/4] results")
-    print("| precision | bits read/weight | checkpoint MB | perplexity | KL vs full precision | tokens/s |")
+    # seed 7: text the calibration (seeds 0 and 1) never saw
+    data = load_samples(dataset, tok, split="eval", seq_len=seq_len, max_samples=samples, model=ref, seed=7)
+    rows = evaluate_policies(loaded, data, specs, reference=ref, batch_size=samples)
+    fp = evaluate(ref, data, progress=False)[None]
+    top = ckpt.precision_stats(loaded.manifest)[8]
+    print("[5/5] results")
+    print("| policy | bits read/weight | checkpoint MB | perplexity | KL vs full precision | tokens/s |")
     print("|---|---|---|---|---|---|")
-    fp = results[FULL]
     print(f"| full precision | {ref.dtype.itemsize * 8} | {mb(sum(p.numel() * p.element_size() for p in ref.parameters())):.1f} "
           f"| {fp['perplexity']:.3f} | 0 | - |")
-    for bits in loaded.manifest["ladder"]:
-        s, r = stats[bits], results[bits]
-        print(f"| {bits} | {s['bits_per_weight']:.3f} | {mb(s['resident_bytes']):.1f} | {r['perplexity']:.3f} "
-              f"| {r['kl']:.4f} | {speed[bits]:.1f} |")
-    print(f"checkpoint MB = bytes resident at that precision (planes it needs + scales/zeros + unquantized "
-          f"tensors); demo took {time.perf_counter() - start:.0f} s")
+    for spec, r in zip(specs, rows.values()):
+        resident = ckpt.precision_stats(loaded.manifest)[4] if spec == "static:4" else top
+        print(f"| {r['policy']} | {r['avg_bits_read']:.3f} | {mb(resident['resident_bytes']):.1f} | "
+              f"{r['perplexity']:.3f} | {r['kl']:.4f} | {speed[spec]:.1f} |")
+    print(f"checkpoint MB = bytes resident under that policy (planes it needs + scales/zeros + unquantized tensors); "
+          f"tokens/s through the pure-torch reference kernel; demo took {time.perf_counter() - start:.0f} s")
 
 
 def _quiet_libraries() -> None:

@@ -1,6 +1,7 @@
 """Evaluation "as served": each position under the plan the controller chose one step before."""
 
 import math
+import time
 
 import torch
 from rich.progress import Progress
@@ -22,6 +23,7 @@ def evaluate_served(model, controller, samples: torch.Tensor, reference=None, ba
     nll = kl = 0.0
     tokens = 0
     controller.reset()
+    start_time = time.perf_counter()
     with Progress(transient=True, disable=not progress) as bar:
         task = bar.add_task(f"evaluating {controller.plan.label} as served", total=len(samples) * (samples.shape[1] - 1))
         for start in range(0, len(samples), batch_size):
@@ -42,6 +44,7 @@ def evaluate_served(model, controller, samples: torch.Tensor, reference=None, ba
         "perplexity": math.exp(nll / tokens),
         "kl": kl / tokens if reference is not None else None,
         "tokens": tokens,
+        "seconds": time.perf_counter() - start_time,
         **controller.stats(),
     }
 
