@@ -104,15 +104,20 @@ def test_builtin_model_without_the_wheel_installed(monkeypatch, tmp_path):
 
 
 def test_calibration_kl_grows_as_precision_drops_for_every_unit(tmp_path, austen):
-    """Real weights: every block hurts more at 3 bits than at 4, and the ranking is not noise."""
+    """Real weights: every block hurts more at 4 bits than at 6, and the ranking is not noise.
+
+    (Not [3, 4, 8]: a middle rung sits on the 3-bit grid's cell edges around 0 and can be
+    as bad as the rung below it for some blocks; docs/results.md.)
+    """
     import json
 
     from fqcompile.calibrate import calibrate
 
-    calibrate(models.BUILTIN_NAME, tmp_path / "cal", dataset=str(austen), ladder=(3, 4, 8), samples=6,
+    calibrate(models.BUILTIN_NAME, tmp_path / "cal", dataset=str(austen), ladder=(4, 6, 8), samples=6,
               eval_samples=2, seq_len=96, buckets=4, batch_size=3, progress=False)
     table = json.loads((tmp_path / "cal" / "table.json").read_text())
-    kl3, kl4 = torch.tensor(table["mean_kl"]["3"]), torch.tensor(table["mean_kl"]["4"])  # [units, buckets]
-    assert kl3.shape == (30, 4)
-    assert (kl3.mean(-1) > kl4.mean(-1)).all()
+    kl4, kl6 = torch.tensor(table["mean_kl"]["4"]), torch.tensor(table["mean_kl"]["6"])  # [units, buckets]
+    assert kl4.shape == (30, 4)
+    assert (kl4.mean(-1) > kl6.mean(-1)).all()
     assert table["split_half_spearman"] > 0.5
+    assert 29 in torch.tensor(table["sensitivity"]).argsort(descending=True)[:3].tolist()  # the last block
