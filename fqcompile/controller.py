@@ -83,6 +83,7 @@ class Controller:
             if not set(plan.bits.flatten().tolist()) | {plan.prefill} <= set(layer.precisions):
                 raise FqError(f"policy {plan.label} needs precisions that were not loaded")
         self.edges = torch.tensor(plan.edges, dtype=torch.float32)
+        self.ladder_t = torch.tensor(self.ladder)  # built once: _before runs every decode step
         # bytes each unit reads per weight at each precision (planes + scales/zeros)
         layouts = ckpt.layouts(manifest)
         self.unit_bytes = torch.tensor([[sum(ckpt.bytes_read(layouts[n], b) for n in names) for b in self.ladder]
@@ -118,7 +119,7 @@ class Controller:
                 rows, dtype=torch.long)
             bits = self.plan.bits[buckets]  # [rows, units]
             self._set([b[0].item() if (b == b[0]).all() else b for b in bits.T])
-            index = torch.searchsorted(torch.tensor(self.ladder), bits)  # [rows, units] ladder positions
+            index = torch.searchsorted(self.ladder_t, bits)  # [rows, units] ladder positions
             self.counts += torch.nn.functional.one_hot(index, len(self.ladder)).sum(0).double()
             self.bytes += float(self.unit_bytes.gather(1, index.T).sum())
             self.decode_tokens += rows
