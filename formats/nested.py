@@ -100,41 +100,62 @@ class Layout:
         return (self.out_features, self.padded_in * self.widths[index] // 8)
 
 
-def quantize_rtn(w: torch.Tensor, group_size: int, ladder):
-    """Round-to-nearest group quantization of W [N, K] to nested master codes (module doc).
+def group_grid(wmin: torch.Tensor, wmax: torch.Tensor, low: int):
+    """Scale (fp16) and zero (uint8) of the lowest rung's grid for groups spanning [wmin, wmax].
 
-    Returns codes (uint8 [N, K], B bits), scale (fp16 [N, G]) and zero (uint8 [N, G]) of
-    the lowest rung's grid. Every weight is within half a step of its dequantized value
-    at every precision of the ladder. Each group's range is widened to include 0 (as GPTQ does) so
-    the zero point is a valid code; codes are computed with the stored fp16 scale.
+    The range is widened to include 0 (as GPTQ does) so the zero point is a valid code.
+    The stored fp16 scale is rounded up, never down, so the grid still spans the range
+    and no weight is clamped by more than half a step.
     """
-    if not torch.isfinite(w).all():
-        raise FqError("weights contain NaN or Inf")
-    low, top = ladder[0], ladder[-1]
-    n, k = w.shape
-    groups = math.ceil(k / group_size)
-    w = w.detach().to(torch.float32)
-    padded = torch.nn.functional.pad(w, (0, groups * group_size - k), value=float("nan")).view(n, groups, group_size)
-    valid = ~torch.isnan(padded)
-    wmin = torch.where(valid, padded, torch.inf).amin(-1).clamp(max=0)
-    wmax = torch.where(valid, padded, -torch.inf).amax(-1).clamp(min=0)
+    wmin, wmax = wmin.clamp(max=0), wmax.clamp(min=0)
     qmax = 2**low - 1
     exact = (wmax - wmin) / qmax
     scale = exact.to(torch.float16)
-    # Round the stored scale up, never down, so the grid still spans the group's range
-    # and no weight is clamped by more than half a step.
     scale = torch.where(scale.float() < exact, torch.nextafter(scale, torch.full_like(scale, torch.inf)), scale)
     # An all-zero group has no range: the smallest fp16 step keeps it within 3e-8 of 0 at
     # every precision (above the lowest rung, 0 sits on a cell edge, not a cell centre).
     scale = torch.where(scale > 0, scale, torch.full_like(scale, 2.0**-24))
     if not torch.isfinite(scale).all():
         raise FqError("weights too large for fp16 group scales")
-    s = scale.float()
-    zero = torch.round(-wmin / s).clamp(0, qmax)
-    g_idx = torch.arange(k) // group_size
-    cells = 2 ** (top - low)
-    codes = torch.floor((w / s[:, g_idx] + zero[:, g_idx] + 0.5) * cells)
-    return codes.clamp(0, 2**top - 1).to(torch.uint8), scale, zero.to(torch.uint8)
+    zero = torch.round(-wmin / scale.float()).clamp(0, qmax)
+    return scale, zero.to(torch.uint8)
+
+
+def group_range(w: torch.Tensor, group_size: int):
+    """Per-group (min, max) of W [..., N, K] along K; the last group may be shorter."""
+    k = w.shape[-1]
+    groups = math.ceil(k / group_size)
+    pad = groups * group_size - k
+    lo = torch.nn.functional.pad(w, (0, pad), value=torch.inf).unflatten(-1, (groups, group_size)).amin(-1)
+    hi = torch.nn.functional.pad(w, (0, pad), value=-torch.inf).unflatten(-1, (groups, group_size)).amax(-1)
+    return lo, hi
+
+
+def encode(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, low: int, bits: int) -> torch.Tensor:
+    """The b-bit code of the cell each weight falls in (weights [..., K], scale/zero per weight).
+
+    In units of the lowest rung's buckets, u = w / s + z + 1/2 puts bucket q at [q, q + 1);
+    a b-bit cell is 1 / 2^(b - low) of a bucket.
+    """
+    cells = 2 ** (bits - low)
+    codes = torch.floor((w / scale.float() + zero.float() + 0.5) * cells)
+    return codes.clamp(0, 2**bits - 1)
+
+
+def quantize_rtn(w: torch.Tensor, group_size: int, ladder):
+    """Round-to-nearest group quantization of W [N, K] to nested master codes (module doc).
+
+    Returns codes (uint8 [N, K], B bits), scale (fp16 [N, G]) and zero (uint8 [N, G]) of
+    the lowest rung's grid. Every weight is within half a step of its dequantized value
+    at every precision of the ladder.
+    """
+    if not torch.isfinite(w).all():
+        raise FqError("weights contain NaN or Inf")
+    w = w.detach().to(torch.float32)
+    scale, zero = group_grid(*group_range(w, group_size), ladder[0])
+    g_idx = torch.arange(w.shape[1]) // group_size
+    codes = encode(w, scale[:, g_idx], zero[:, g_idx], ladder[0], ladder[-1])
+    return codes.to(torch.uint8), scale, zero
 
 
 def pack_planes(codes: torch.Tensor, layout: Layout) -> list[torch.Tensor]:
@@ -166,15 +187,21 @@ def unpack_codes(planes: list[torch.Tensor], layout: Layout, bits: int) -> torch
     return codes
 
 
-def slice_params(scale: torch.Tensor, zero: torch.Tensor, layout: Layout, bits: int):
+def slice_params(scale: torch.Tensor, zero: torch.Tensor, low: int, bits: int):
     """(s_b, z_b) in float32 for the cell-centre dequantization of the b-bit slice."""
-    cells = 2 ** (bits - layout.ladder[0])
+    cells = 2 ** (bits - low)
     return scale.float() / cells, (zero.float() + 0.5) * cells - 0.5
+
+
+def decode(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, low: int, bits: int) -> torch.Tensor:
+    """Values of b-bit codes q (scale/zero given per element), exactly as `dequantize` computes them."""
+    s_b, z_b = slice_params(scale, zero, low, bits)
+    return (q.to(torch.float32) - z_b) * s_b
 
 
 def dequantize(planes, scale, zero, layout: Layout, bits: int, dtype=torch.float32) -> torch.Tensor:
     """The b-bit slice as a dense [N, K] weight (the torch reference path)."""
-    s_b, z_b = slice_params(scale, zero, layout, bits)
+    s_b, z_b = slice_params(scale, zero, layout.ladder[0], bits)
     n, groups, size = layout.out_features, layout.n_groups, layout.group_size
     q = unpack_codes(planes, layout, bits)
     # Pad (or cut) the row to whole groups so scales broadcast instead of being gathered.

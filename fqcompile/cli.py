@@ -55,6 +55,16 @@ def mb(n_bytes: float) -> float:
     return n_bytes / 1e6
 
 
+def parse_rung_weights(text: str | None) -> dict[int, float]:
+    if not text:
+        return {}
+    try:
+        pairs = [part.split(":") for part in text.split(",") if part.strip()]
+        return {int(b): float(w) for b, w in pairs}
+    except ValueError:
+        raise FqError(f"rung weights must look like 4:1,8:0.25 (precision:weight), got '{text}'") from None
+
+
 @app.command()
 def export(
     out: Path = typer.Option(..., "--out", "-o", help="checkpoint folder to create"),
@@ -63,14 +73,34 @@ def export(
     group_size: int = typer.Option(128, help="quantization group along the input dimension"),
     force: bool = typer.Option(False, "--force", help="replace an existing checkpoint folder"),
     calib: Path = typer.Option(None, "--calib", help="calibration folder whose fitted policy goes into the checkpoint"),
+    method: str = typer.Option(None, help="rtn | gptq (default: gptq when calibration text is given, "
+                                          "by --dataset or by --calib's dataset; else rtn)"),
+    dataset: str = typer.Option(None, help="GPTQ calibration text: local files/folder, hub name[:config], or 'self'"),
+    samples: int = typer.Option(64, help="GPTQ calibration samples"),
+    seq_len: int = typer.Option(512, help="tokens per GPTQ calibration sample"),
+    seed: int = typer.Option(0, help="seed for 'self' calibration text"),
+    damp: float = typer.Option(0.01, help="GPTQ damping, a fraction of the mean Hessian diagonal"),
+    block_size: int = typer.Option(128, help="GPTQ columns per lazy update (speed only)"),
+    act_order: bool = typer.Option(False, "--act-order/--no-act-order",
+                                   help="GPTQ: quantize columns by decreasing activation energy (static groups)"),
+    rung_weights: str = typer.Option(None, help="GPTQ: how much each precision's error counts, e.g. 4:1,8:0.25 "
+                                                "(default: searched per layer, see --upper-budget)"),
+    upper_budget: float = typer.Option(1.0, help="GPTQ: searched rung weights keep every precision above the "
+                                                 "lowest within this factor of RTN's layer error"),
+    propagate: int = typer.Option(None, help="GPTQ: the precision whose outputs feed the next block "
+                                             "(default: the lowest)"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ):
     """Quantize a model to nested-bit codes and write a checkpoint folder."""
     from .export import export as run_export
+    from .formats.gptq import GPTQConfig
 
     start = time.perf_counter()
+    config = GPTQConfig(damp=damp, block_size=block_size, act_order=act_order,
+                        rung_weights=parse_rung_weights(rung_weights), upper_budget=upper_budget)
     folder = run_export(model, out, ladder=parse_ladder(ladder), group_size=group_size, force=force,
-                        progress=not quiet, calib=calib)
+                        progress=not quiet, calib=calib, method=method, dataset=dataset, samples=samples,
+                        seq_len=seq_len, seed=seed, gptq=config, propagate=propagate)
     if not quiet:
         print(f"wrote {folder} in {time.perf_counter() - start:.1f} s")
         _print_summary(folder, verify=False)
@@ -143,6 +173,13 @@ def _print_summary(folder: Path, verify: bool) -> dict:
     print(f"source      {src['model']}  ({src['architecture']}, {src['dtype']})")
     print(f"quantizer   {manifest['quantizer']['method']}, group size {manifest['group_size']}, "
           f"ladder {manifest['ladder']}, planes {manifest['plane_widths']} bits (most significant first)")
+    q = manifest["quantizer"]
+    if q["method"] == "gptq":
+        weights = q["rung_weights"]
+        weights_text = ",".join(f"{b}:{w:g}" for b, w in weights.items()) if isinstance(weights, dict) else weights
+        print(f"gptq        {q['samples']} x {q['seq_len']} tokens of {q['dataset']}, damp {q['damp']}, "
+              f"act-order {'on' if q['act_order'] else 'off'}, rung weights {weights_text}, "
+              f"propagate {q['propagate']}; per-layer loss in {q['log']}")
     print(f"quantized   {len(layouts)} linear layers, {weights / 1e6:.1f} M weights; the rest unquantized in {ckpt.DENSE}")
     if ragged:
         print(f"note        group size {manifest['group_size']} does not divide in_features {ragged}: "

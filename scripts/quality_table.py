@@ -1,15 +1,20 @@
-"""Quality of nested slices vs models quantized directly at each precision, in one run.
+"""Quality of nested slices vs models quantized directly at each precision, per method, in one run.
 
-Exports the nested checkpoint and one direct (single-precision) checkpoint per ladder
-width through the product path, evaluates all of them against the full-precision model
-on the same held-out samples, and writes a markdown table, a JSON file and a PNG plot.
+For each method (rtn, gptq) and ladder, exports the nested checkpoint and one direct
+(single-precision) checkpoint per ladder width through the product path; optionally
+quantizes the model directly with GPTQModel (run in its own virtual environment, on the
+same calibration samples) and reads its GPTQ checkpoint back. Every model is evaluated
+against the full-precision model on the same held-out samples. Writes a markdown table,
+a JSON file and a PNG plot (perplexity vs bits per weight, one line per method).
 
-    python scripts/quality_table.py --ladder 4,8 --out docs/quality
+    python scripts/quality_table.py --ladders 4,8 3,4,6,8 --out docs/quality
 """
 
 import argparse
 import json
+import os
 import platform
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -19,64 +24,118 @@ import torch
 import fqcompile
 from fqcompile import models
 from fqcompile.calibration.data import load_samples
+from fqcompile.formats import gptq_format
 from fqcompile.formats.checkpoint import precision_stats
 from fqcompile.metrics import FULL
+from fqcompile.runtime import dense_weights
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "austen"
+GPTQMODEL_PYTHON = Path("/work/gptqmodel-venv/bin/python")
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=models.BUILTIN_NAME)
     ap.add_argument("--dataset", default=str(DEFAULT_DATA))
-    ap.add_argument("--ladder", default="4,8")
+    ap.add_argument("--ladders", nargs="+", default=["4,8", "3,4,6,8"])
+    ap.add_argument("--methods", default="rtn,gptq")
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--samples", type=int, default=32, help="evaluation samples (of --seq-len tokens)")
     ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--calib-samples", type=int, default=64, help="GPTQ calibration samples")
+    ap.add_argument("--calib-seq-len", type=int, default=512)
+    ap.add_argument("--gptqmodel-python", default=str(GPTQMODEL_PYTHON) if GPTQMODEL_PYTHON.exists() else None,
+                    help="python of a venv with GPTQModel installed (see docs/gptq.md); none: skip it")
+    ap.add_argument("--gptqmodel-bits", default="4")
     ap.add_argument("--out", default=str(HERE.parent / "docs" / "quality"), help="output prefix (.md/.json/.png)")
     args = ap.parse_args()
     torch.manual_seed(0)
-    ladder = [int(b) for b in args.ladder.split(",")]
+    ladders = [tuple(int(b) for b in text.split(",")) for text in args.ladders]
+    methods = args.methods.split(",")
+    widths = sorted({b for lad in ladders for b in lad})
 
-    ref, tok, _ = models.load(args.model)
+    ref, tok, folder = models.load(args.model)
     samples = load_samples(args.dataset, tok, split="eval", seq_len=args.seq_len, max_samples=args.samples)
+    calib = dict(dataset=args.dataset, samples=args.calib_samples, seq_len=args.calib_seq_len)
     rows, timings = [], {}
+    fp = fqcompile.evaluate(ref, samples, reference=None, progress=False)[None]
+    rows.append({"method": "full precision", "bits": 32.0, "perplexity": fp["perplexity"], "kl": 0.0})
     with tempfile.TemporaryDirectory() as work:
-        runs = [("nested", ladder)] + [("direct", [b]) for b in ladder]
-        for method, rungs in runs:
-            folder = Path(work) / f"{method}-{'-'.join(map(str, rungs))}"
+        runs = [(m, "nested", lad) for m in methods for lad in ladders] + \
+               [(m, "direct", (b,)) for m in methods for b in widths]
+        for method, kind, rungs in runs:
+            out = Path(work) / f"{method}-{kind}-{'-'.join(map(str, rungs))}"
             start = time.perf_counter()
-            fqcompile.export(args.model, folder, ladder=rungs, group_size=args.group_size, progress=False)
-            timings[folder.name] = time.perf_counter() - start
-            loaded = fqcompile.load(folder)
-            result = fqcompile.evaluate(loaded.model, samples, precisions=rungs, reference=ref, progress=False)
-            if not rows:
-                fp = result[FULL]
-                rows.append({"method": "full precision", "bits": 32.0, "perplexity": fp["perplexity"], "kl": 0.0})
+            fqcompile.export(args.model, out, ladder=rungs, group_size=args.group_size, progress=False, method=method,
+                             **(calib if method == "gptq" else {}))
+            timings[out.name] = round(time.perf_counter() - start, 1)
+            loaded = fqcompile.load(out)
+            with dense_weights(loaded.model):
+                result = fqcompile.evaluate(loaded.model, samples, precisions=rungs, reference=ref, progress=False)
+            stats = precision_stats(loaded.manifest)
             for b in rungs:
-                r = result[b]
-                rows.append({
-                    "method": f"{method} {rungs}",
-                    "precision": b,
-                    "bits": precision_stats(loaded.manifest)[b]["bits_per_weight"],
-                    "perplexity": r["perplexity"],
-                    "kl": r["kl"],
-                })
-            print(f"{method} {rungs}: " + ", ".join(f"{b}-bit ppl {result[b]['perplexity']:.3f}" for b in rungs))
-    fp_ppl = rows[0]["perplexity"]
+                rows.append(row(f"{method} {kind}" + (f" {list(rungs)}" if kind == "nested" else ""), b,
+                                stats[b]["bits_per_weight"], result[b]))
+            print(f"{out.name} ({timings[out.name]} s): " +
+                  ", ".join(f"{b}-bit ppl {result[b]['perplexity']:.3f}" for b in rungs), flush=True)
+        if args.gptqmodel_python:
+            calib_ids = load_samples(args.dataset, tok, split="calib", seq_len=args.calib_seq_len,
+                                     max_samples=args.calib_samples)
+            calib_file = Path(work) / "calib.json"
+            calib_file.write_text(json.dumps(calib_ids.tolist()))
+            for bits in (int(b) for b in args.gptqmodel_bits.split(",")):
+                out = Path(work) / f"gptqmodel-{bits}"
+                start = time.perf_counter()
+                subprocess.run([args.gptqmodel_python, str(HERE / "gptqmodel_baseline.py"), "--model", str(folder),
+                                "--calib", str(calib_file), "--bits", str(bits), "--group-size", str(args.group_size),
+                                "--out", str(out)], check=True, env={**os.environ, "GPTQMODEL_CPU_WORKERS": "2"})
+                timings[out.name] = round(time.perf_counter() - start, 1)
+                model, _, _ = models.load(args.model)
+                with torch.no_grad():
+                    for name, weight in gptq_format.read(out).items():
+                        model.get_submodule(name).weight.copy_(weight)
+                result = fqcompile.evaluate(model, samples, reference=ref, progress=False)[None]
+                rows.append(row("GPTQModel direct", bits, bits + (16 + bits) / args.group_size, result))
+                print(f"{out.name} ({timings[out.name]} s): ppl {result['perplexity']:.3f}", flush=True)
     info = {
         "model": args.model, "dataset": args.dataset, "split": "eval", "samples": len(samples),
         "tokens": int(samples[:, 1:].numel()), "seq_len": args.seq_len, "group_size": args.group_size,
-        "ladder": ladder, "date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
+        "ladders": [list(lad) for lad in ladders], "calibration": calib, "date": time.strftime("%Y-%m-%d"),
+        "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
         "export_seconds": timings,
     }
-    out = Path(args.out)
+    write(rows, info, Path(args.out))
+
+
+def row(method, precision, bits, result):
+    return {"method": method, "precision": precision, "bits": bits, "perplexity": result["perplexity"],
+            "kl": result["kl"]}
+
+
+def gap_closed(rows, fp_ppl):
+    """Per (ladder, precision): the share of nested RTN's perplexity gap that nested GPTQ closes."""
+    out = {}
+    for r in rows:
+        if r["method"].startswith("gptq nested"):
+            rtn = next((x for x in rows if x["method"] == r["method"].replace("gptq", "rtn", 1)
+                        and x["precision"] == r["precision"]), None)
+            if rtn and rtn["perplexity"] > fp_ppl:
+                key = f"{r['method'].removeprefix('gptq nested ')} {r['precision']}-bit"
+                out[key] = (rtn["perplexity"] - r["perplexity"]) / (rtn["perplexity"] - fp_ppl)
+    return out
+
+
+def write(rows, info, out: Path):
+    fp_ppl = rows[0]["perplexity"]
+    info["gap_closed"] = gap_closed(rows, fp_ppl)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"info": info, "rows": rows}, indent=1) + "\n")
+    cal = info["calibration"]
     lines = [
-        f"Model `{args.model}`, {info['tokens']} held-out tokens of `{Path(args.dataset).name}` "
-        f"(eval split, {len(samples)} x {args.seq_len}), group size {args.group_size}, {info['date']}.",
+        f"Model `{info['model']}`, {info['tokens']} held-out tokens of `{Path(info['dataset']).name}` "
+        f"(eval split, {info['samples']} x {info['seq_len']}), group size {info['group_size']}; GPTQ calibrated on "
+        f"{cal['samples']} x {cal['seq_len']} tokens of the calib split; {info['date']}, {info['threads']} threads.",
         "",
         "| method | precision | bits read / weight | perplexity | vs full precision | KL vs full precision |",
         "|---|---|---|---|---|---|",
@@ -86,6 +145,10 @@ def main():
             f"| {r['method']} | {r.get('precision', '-')} | {r['bits']:.3f} | {r['perplexity']:.3f} | "
             f"{(r['perplexity'] / fp_ppl - 1) * 100:+.2f}% | {r['kl']:.4f} |"
         )
+    if info["gap_closed"]:
+        lines += ["", "Share of nested RTN's perplexity gap (slice − full precision) that nested GPTQ closes:", ""]
+        lines += [f"- {k}: {v * 100:.0f}%" for k, v in info["gap_closed"].items()]
+    lines += ["", "Export seconds: " + ", ".join(f"{k} {v}" for k, v in info["export_seconds"].items())]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     plot(rows, fp_ppl, out.with_suffix(".png"))
     print("\n".join(lines))
@@ -98,21 +161,19 @@ def plot(rows, fp_ppl, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    methods = sorted({r["method"] for r in rows if "precision" in r}, key=lambda m: (not m.startswith("nested"), m))
-    direct = [r for r in rows if r["method"].startswith("direct")]
-    ax.plot([r["bits"] for r in direct], [r["perplexity"] for r in direct], "o--", label="direct RTN (one model per precision)")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    methods = list(dict.fromkeys(r["method"] for r in rows if "precision" in r))
     for m in methods:
-        if m.startswith("nested"):
-            pts = [r for r in rows if r["method"] == m]
-            ax.plot([r["bits"] for r in pts], [r["perplexity"] for r in pts], "s-", label=f"{m} (one checkpoint)")
+        pts = sorted((r for r in rows if r["method"] == m), key=lambda r: r["bits"])
+        style = ("s-" if "nested" in m else "o--") if not m.startswith("GPTQModel") else "k*"
+        ax.plot([r["bits"] for r in pts], [r["perplexity"] for r in pts], style, label=m, ms=8 if "*" in style else 5)
     ax.axhline(fp_ppl, color="gray", lw=1, label="full precision")
     ax.set_xlabel("bits read per weight (codes + scales/zeros)")
     ax.set_ylabel("perplexity (held-out)")
     ax.set_yscale("log")
     ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

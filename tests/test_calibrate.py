@@ -83,6 +83,10 @@ def test_export_takes_only_a_matching_calibration(calib_dir, tiny_dir, smol_dir,
     out = fqcompile.export(str(tiny_dir), tmp_path / "ck", ladder=(4, 8), group_size=32, progress=False,
                            calib=calib_dir)
     assert json.loads((out / ckpt.POLICY).read_text()) == json.loads((calib_dir / "policy.json").read_text())
+    # the calibration's text is there, so GPTQ (on that text) is the default quantizer
+    quantizer = ckpt.read_manifest(out)["quantizer"]
+    assert quantizer["method"] == "gptq"
+    assert quantizer["dataset"] == json.loads((calib_dir / "calibration.json").read_text())["dataset"]
     ckpt.verify(out, ckpt.read_manifest(out))
     # the runtime serves it: its own plan, refits for other targets, and the static-mixed baseline
     from fqcompile.controller import Controller, resolve

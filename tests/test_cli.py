@@ -116,9 +116,32 @@ def test_bad_input_is_refused_in_one_line(tiny_dir, tiny_ckpt, damaged, tmp_path
         (("calibrate", "--out", tmp_path / "cal", "--model", tiny_dir, "--ladder", "8"), "at least two"),
         (("export", "--out", tmp_path / "a", "--model", tiny_dir, "--calib", tmp_path), "not a finished calibration"),
         (("inspect", tiny_ckpt, "--json", tmp_path / "no" / "such" / "dir.json"), "cannot write --json"),
+        (("export", "--out", tmp_path / "a", "--model", tiny_dir, "--method", "gptq"), "needs calibration text"),
+        (("export", "--out", tmp_path / "a", "--model", tiny_dir, "--method", "awq"), "unknown method"),
+        (("export", "--out", tmp_path / "a", "--model", tiny_dir, "--dataset", "self", "--rung-weights", "6:1"),
+         "rungs of the ladder"),
+        (("export", "--out", tmp_path / "a", "--model", tiny_dir, "--dataset", "self", "--rung-weights", "4=1"),
+         "rung weights must look like"),
+        (("export", "--out", tmp_path / "a", "--model", tiny_dir, "--dataset", "self", "--damp", "0"), "damping"),
+        (("export", "--out", tmp_path / "a", "--model", tiny_dir, "--dataset", "self", "--propagate", "6"),
+         "not in the ladder"),
+        (("export", "--out", tmp_path / "a", "--model", tiny_dir, "--dataset", "self", "--samples", "0"),
+         "at least 1 calibration sample"),
         (("eval", tiny_ckpt, "--dataset", tmp_path / "nums.jsonl", "--text-column", "n", "--no-reference"),
          "no text column"),
     ]
     for args, message in cases:
         assert_refused(run(*args), message)
     assert not (tmp_path / "a").exists()
+
+
+def test_export_gptq_from_the_command_line(tiny_dir, austen, tmp_path):
+    out = tmp_path / "g"
+    result = run("export", "--out", out, "--model", tiny_dir, "--group-size", "32", "--dataset", austen,
+                 "--samples", "4", "--seq-len", "32", "--act-order", "--rung-weights", "8:0.5")
+    assert result.returncode == 0, result.stderr
+    assert "gptq        4 x 32 tokens" in result.stdout and "act-order on" in result.stdout
+    manifest = json.loads((out / "fqcompile.json").read_text())
+    assert manifest["quantizer"]["rung_weights"] == {"4": 1.0, "8": 0.5}
+    assert "gptq-log.json" in manifest["files"]
+    assert run("inspect", out, "--verify").returncode == 0

@@ -1,0 +1,193 @@
+"""GPTQ for nested codes: one set of master codes, error compensation for every rung.
+
+GPTQ (Frantar et al., 2022) quantizes W [N, K] one column at a time and spreads each
+column's error over the columns not yet quantized, weighted by the inverse Hessian of
+the layer's inputs (H = XᵀX), which greedily minimises ‖XWᵀ − XŴᵀ‖². A nested checkpoint
+serves every rung of its ladder from the same codes, and each rung makes a different
+error: compensating the 4-bit error moves weights that the 8-bit slice had right.
+
+So every rung r keeps its own running copy W_r of the weights (a "stream"), updated with
+its own errors only, exactly as single-precision GPTQ at r bits would be. The streams
+meet in one place, the choice of each master code, which must serve all rungs at once:
+the code is picked among one candidate per rung (the r-bit cell nearest to W_r, refined
+towards the higher rungs' stream values inside that cell) by the smallest
+    Σ_r λ_r (W_r − deq_r(q))²,   λ_r = weight_r · 4^(r − B),
+i.e. each rung's error in units of its own step size; weight_r (default 1) says how much
+a rung matters. With a one-rung ladder this is plain GPTQ.
+
+Group grids follow the format (formats/nested.py): one scale and zero per group, of the
+lowest rung. Without act-order a group's grid is fitted when its first column comes up,
+over all streams (as GPTQ fits it on the updated weights); with act-order the columns
+are visited by decreasing H_jj and the grids are fitted on the original weights first
+("static groups"), so codes stay in the original column order and kernels need no
+permutation. The visiting order is returned for the record.
+"""
+
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from fqcompile.errors import FqError
+from fqcompile.formats.nested import decode, group_grid, group_range, quantize_rtn
+
+
+TILTS = (1 / 256, 1 / 64, 1 / 16, 1 / 4, 1.0)  # weights tried for the rungs above the lowest
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    damp: float = 0.01  # added to H's diagonal, as a fraction of its mean
+    block_size: int = 128  # columns per lazy batch update (speed only)
+    act_order: bool = False  # visit columns by decreasing H_jj (static groups)
+    rung_weights: dict[int, float] = field(default_factory=dict)  # rung -> weight; empty: searched (`balance`)
+    upper_budget: float = 1.0  # searched weights keep every upper rung's error within this x RTN's
+
+
+@dataclass
+class Quantized:
+    codes: torch.Tensor  # uint8 [N, K], B-bit master codes, original column order
+    scale: torch.Tensor  # fp16 [N, G]
+    zero: torch.Tensor  # uint8 [N, G]
+    order: torch.Tensor  # int32 [K], the column visiting order
+    damp: float  # the damping that made H positive definite
+
+
+def inverse_factor(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of (H + δI)⁻¹ (float64); δ grows 10x until H is positive definite."""
+    mean = h.diagonal().mean().item()
+    eye = torch.eye(len(h), dtype=h.dtype)
+    for _ in range(6):
+        chol, info = torch.linalg.cholesky_ex(h + damp * mean * eye)
+        if info == 0:
+            inverse = torch.cholesky_inverse(chol)
+            return torch.linalg.cholesky(inverse, upper=True), damp
+        damp *= 10
+    raise FqError("the layer's Hessian is not positive definite even with heavy damping (degenerate calibration data?)")
+
+
+def relative_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float:
+    """‖X(W − Ŵ)ᵀ‖² / ‖XWᵀ‖², from H = XᵀX alone."""
+    err = w - w_hat
+    num = ((err @ h) * err).sum()
+    den = ((w @ h) * w).sum()
+    return (num / den).item() if den > 0 else 0.0
+
+
+def candidates(u: torch.Tensor, ladder) -> torch.Tensor:
+    """One B-bit code per rung: [R, N] from stream values u [R, N] in lowest-bucket units."""
+    low, out = ladder[0], []
+    for r, rung in enumerate(ladder):
+        q = torch.floor(u[r] * 2 ** (rung - low)).clamp(0, 2**rung - 1)
+        for b in range(r + 1, len(ladder)):  # refine inside the chosen cell, towards stream b
+            span = 2 ** (ladder[b] - ladder[b - 1])
+            want = torch.floor(u[b] * 2 ** (ladder[b] - low))
+            q = torch.minimum(torch.maximum(want, q * span), q * span + span - 1)
+        out.append(q)
+    return torch.stack(out)
+
+
+def quantize(w: torch.Tensor, h: torch.Tensor, group_size: int, ladder, config: GPTQConfig = GPTQConfig()) -> Quantized:
+    """Nested GPTQ of W [N, K] given H = Σ xxᵀ of its inputs [K, K] (module doc)."""
+    if not torch.isfinite(w).all() or not torch.isfinite(h).all():
+        raise FqError("weights or calibration activations contain NaN or Inf")
+    ladder = tuple(ladder)
+    low, top, rungs = ladder[0], ladder[-1], len(ladder)
+    w0 = w.detach().to(torch.float32)
+    n, k = w0.shape
+    h = h.detach().to(torch.float64).clone()
+    dead = h.diagonal() == 0  # inputs that are always 0: their weights do not matter
+    h[dead, dead] = 1.0
+    w = w0.clone()
+    w[:, dead] = 0.0
+
+    lam = torch.tensor([config.rung_weights.get(b, 1.0) * 4.0 ** (b - top) for b in ladder]).view(rungs, 1, 1)
+    shifts = torch.tensor([2.0 ** (top - b) for b in ladder]).view(rungs, 1, 1)
+    cells = torch.tensor([2.0 ** (b - low) for b in ladder]).view(rungs, 1)
+    groups = -(-k // group_size)
+    if config.act_order:
+        order = torch.argsort(h.diagonal(), descending=True, stable=True)
+        scale, zero = group_grid(*group_range(w, group_size), low)
+    else:
+        order = torch.arange(k)
+        scale, zero = torch.empty(n, groups, dtype=torch.float16), torch.empty(n, groups, dtype=torch.uint8)
+    factor, damp = inverse_factor(h[order][:, order], config.damp)
+    factor = factor.to(torch.float32)
+
+    streams = w[:, order].unsqueeze(0).repeat(rungs, 1, 1)  # [R, N, K], in visiting order
+    codes = torch.empty(n, k)
+    for i1 in range(0, k, config.block_size):
+        i2 = min(i1 + config.block_size, k)
+        errors = torch.empty(rungs, n, i2 - i1)
+        for j in range(i1, i2):
+            col = int(order[j])
+            g = col // group_size
+            if not config.act_order and col % group_size == 0:  # fit the group's grid over every stream
+                part = streams[:, :, j : min(j + group_size, k)]
+                scale[:, g], zero[:, g] = group_grid(part.amin((0, 2)), part.amax((0, 2)), low)
+            s, z = scale[:, g].float(), zero[:, g].float()
+            x = streams[:, :, j]  # [R, N]
+            cands = candidates(x / s + z + 0.5, ladder)  # [R candidates, N]
+            # value of every candidate at every rung: [R rungs, R candidates, N]
+            s_b, z_b = s / cells, (z + 0.5) * cells - 0.5
+            values = (torch.floor(cands / shifts) - z_b.unsqueeze(1)) * s_b.unsqueeze(1)
+            cost = (lam * (x.unsqueeze(1) - values) ** 2).sum(0)
+            best = cost.argmin(0, keepdim=True)
+            q = cands.gather(0, best)[0]
+            codes[:, col] = q
+            deq = values.gather(1, best.unsqueeze(0).expand(rungs, 1, n))[:, 0]
+            err = (x - deq) / factor[j, j]
+            streams[:, :, j:i2] -= err.unsqueeze(-1) * factor[j, j:i2]
+            errors[:, :, j - i1] = err
+        streams[:, :, i2:] -= errors @ factor[i1:i2, i2:]
+
+    return Quantized(codes.to(torch.uint8), scale, zero, order.to(torch.int32), damp)
+
+
+def balance(w: torch.Tensor, h: torch.Tensor, group_size: int, ladder, config: GPTQConfig = GPTQConfig()):
+    """Nested GPTQ with the rung weights chosen for this layer: (Quantized, weights, losses).
+
+    Unless `config.rung_weights` fixes them, the lowest rung gets weight 1 and every
+    higher rung the smallest weight in TILTS that keeps its error (on the calibration
+    inputs) within `upper_budget` x RTN's: the low rung gains as much as the higher
+    rungs can afford, layer by layer. A layer where no weight is small enough gets 1.
+    """
+    ladder = tuple(ladder)
+    rtn = quantize_rtn(w, group_size, ladder)
+    if config.rung_weights or len(ladder) == 1:
+        q = quantize(w, h, group_size, ladder, config)
+        return q, {b: config.rung_weights.get(b, 1.0) for b in ladder}, losses(w, q, h, group_size, ladder, rtn)
+
+    def attempt(index):
+        weights = {b: (1.0 if b == ladder[0] else TILTS[index]) for b in ladder}
+        q = quantize(w, h, group_size, ladder, replace(config, rung_weights=weights))
+        loss = losses(w, q, h, group_size, ladder, rtn)
+        ok = all(loss[b]["gptq"] <= config.upper_budget * loss[b]["rtn"] for b in ladder[1:])
+        return ok, (q, weights, loss)
+
+    # search from the middle: most layers settle within two or three tries
+    index = len(TILTS) // 2
+    ok, best = attempt(index)
+    step = -1 if ok else 1
+    while 0 <= index + step < len(TILTS):
+        index += step
+        ok_next, result = attempt(index)
+        if step < 0 and not ok_next:
+            break
+        best = result
+        if step > 0 and ok_next:
+            break
+    return best
+
+
+def losses(w: torch.Tensor, q: Quantized, h: torch.Tensor, group_size: int, ladder, rtn=None) -> dict:
+    """Per rung: ‖X(W − Ŵ)ᵀ‖² / ‖XWᵀ‖² of these codes ("gptq") and of plain RTN ("rtn")."""
+    w, h = w.detach().to(torch.float32), h.detach().to(torch.float32)
+    g_idx = torch.arange(w.shape[1]) // group_size
+    rtn = rtn or quantize_rtn(w, group_size, ladder)
+    out = {}
+    for b in ladder:
+        shift, low = ladder[-1] - b, ladder[0]
+        ours = decode(q.codes >> shift, q.scale[:, g_idx], q.zero[:, g_idx], low, b)
+        plain = decode(rtn[0] >> shift, rtn[1][:, g_idx], rtn[2][:, g_idx], low, b)
+        out[b] = {"gptq": relative_error(w, ours, h), "rtn": relative_error(w, plain, h)}
+    return out

@@ -1,0 +1,211 @@
+"""Block-by-block GPTQ: one decoder block in memory at a time, fed by the quantized blocks before it.
+
+The model is built on the meta device. Only the input embeddings (to make the first
+block's inputs) and one decoder block at a time are read from the safetensors files.
+In each block the linear layers are grouped by the input they share (Llama: q/k/v, o,
+gate/up, down), found by running the block once. Group by group ("true sequential"),
+the Hessian H = Σ xxᵀ of the group's input is accumulated over the calibration samples
+with the earlier groups already quantized, and the group's layers are quantized
+together (they share H, so one GPTQ pass over their stacked rows does them all). The
+block's outputs, computed with its weights at the `propagate` rung, are the next
+block's inputs. Peak memory: one block in fp32, the calibration activations entering and
+leaving one block, and the packed codes.
+"""
+
+import json
+import resource
+from pathlib import Path
+
+import torch
+from rich.progress import Progress
+from safetensors import safe_open
+
+from .errors import FqError
+from .formats import gptq
+from .formats.nested import decode
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once what it needs is captured."""
+
+
+def weight_files(folder: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file that holds it (single file or sharded index)."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            return {k: folder / v for k, v in json.loads(index.read_text())["weight_map"].items()}
+        except (ValueError, KeyError):
+            raise FqError(f"{index} is not a valid safetensors index") from None
+    single = folder / "model.safetensors"
+    if not single.is_file():
+        raise FqError(f"{folder} holds no safetensors weights (model.safetensors or an index)")
+    with safe_open(str(single), "pt") as f:
+        return dict.fromkeys(f.keys(), single)
+
+
+def read_tensors(files: dict[str, Path], names) -> dict[str, torch.Tensor]:
+    by_file: dict[Path, list[str]] = {}
+    for name in names:
+        by_file.setdefault(files[name], []).append(name)
+    out = {}
+    for path, keys in by_file.items():
+        with safe_open(str(path), "pt") as f:
+            out.update({k: f.get_tensor(k) for k in keys})
+    return out
+
+
+def materialize(model, prefix: str, files: dict[str, Path]) -> torch.nn.Module:
+    """Load the submodule `prefix` from the files, in float32; the rest stays on meta."""
+    module = model.get_submodule(prefix)
+    names = [n for n in files if n.startswith(prefix + ".")]
+    tensors = {n[len(prefix) + 1 :]: t.float() if t.is_floating_point() else t for n, t in read_tensors(files, names).items()}
+    try:
+        module.load_state_dict(tensors, strict=True, assign=True)
+    except RuntimeError as exc:
+        raise FqError(f"the weights under '{prefix}' do not match the model built from config.json "
+                      f"({str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else exc}); "
+                      f"use --method rtn") from None
+    return module
+
+
+def _call(block, hidden, kwargs):
+    out = block(hidden, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.inference_mode()
+def first_inputs(model, samples: torch.Tensor, batch_size: int) -> list[tuple[torch.Tensor, dict]]:
+    """(hidden states, keyword arguments) entering the first decoder block, per batch."""
+    captured = []
+
+    def grab(_module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.append((hidden.float(), kwargs))
+        raise _Stop
+
+    hook = model.get_decoder().layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for start in range(0, len(samples), batch_size):
+            try:
+                model(samples[start : start + batch_size], use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        hook.remove()
+    return captured
+
+
+@torch.inference_mode()
+def input_groups(block, names: list[str], hidden, kwargs) -> list[list[str]]:
+    """The block's linear layers grouped by shared input, in the order they run."""
+    inputs: list[torch.Tensor] = []  # held, so no later input can reuse an earlier one's memory
+    groups: list[list[str]] = []
+
+    def seen(name):
+        def hook(_module, args):
+            for x, group in zip(inputs, groups):
+                if x is args[0]:
+                    group.append(name)
+                    return
+            inputs.append(args[0])
+            groups.append([name])
+
+        return hook
+
+    hooks = [block.get_submodule(n).register_forward_pre_hook(seen(n)) for n in names]
+    try:
+        _call(block, hidden, kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    found = [n for g in groups for n in g]
+    if sorted(found) != sorted(names):
+        raise FqError(f"could not trace every linear layer of a decoder block (not called once each: "
+                      f"{', '.join(sorted(set(names) ^ set(found)) or names)}); use --method rtn")
+    return groups
+
+
+@torch.inference_mode()
+def hessian(block, linear, inputs) -> torch.Tensor:
+    """H = mean of xxᵀ over every calibration token entering `linear` (forward stops there)."""
+    k = linear.in_features
+    h = torch.zeros(k, k)
+    rows = 0
+
+    def add(_module, args):
+        nonlocal rows
+        x = args[0].reshape(-1, k).float()
+        h.addmm_(x.T, x)
+        rows += len(x)
+        raise _Stop
+
+    hook = linear.register_forward_pre_hook(add)
+    try:
+        for hidden, kwargs in inputs:
+            try:
+                _call(block, hidden, kwargs)
+            except _Stop:
+                pass
+    finally:
+        hook.remove()
+    return h / max(rows, 1)
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+@torch.inference_mode()
+def quantize_model(model, files, targets: list[str], samples, ladder, group_size, config: gptq.GPTQConfig,
+                   propagate: int | None = None, batch_size: int = 8, progress: bool = True):
+    """GPTQ every linear in `targets` block by block (module doc).
+
+    `model` is on the meta device. Returns ({name: gptq.Quantized}, log) where the log
+    holds each layer's relative output error per rung (GPTQ and RTN) and the peak memory.
+    """
+    propagate = ladder[0] if propagate is None else propagate
+    if propagate not in ladder:
+        raise FqError(f"propagate precision {propagate} is not in the ladder {list(ladder)}")
+    decoder = model.get_decoder()
+    layer_names = {id(layer): n for n, layer in model.named_modules() if any(layer is x for x in decoder.layers)}
+    embed = model.get_input_embeddings()
+    embed_name = next(n for n, m in model.named_modules() if m is embed)
+    materialize(model, embed_name, files)
+    from .runtime import _materialize_buffers
+
+    _materialize_buffers(model)
+    inputs = first_inputs(model, samples, batch_size)
+    embed.to("meta")
+
+    results, log = {}, {"layers": {}}
+    with Progress(transient=True, disable=not progress) as bar:
+        task = bar.add_task("GPTQ", total=len(decoder.layers))
+        for index, layer in enumerate(decoder.layers):
+            prefix = layer_names[id(layer)]
+            mine = [t[len(prefix) + 1 :] for t in targets if t.startswith(prefix + ".")]
+            bar.update(task, description=f"GPTQ block {index + 1}/{len(decoder.layers)}")
+            block = materialize(model, prefix, files)
+            for group in input_groups(block, mine, *inputs[0]) if mine else []:
+                linears = [block.get_submodule(n) for n in group]
+                h = hessian(block, linears[0], inputs)
+                stacked = torch.cat([m.weight for m in linears])
+                q, weights, _ = gptq.balance(stacked, h, group_size, ladder, config)
+                row = 0
+                for name, m in zip(group, linears):
+                    rows = slice(row, row + m.out_features)
+                    row += m.out_features
+                    part = gptq.Quantized(q.codes[rows].clone(), q.scale[rows].clone(), q.zero[rows].clone(), q.order.clone(),
+                                          q.damp)
+                    full = f"{prefix}.{name}"
+                    results[full] = part
+                    log["layers"][full] = {"loss": gptq.losses(m.weight, part, h, group_size, ladder), "damp": q.damp,
+                                           "rung_weights": weights}
+                    g_idx = torch.arange(m.in_features) // group_size
+                    m.weight.copy_(decode(part.codes >> (ladder[-1] - propagate), part.scale[:, g_idx],
+                                          part.zero[:, g_idx], ladder[0], propagate))
+            inputs = [(_call(block, hidden, kwargs), kwargs) for hidden, kwargs in inputs]
+            block.to("meta")
+            bar.advance(task)
+    log["peak_rss_mib"] = round(peak_rss_mib(), 1)
+    return results, log
