@@ -81,7 +81,7 @@ def export(
     seed: int = typer.Option(0, help="seed for 'self' calibration text"),
     damp: float = typer.Option(0.01, help="GPTQ damping, a fraction of the mean Hessian diagonal"),
     block_size: int = typer.Option(128, help="GPTQ columns per lazy update (speed only)"),
-    act_order: bool = typer.Option(False, "--act-order/--no-act-order",
+    act_order: bool = typer.Option(True, "--act-order/--no-act-order",
                                    help="GPTQ: quantize columns by decreasing activation energy (static groups)"),
     rung_weights: str = typer.Option(None, help="GPTQ: how much each precision's error counts, e.g. 4:1,8:0.25 "
                                                 "(default: searched per layer, see --upper-budget)"),
@@ -89,6 +89,9 @@ def export(
                                                  "lowest within this factor of RTN's layer error"),
     propagate: int = typer.Option(None, help="GPTQ: the precision whose outputs feed the next block "
                                              "(default: the lowest)"),
+    true_sequential: bool = typer.Option(True, "--true-sequential/--no-true-sequential",
+                                         help="GPTQ: take each layer's Hessian after the earlier layers of its "
+                                              "block are quantized"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ):
     """Quantize a model to nested-bit codes and write a checkpoint folder."""
@@ -100,10 +103,17 @@ def export(
                         rung_weights=parse_rung_weights(rung_weights), upper_budget=upper_budget)
     folder = run_export(model, out, ladder=parse_ladder(ladder), group_size=group_size, force=force,
                         progress=not quiet, calib=calib, method=method, dataset=dataset, samples=samples,
-                        seq_len=seq_len, seed=seed, gptq=config, propagate=propagate)
+                        seq_len=seq_len, seed=seed, gptq=config, propagate=propagate,
+                        true_sequential=true_sequential)
     if not quiet:
         print(f"wrote {folder} in {time.perf_counter() - start:.1f} s")
         _print_summary(folder, verify=False)
+        log_path = folder / "gptq-log.json"
+        if log_path.is_file():
+            log = json.loads(log_path.read_text())
+            print(f"memory      peak {log['peak_rss_mib']:.0f} MiB resident (the process held "
+                  f"{log['rss_before_mib'] or 0:.0f} MiB before quantizing; the whole model in fp32 "
+                  f"would add {log['model_fp32_mib']:.0f} MiB)")
 
 
 def parse_percent(text: str | None) -> float | None:
@@ -178,7 +188,8 @@ def _print_summary(folder: Path, verify: bool) -> dict:
         weights = q["rung_weights"]
         weights_text = ",".join(f"{b}:{w:g}" for b, w in weights.items()) if isinstance(weights, dict) else weights
         print(f"gptq        {q['samples']} x {q['seq_len']} tokens of {q['dataset']}, damp {q['damp']}, "
-              f"act-order {'on' if q['act_order'] else 'off'}, rung weights {weights_text}, "
+              f"act-order {'on' if q['act_order'] else 'off'}, true-sequential {'on' if q['true_sequential'] else 'off'}, "
+              f"rung weights {weights_text}, "
               f"propagate {q['propagate']}; per-layer loss in {q['log']}")
     print(f"quantized   {len(layouts)} linear layers, {weights / 1e6:.1f} M weights; the rest unquantized in {ckpt.DENSE}")
     if ragged:
@@ -376,8 +387,10 @@ def demo(
     policy = run_calibrate(models.BUILTIN_NAME, calib, dataset=dataset, target_bits=target_bits, samples=12,
                            eval_samples=4, seq_len=128, buckets=4)
     print(f"      policy: {policy['expected']['avg_bits']:.2f} average bits; report in {calib}/report.md")
-    print(f"[2/5] exporting with ladder [4, 8], group size 128 and the fitted policy -> {folder}")
-    run_export(models.BUILTIN_NAME, folder, ladder=(4, 8), group_size=128, force=True, calib=calib)
+    print(f"[2/5] exporting with nested GPTQ on the same text (16 x 256 tokens; small settings), ladder [4, 8], "
+          f"group size 128 and the fitted policy -> {folder}")
+    run_export(models.BUILTIN_NAME, folder, ladder=(4, 8), group_size=128, force=True, calib=calib, dataset=dataset,
+               samples=16, seq_len=256)
     _print_summary(folder, verify=True)
     print("[3/5] loading the checkpoint (config + safetensors only) and generating under each policy")
     loaded = load(folder)

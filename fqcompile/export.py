@@ -66,6 +66,7 @@ def export(
     seed: int = 0,
     gptq: GPTQConfig = GPTQConfig(),
     propagate: int | None = None,
+    true_sequential: bool = True,
 ) -> Path:
     """Quantize `model` to nested-bit codes and write the checkpoint folder `out`.
 
@@ -119,10 +120,10 @@ def export(
     else:
         quantized, orders, dense, source_dtype, log = _gptq(
             hf_model, folder, tokenizer, [n for n, _ in targets], ladder, group_size, dataset, samples, seq_len,
-            seed, gptq, propagate, progress)
+            seed, gptq, propagate, true_sequential, progress)
         info = {"method": "gptq", "dataset": str(Path(dataset).resolve()) if Path(dataset).exists() else dataset,
                 "samples": samples, "seq_len": seq_len, "seed": seed, "damp": gptq.damp,
-                "block_size": gptq.block_size, "act_order": gptq.act_order, "true_sequential": True,
+                "block_size": gptq.block_size, "act_order": gptq.act_order, "true_sequential": true_sequential,
                 "rung_weights": ({str(b): gptq.rung_weights.get(b, 1.0) for b in ladder} if gptq.rung_weights
                                  else f"searched per layer (upper budget {gptq.upper_budget:g} x RTN)"),
                 "propagate": propagate or ladder[0], "log": GPTQ_LOG}
@@ -207,7 +208,7 @@ def _meta_model(folder):
 
 
 def _gptq(meta_model, folder, tokenizer, targets, ladder, group_size, dataset, samples, seq_len, seed, config,
-          propagate, progress):
+          propagate, true_sequential, progress):
     """Block-by-block GPTQ from the model's safetensors files (fqcompile/sequential.py)."""
     from . import sequential
     from .calibration.data import SELF, load_samples
@@ -218,7 +219,8 @@ def _gptq(meta_model, folder, tokenizer, targets, ladder, group_size, dataset, s
                         seed=seed)
     del sampler
     results, log = sequential.quantize_model(meta_model, files, targets, data, ladder, group_size, config,
-                                             propagate=propagate, progress=progress)
+                                             propagate=propagate, true_sequential=true_sequential,
+                                             progress=progress)
     quantized = {n: (q.codes, q.scale, q.zero) for n, q in results.items()}
     # The act-order visiting order, for the record (codes are stored in column order).
     orders = {f"{n}.order": q.order for n, q in results.items()} if config.act_order else {}

@@ -70,7 +70,7 @@ def load(folder, precision: int | None = None, verify: bool = True, dtype: torch
         raise FqError(f"checkpoint tensors not in the model: {', '.join(result.unexpected_keys[:3])}")
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
-    _materialize_buffers(model)
+    materialize_buffers(model)
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
         raise FqError(f"checkpoint lacks tensors for: {', '.join(missing[:3])}")
@@ -82,7 +82,7 @@ def load(folder, precision: int | None = None, verify: bool = True, dtype: torch
     return Loaded(model, AutoTokenizer.from_pretrained(folder), manifest, folder, policy)
 
 
-def _materialize_buffers(model) -> None:
+def materialize_buffers(model) -> None:
     """Recompute non-persistent buffers (e.g. RoPE inverse frequencies) left on meta.
 
     transformers' own initializer knows how to compute them, but it also re-initializes

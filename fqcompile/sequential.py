@@ -5,7 +5,8 @@ block's inputs) and one decoder block at a time are read from the safetensors fi
 In each block the linear layers are grouped by the input they share (Llama: q/k/v, o,
 gate/up, down), found by running the block once. Group by group ("true sequential"),
 the Hessian H = Σ xxᵀ of the group's input is accumulated over the calibration samples
-with the earlier groups already quantized, and the group's layers are quantized
+with the earlier groups already quantized (or, not true-sequential, all Hessians are
+taken first from the float weights), and the group's layers are quantized
 together (they share H, so one GPTQ pass over their stacked rows does them all). The
 block's outputs, computed with its weights at the `propagate` rung, are the next
 block's inputs. Peak memory: one block in fp32, the calibration activations entering and
@@ -23,6 +24,7 @@ from safetensors import safe_open
 from .errors import FqError
 from .formats import gptq
 from .formats.nested import decode
+from .runtime import materialize_buffers
 
 
 class _Stop(Exception):
@@ -156,29 +158,41 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def rss_mib() -> float | None:
+    """Resident memory now (Linux), to tell the fixed cost of the process from the peak."""
+    try:
+        text = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    return int(text.split("VmRSS:")[1].split()[0]) / 1024
+
+
 @torch.inference_mode()
 def quantize_model(model, files, targets: list[str], samples, ladder, group_size, config: gptq.GPTQConfig,
-                   propagate: int | None = None, batch_size: int = 8, progress: bool = True):
+                   propagate: int | None = None, true_sequential: bool = True, batch_size: int = 8,
+                   progress: bool = True):
     """GPTQ every linear in `targets` block by block (module doc).
 
     `model` is on the meta device. Returns ({name: gptq.Quantized}, log) where the log
     holds each layer's relative output error per rung (GPTQ and RTN) and the peak memory.
     """
+    before = rss_mib()
     propagate = ladder[0] if propagate is None else propagate
     if propagate not in ladder:
         raise FqError(f"propagate precision {propagate} is not in the ladder {list(ladder)}")
     decoder = model.get_decoder()
     layer_names = {id(layer): n for n, layer in model.named_modules() if any(layer is x for x in decoder.layers)}
+    outside = [t for t in targets if not any(t.startswith(p + ".") for p in layer_names.values())]
+    if outside:
+        raise FqError(f"GPTQ quantizes linear layers inside decoder blocks only, not {outside[0]}; use --method rtn")
     embed = model.get_input_embeddings()
     embed_name = next(n for n, m in model.named_modules() if m is embed)
     materialize(model, embed_name, files)
-    from .runtime import _materialize_buffers
-
-    _materialize_buffers(model)
+    materialize_buffers(model)
     inputs = first_inputs(model, samples, batch_size)
     embed.to("meta")
 
-    results, log = {}, {"layers": {}}
+    results, log = {}, {"layers": {}, "rss_before_mib": before}
     with Progress(transient=True, disable=not progress) as bar:
         task = bar.add_task("GPTQ", total=len(decoder.layers))
         for index, layer in enumerate(decoder.layers):
@@ -186,9 +200,12 @@ def quantize_model(model, files, targets: list[str], samples, ladder, group_size
             mine = [t[len(prefix) + 1 :] for t in targets if t.startswith(prefix + ".")]
             bar.update(task, description=f"GPTQ block {index + 1}/{len(decoder.layers)}")
             block = materialize(model, prefix, files)
-            for group in input_groups(block, mine, *inputs[0]) if mine else []:
+            groups = input_groups(block, mine, *inputs[0]) if mine else []
+            # not true-sequential: every Hessian from the block's float weights, taken up front
+            early = {} if true_sequential else {g[0]: hessian(block, block.get_submodule(g[0]), inputs) for g in groups}
+            for group in groups:
                 linears = [block.get_submodule(n) for n in group]
-                h = hessian(block, linears[0], inputs)
+                h = early[group[0]] if early else hessian(block, linears[0], inputs)
                 stacked = torch.cat([m.weight for m in linears])
                 q, weights, _ = gptq.balance(stacked, h, group_size, ladder, config)
                 row = 0
@@ -208,4 +225,6 @@ def quantize_model(model, files, targets: list[str], samples, ladder, group_size
             block.to("meta")
             bar.advance(task)
     log["peak_rss_mib"] = round(peak_rss_mib(), 1)
+    fp32 = sum(t.numel() for t in [*model.parameters(), *model.buffers()]) * 4 / 2**20
+    log["model_fp32_mib"] = round(fp32, 1)  # what loading the whole model would add
     return results, log

@@ -48,6 +48,7 @@ def main():
     ap.add_argument("--gptqmodel-python", default=str(GPTQMODEL_PYTHON) if GPTQMODEL_PYTHON.exists() else None,
                     help="python of a venv with GPTQModel installed (see docs/gptq.md); none: skip it")
     ap.add_argument("--gptqmodel-bits", default="4")
+    ap.add_argument("--gptqmodel-act-order", default="on", help="GPTQModel desc_act: on, off, or off,on")
     ap.add_argument("--out", default=str(HERE.parent / "docs" / "quality"), help="output prefix (.md/.json/.png)")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -84,19 +85,22 @@ def main():
                                      max_samples=args.calib_samples)
             calib_file = Path(work) / "calib.json"
             calib_file.write_text(json.dumps(calib_ids.tolist()))
-            for bits in (int(b) for b in args.gptqmodel_bits.split(",")):
-                out = Path(work) / f"gptqmodel-{bits}"
+            variants = [(int(b), a) for b in args.gptqmodel_bits.split(",") for a in args.gptqmodel_act_order.split(",")]
+            for bits, act in variants:
+                out = Path(work) / f"gptqmodel-{bits}-act-order-{act}"
                 start = time.perf_counter()
                 subprocess.run([args.gptqmodel_python, str(HERE / "gptqmodel_baseline.py"), "--model", str(folder),
                                 "--calib", str(calib_file), "--bits", str(bits), "--group-size", str(args.group_size),
-                                "--out", str(out)], check=True, env={**os.environ, "GPTQMODEL_CPU_WORKERS": "2"})
+                                "--desc-act" if act == "on" else "--no-desc-act", "--out", str(out)],
+                               check=True, env={**os.environ, "GPTQMODEL_CPU_WORKERS": "2"})
                 timings[out.name] = round(time.perf_counter() - start, 1)
                 model, _, _ = models.load(args.model)
                 with torch.no_grad():
                     for name, weight in gptq_format.read(out).items():
                         model.get_submodule(name).weight.copy_(weight)
                 result = fqcompile.evaluate(model, samples, reference=ref, progress=False)[None]
-                rows.append(row("GPTQModel direct", bits, bits + (16 + bits) / args.group_size, result))
+                rows.append(row(f"GPTQModel direct (act-order {act})", bits, bits + (16 + bits) / args.group_size,
+                                result))
                 print(f"{out.name} ({timings[out.name]} s): ppl {result['perplexity']:.3f}", flush=True)
     info = {
         "model": args.model, "dataset": args.dataset, "split": "eval", "samples": len(samples),
@@ -148,6 +152,12 @@ def write(rows, info, out: Path):
     if info["gap_closed"]:
         lines += ["", "Share of nested RTN's perplexity gap (slice − full precision) that nested GPTQ closes:", ""]
         lines += [f"- {k}: {v * 100:.0f}%" for k, v in info["gap_closed"].items()]
+    baselines = [r for r in rows if r["method"].startswith("GPTQModel")]
+    ours = [r for r in rows if r["method"].startswith("gptq ")]
+    if baselines:
+        lines += ["", "Perplexity of our GPTQ slices / GPTQModel's direct model at the same precision:", ""]
+        lines += [f"- {o['method']} {o['precision']}-bit / {b['method']}: {o['perplexity'] / b['perplexity']:.3f}"
+                  for b in baselines for o in ours if o["precision"] == b["precision"]]
     lines += ["", "Export seconds: " + ", ".join(f"{k} {v}" for k, v in info["export_seconds"].items())]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     plot(rows, fp_ppl, out.with_suffix(".png"))
@@ -165,7 +175,7 @@ def plot(rows, fp_ppl, path):
     methods = list(dict.fromkeys(r["method"] for r in rows if "precision" in r))
     for m in methods:
         pts = sorted((r for r in rows if r["method"] == m), key=lambda r: r["bits"])
-        style = ("s-" if "nested" in m else "o--") if not m.startswith("GPTQModel") else "k*"
+        style = ("s-" if "nested" in m else "o--") if not m.startswith("GPTQModel") else ("k*" if "on" in m else "kx")
         ax.plot([r["bits"] for r in pts], [r["perplexity"] for r in pts], style, label=m, ms=8 if "*" in style else 5)
     ax.axhline(fp_ppl, color="gray", lw=1, label="full precision")
     ax.set_xlabel("bits read per weight (codes + scales/zeros)")

@@ -138,10 +138,13 @@ def test_bad_input_is_refused_in_one_line(tiny_dir, tiny_ckpt, damaged, tmp_path
 def test_export_gptq_from_the_command_line(tiny_dir, austen, tmp_path):
     out = tmp_path / "g"
     result = run("export", "--out", out, "--model", tiny_dir, "--group-size", "32", "--dataset", austen,
-                 "--samples", "4", "--seq-len", "32", "--act-order", "--rung-weights", "8:0.5")
+                 "--samples", "4", "--seq-len", "32", "--no-act-order", "--no-true-sequential", "--rung-weights",
+                 "8:0.5")
     assert result.returncode == 0, result.stderr
-    assert "gptq        4 x 32 tokens" in result.stdout and "act-order on" in result.stdout
+    assert "gptq        4 x 32 tokens" in result.stdout and "act-order off, true-sequential off" in result.stdout
+    assert "memory      peak" in result.stdout
     manifest = json.loads((out / "fqcompile.json").read_text())
     assert manifest["quantizer"]["rung_weights"] == {"4": 1.0, "8": 0.5}
+    assert manifest["quantizer"]["true_sequential"] is False
     assert "gptq-log.json" in manifest["files"]
     assert run("inspect", out, "--verify").returncode == 0
