@@ -92,7 +92,7 @@ def main():
                 subprocess.run([args.gptqmodel_python, str(HERE / "gptqmodel_baseline.py"), "--model", str(folder),
                                 "--calib", str(calib_file), "--bits", str(bits), "--group-size", str(args.group_size),
                                 "--desc-act" if act == "on" else "--no-desc-act", "--out", str(out)],
-                               check=True, env={**os.environ, "GPTQMODEL_CPU_WORKERS": "2"})
+                               check=True, cwd=work, env={**os.environ, "GPTQMODEL_CPU_WORKERS": "2"})  # it writes logs/ into cwd
                 timings[out.name] = round(time.perf_counter() - start, 1)
                 model, _, _ = models.load(args.model)
                 with torch.no_grad():
