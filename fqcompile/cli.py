@@ -185,8 +185,8 @@ def _print_summary(folder: Path, verify: bool) -> dict:
           f"ladder {manifest['ladder']}, planes {manifest['plane_widths']} bits (most significant first)")
     q = manifest["quantizer"]
     if q["method"] == "gptq":
-        weights = q["rung_weights"]
-        weights_text = ",".join(f"{b}:{w:g}" for b, w in weights.items()) if isinstance(weights, dict) else weights
+        rungs = q["rung_weights"]
+        weights_text = ",".join(f"{b}:{w:g}" for b, w in rungs.items()) if isinstance(rungs, dict) else rungs
         print(f"gptq        {q['samples']} x {q['seq_len']} tokens of {q['dataset']}, damp {q['damp']}, "
               f"act-order {'on' if q['act_order'] else 'off'}, true-sequential {'on' if q['true_sequential'] else 'off'}, "
               f"rung weights {weights_text}, "
