@@ -174,13 +174,14 @@ def pack_planes(codes: torch.Tensor, layout: Layout) -> list[torch.Tensor]:
     return planes
 
 
-def unpack_codes(planes: list[torch.Tensor], layout: Layout, bits: int) -> torch.Tensor:
-    """The top `bits` bits of every code, as uint8 [N, padded_in] in [0, 2^bits).
+def unpack_codes(planes: list[torch.Tensor], widths) -> torch.Tensor:
+    """The codes held by the given top planes (widths = theirs), as uint8 [N, padded_in].
 
+    With the planes covering the top b bits, these are the b-bit codes in [0, 2^b).
     Columns past in_features are padding (zero codes).
     """
     codes = None
-    for plane, w in zip(planes[: layout.planes_for(bits)], layout.widths):
+    for plane, w in zip(planes, widths, strict=True):
         mask = (1 << w) - 1
         values = torch.cat([(plane >> (s * w)) & mask for s in range(8 // w)], dim=1)
         codes = values if codes is None else (codes << w) | values
@@ -201,10 +202,18 @@ def decode(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, low: int, b
 
 def dequantize(planes, scale, zero, layout: Layout, bits: int, dtype=torch.float32) -> torch.Tensor:
     """The b-bit slice as a dense [N, K] weight (the torch reference path)."""
-    s_b, z_b = slice_params(scale, zero, layout.ladder[0], bits)
-    n, groups, size = layout.out_features, layout.n_groups, layout.group_size
-    q = unpack_codes(planes, layout, bits)
+    n = layout.planes_for(bits)
+    return dequantize_planes(planes[:n], layout.widths[:n], scale, zero, layout.ladder[0],
+                             layout.group_size, layout.in_features, dtype)
+
+
+def dequantize_planes(planes, widths, scale, zero, low: int, group_size: int, in_features: int,
+                      dtype=torch.float32) -> torch.Tensor:
+    """Dense [N, K] weight from the top planes alone: their widths sum to the precision b."""
+    s_b, z_b = slice_params(scale, zero, low, sum(widths))
+    n, groups = scale.shape
+    q = unpack_codes(planes, widths)
     # Pad (or cut) the row to whole groups so scales broadcast instead of being gathered.
-    q = torch.nn.functional.pad(q, (0, groups * size - q.shape[1])).view(n, groups, size)
+    q = torch.nn.functional.pad(q, (0, groups * group_size - q.shape[1])).view(n, groups, group_size)
     w = (q.to(torch.float32) - z_b.unsqueeze(-1)) * s_b.unsqueeze(-1)
-    return w.view(n, groups * size)[:, : layout.in_features].to(dtype)
+    return w.view(n, groups * group_size)[:, :in_features].to(dtype)

@@ -1,7 +1,10 @@
 """The one kernel interface FlexLinear calls: (activations, planes, metadata, precision) -> output.
 
-Today every device runs the torch reference (dequantize, then matmul); the fast CPU
-path and the Triton kernels slot in behind `flex_linear` by device.
+`flex_linear` reads only the planes that hold the top `precision` bits and runs the op
+fqcompile::nested_linear (kernels/ops.py), whose implementation depends on the device:
+the C++ CPU kernel (cpu_nested.cpp, compiled on first use), Triton on CUDA
+(triton_nested.py), or the torch reference (reference.py), with a one-line warning when
+a fast one cannot be had.
 
 Imports are absolute on purpose: with the repository root on sys.path (python -m from
 the checkout), transformers probes for the PyPI package `kernels` and imports this folder
@@ -10,6 +13,7 @@ under that name; absolute imports keep that harmless.
 
 import torch
 
+from fqcompile.kernels.ops import backend, nested_linear
 from fqcompile.kernels.reference import reference_linear
 
 
@@ -20,7 +24,9 @@ def flex_linear(x: torch.Tensor, planes, meta, precision: int) -> torch.Tensor:
     meta: a `formats.nested.Layout` plus `scale` (fp16 [N, G]) and `zero` (uint8 [N, G])
     as `(layout, scale, zero)`.
     """
-    return reference_linear(x, planes, meta, precision)
+    layout, scale, zero = meta
+    n = layout.planes_for(precision)
+    return nested_linear(x, list(planes[:n]), list(layout.widths[:n]), scale, zero, layout.ladder[0], layout.group_size)
 
 
-__all__ = ["flex_linear", "reference_linear"]
+__all__ = ["backend", "flex_linear", "reference_linear"]

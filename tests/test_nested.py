@@ -39,7 +39,7 @@ def test_planes_round_trip_every_precision(ladder, shape):
     planes = pack_planes(codes, layout)
     assert [tuple(p.shape) for p in planes] == [layout.plane_shape(i) for i in range(len(planes))]
     for bits in ladder:
-        got = unpack_codes(planes[: layout.planes_for(bits)], layout, bits)
+        got = unpack_codes(planes[: layout.planes_for(bits)], layout.widths[: layout.planes_for(bits)])
         assert torch.equal(got[:, : shape[1]].long(), codes.long() >> (ladder[-1] - bits))
         assert not got[:, shape[1] :].any()  # padding holds zero codes
 

@@ -1,0 +1,70 @@
+"""Build (once per machine, cached) and load the C++ CPU kernels of cpu_nested.cpp.
+
+torch's cpp_extension compiles the file with -march=native on first use, so the cache
+folder is keyed by this CPU's feature flags, the compiler, torch's version and the
+source itself; a later process just loads the shared library (ninja finds nothing to do).
+"""
+
+import hashlib
+import os
+import platform
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu_nested.cpp")
+FLAGS = ["-O3", "-march=native", "-fopenmp"] + os.environ.get("FQCOMPILE_CXXFLAGS", "").split()
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def build_dir() -> Path:
+    from fqcompile.models import cache_dir
+
+    compiler = os.environ.get("CXX", "c++")
+    key = "\n".join([_cpu_flags(), compiler, " ".join(FLAGS), torch.__version__, sys.version, SOURCE.read_text()])
+    tag = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return cache_dir() / "kernels" / f"cpu-{tag}"
+
+
+def _ensure_ninja() -> None:
+    """cpp_extension runs `ninja`; the PyPI wheel's binary is not on PATH outside an activated venv."""
+    if shutil.which("ninja"):
+        return
+    try:
+        import ninja
+    except ImportError:
+        return
+    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
+def load() -> None:
+    """Compile if needed and load; registers the CPU kernel of fqcompile::nested_linear.
+
+    Raises whatever the build raises (no compiler, no ninja, compile error).
+    """
+    from torch.utils import cpp_extension
+
+    compiler = os.environ.get("CXX", "c++")
+    if not shutil.which(compiler):
+        raise RuntimeError(f"no C++ compiler ({compiler}) on PATH")
+    _ensure_ninja()
+    folder = build_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    first = not any(folder.glob("*.so"))
+    if first:
+        print("fqcompile: compiling the CPU kernels (once per machine, about a minute)...", file=sys.stderr)
+    cpp_extension.load(
+        name="fqcompile_cpu", sources=[str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
+        build_directory=str(folder), is_python_module=False, verbose=False,
+    )

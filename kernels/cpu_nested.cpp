@@ -1,0 +1,504 @@
+// CPU fast path of fqcompile::nested_linear: y = x @ W_b^T over nested-bit planes.
+//
+// Built on first use by kernels/cpu.py (torch cpp_extension, -O3 -march=native, cached
+// per machine). The format is formats/nested.py's: planes most significant first, each
+// byte of a w-bit plane holding code j of each of the row's 8/w segments.
+//
+// Per output row, the top planes are unpacked into a small code buffer (it stays in L1)
+// and the row is reduced group by group without ever building a float weight:
+//     y = sum_g s_g * (sum_{k in g} q_k x_k  -  z_g * sum_{k in g} x_k)
+// so the inner loop is one u8->f32 conversion and one FMA per weight. Converting, not
+// reading memory, is what limits a 2-core AVX2/AVX-512 machine, so each converted
+// weight is reused for every activation row of a small batch. Larger batches
+// (prefill) dequantize a tile of rows once and hand it to the BLAS matmul.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+// Small loops over batch rows and accumulators: unrolled, so the accumulators live in registers.
+#define FQ_UNROLL _Pragma("GCC unroll 16")
+
+constexpr int64_t kMaxGemvBatch = 8;  // above this, dequantize tiles and use the BLAS matmul
+
+// ---- a few vector operations, per instruction set -------------------------------------
+#if defined(__AVX512F__)
+constexpr int VW = 16;
+using vf = __m512;
+inline vf vzero() { return _mm512_setzero_ps(); }
+inline vf vset(float s) { return _mm512_set1_ps(s); }
+inline vf vload(const float* p) { return _mm512_loadu_ps(p); }
+inline vf vcodes(const uint8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+inline vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
+inline float vsum(vf v) { return _mm512_reduce_add_ps(v); }
+inline __m128i bload(const uint8_t* p) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)); }
+inline vf vcodes(__m128i r) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(r)); }
+#define FQ_SIMD 1
+#elif defined(__AVX2__) && defined(__FMA__)
+constexpr int VW = 8;
+using vf = __m256;
+inline vf vzero() { return _mm256_setzero_ps(); }
+inline vf vset(float s) { return _mm256_set1_ps(s); }
+inline vf vload(const float* p) { return _mm256_loadu_ps(p); }
+inline vf vcodes(const uint8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+inline vf vadd(vf a, vf b) { return _mm256_add_ps(a, b); }
+inline float vsum(vf v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+inline __m128i bload(const uint8_t* p) { return _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)); }
+inline vf vcodes(__m128i r) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(r)); }
+#define FQ_SIMD 1
+#else  // portable: 8 lanes the compiler may vectorize for whatever the machine has
+constexpr int VW = 8;
+struct vf { float v[8]; };
+inline vf vzero() { return vf{}; }
+inline vf vset(float s) { vf r; for (int i = 0; i < 8; ++i) r.v[i] = s; return r; }
+inline vf vload(const float* p) { vf r; std::memcpy(r.v, p, sizeof r.v); return r; }
+inline vf vcodes(const uint8_t* p) { vf r; for (int i = 0; i < 8; ++i) r.v[i] = p[i]; return r; }
+inline vf vfma(vf a, vf b, vf c) { for (int i = 0; i < 8; ++i) c.v[i] += a.v[i] * b.v[i]; return c; }
+inline vf vadd(vf a, vf b) { for (int i = 0; i < 8; ++i) a.v[i] += b.v[i]; return a; }
+inline float vsum(vf a) { float s = 0; for (int i = 0; i < 8; ++i) s += a.v[i]; return s; }
+#endif
+
+struct Planes {
+  std::vector<const uint8_t*> data;  // row 0 of each plane
+  std::vector<int64_t> widths;
+  int64_t padded_in;
+};
+
+// The top sum(widths) bits of every code of row n, into out[0, padded_in).
+void unpack_row(const Planes& p, int64_t n, uint8_t* __restrict out) {
+  const int64_t width = p.padded_in;
+  for (size_t i = 0; i < p.data.size(); ++i) {
+    const int w = static_cast<int>(p.widths[i]);
+    const int k = 8 / w;
+    const int64_t len = width / k;  // bytes per row of this plane
+    const uint8_t* __restrict row = p.data[i] + n * len;
+    const uint8_t mask = static_cast<uint8_t>((1 << w) - 1);
+    if (w == 8) {  // a whole byte is the code: only ever the sole plane
+      std::memcpy(out, row, len);
+      continue;
+    }
+    for (int s = 0; s < k; ++s) {
+      uint8_t* __restrict o = out + s * len;
+      const int shift = s * w;
+      int64_t j = 0;
+#if defined(__AVX2__)
+      // Byte shifts via 16-bit ones: the masks drop the bits that cross between bytes.
+      const __m256i low = _mm256_set1_epi8(static_cast<char>(mask));
+      const __m256i high = _mm256_set1_epi8(static_cast<char>((0xFF << w) & 0xFF));
+      for (; j + 32 <= len; j += 32) {
+        const __m256i r = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + j));
+        __m256i v = _mm256_and_si256(_mm256_srli_epi16(r, shift), low);
+        if (i > 0) {
+          const __m256i prev = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(o + j));
+          v = _mm256_or_si256(_mm256_and_si256(_mm256_slli_epi16(prev, w), high), v);
+        }
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + j), v);
+      }
+#endif
+      for (; j < len; ++j) {
+        const uint8_t v = static_cast<uint8_t>((row[j] >> shift) & mask);
+        o[j] = i == 0 ? v : static_cast<uint8_t>((o[j] << w) | v);
+      }
+    }
+  }
+}
+
+struct Grid {
+  const c10::Half* scale;  // [N, G]
+  const uint8_t* zero;     // [N, G]
+  int64_t groups, group_size;
+  float cells;             // 2^(bits - low): b-bit cells per lowest-rung step
+};
+
+inline float half_to_float(c10::Half h) {
+#if defined(__F16C__)
+  return _cvtsh_ss(h.x);  // one instruction; c10's conversion is done in software
+#else
+  return static_cast<float>(h);
+#endif
+}
+
+// Slice parameters of row n for every group (formats/nested.py slice_params), folded for
+// accumulators that hold sum (q + shift) x / mult:  y_g = sm[g] * (acc_g - zc[g] * X_g)
+// with sm = mult * s_b and zc = (shift + z_b) / mult, X_g the group's activation sum.
+void row_params(const Grid& grid, int64_t n, float mult, float shift, float* sm, float* zc) {
+  const float inv = 1.f / grid.cells;
+  for (int64_t g = 0; g < grid.groups; ++g) {
+    const float s = half_to_float(grid.scale[n * grid.groups + g]) * inv;
+    const float z = (static_cast<float>(grid.zero[n * grid.groups + g]) + 0.5f) * grid.cells - 0.5f;
+    sm[g] = mult * s;
+    zc[g] = (shift + z) / mult;
+  }
+}
+
+// The centring happens inside each group, spread evenly over the vector lanes (xq holds
+// X_g / VW), so that only small, centred values are summed across groups: subtracting
+// one large sum of z * X at the end would cancel catastrophically when the activations
+// have a large mean.
+struct Activations {
+  const float* x;   // [B, ldx]
+  int64_t ldx;
+  const float* xq;  // [B, groups]: X_g / VW
+};
+
+template <int B>
+inline void finish_group(vf (&c)[B], const Activations& a, int64_t groups, int64_t g, float sm, float zc, vf (&total)[B]) {
+  const vf s = vset(sm);
+  FQ_UNROLL
+  for (int b = 0; b < B; ++b) total[b] = vfma(s, vadd(c[b], vset(-zc * a.xq[b * groups + g])), total[b]);
+}
+
+// y[b, n] over unpacked codes; U independent accumulators per row hide FMA latency.
+template <int B, int U>
+void row_dot(const uint8_t* __restrict codes, const Activations& a, int64_t in, const Grid& grid,
+             const float* sm, const float* zc, float* __restrict yn, int64_t ldy) {
+  vf total[B];
+  float tails[B];
+  FQ_UNROLL
+  for (int b = 0; b < B; ++b) { total[b] = vzero(); tails[b] = 0.f; }
+  for (int64_t g = 0; g < grid.groups; ++g) {
+    const int64_t k0 = g * grid.group_size, k1 = std::min(in, k0 + grid.group_size);
+    vf acc[B][U];
+    FQ_UNROLL
+    for (int b = 0; b < B; ++b)
+      FQ_UNROLL
+      for (int u = 0; u < U; ++u) acc[b][u] = vzero();
+    int64_t k = k0;
+    for (; k + U * VW <= k1; k += U * VW)
+      FQ_UNROLL
+      for (int u = 0; u < U; ++u) {
+        const vf q = vcodes(codes + k + u * VW);
+        FQ_UNROLL
+        for (int b = 0; b < B; ++b) acc[b][u] = vfma(q, vload(a.x + b * a.ldx + k + u * VW), acc[b][u]);
+      }
+    for (; k + VW <= k1; k += VW) {
+      const vf q = vcodes(codes + k);
+      FQ_UNROLL
+      for (int b = 0; b < B; ++b) acc[b][0] = vfma(q, vload(a.x + b * a.ldx + k), acc[b][0]);
+    }
+    vf c[B];
+    FQ_UNROLL
+    for (int b = 0; b < B; ++b) {
+      c[b] = acc[b][0];
+      FQ_UNROLL
+      for (int u = 1; u < U; ++u) c[b] = vadd(c[b], acc[b][u]);
+      float tail = 0.f;
+      for (int64_t t = k; t < k1; ++t) tail += codes[t] * a.x[b * a.ldx + t];
+      tails[b] += sm[g] * tail;
+    }
+    finish_group<B>(c, a, grid.groups, g, sm[g], zc[g], total);
+  }
+  FQ_UNROLL
+  for (int b = 0; b < B; ++b) yn[b * ldy] = vsum(total[b]) + tails[b];
+}
+
+#if defined(__AVX512F__) && defined(__AVX512VBMI__) && defined(__AVX512VL__)
+#define FQ_MAGIC 1
+#endif
+
+#if defined(FQ_SIMD)
+// Fused path for nibble planes (ladder [4, 8] at 4 or 8 bits: NP = 1 or 2 planes of width
+// 4). Byte j of a nibble plane holds column j (low nibble) and column half + j (high
+// nibble), so one load feeds both halves of the row; nothing is unpacked to memory.
+// Needs half % group_size == 0 and group_size % (U * VW) == 0 (checked by the caller).
+#ifndef FQ_HINT
+#define FQ_HINT _MM_HINT_T1  // into L2: L1 prefetches hold line-fill buffers that demand loads need
+#endif
+#ifndef FQ_PREFETCH
+#define FQ_PREFETCH 4096
+#endif
+constexpr int kPrefetch = FQ_PREFETCH;  // bytes ahead within a plane: the hardware prefetcher alone lags
+
+template <int B, int NP, int U>
+void row_dot_nibbles(const uint8_t* __restrict r0, const uint8_t* __restrict r1, int64_t half,
+                     const Activations& a, const Grid& grid, const float* sm, const float* zc,
+                     float* __restrict yn, int64_t ldy) {
+  const __m128i m = _mm_set1_epi8(0x0F), mh = _mm_set1_epi8(static_cast<char>(0xF0));
+  const int64_t gh = half / grid.group_size;  // groups per half row
+  vf total[B];
+  FQ_UNROLL
+  for (int b = 0; b < B; ++b) total[b] = vzero();
+  for (int64_t g = 0; g < gh; ++g) {
+    vf a0[B][U], a1[B][U];
+    FQ_UNROLL
+    for (int b = 0; b < B; ++b)
+      FQ_UNROLL
+      for (int u = 0; u < U; ++u) a0[b][u] = a1[b][u] = vzero();
+    const int64_t j1 = (g + 1) * grid.group_size;
+    for (int64_t j = g * grid.group_size; j < j1; j += U * VW)
+      FQ_UNROLL
+      for (int u = 0; u < U; ++u) {
+        const int64_t jj = j + u * VW;
+        _mm_prefetch(reinterpret_cast<const char*>(r0 + jj + kPrefetch), FQ_HINT);
+        if constexpr (NP == 2) _mm_prefetch(reinterpret_cast<const char*>(r1 + jj + kPrefetch), FQ_HINT);
+        const __m128i v = bload(r0 + jj);
+        vf q0, q1;
+        if constexpr (NP == 1) {
+          q0 = vcodes(_mm_and_si128(v, m));
+          q1 = vcodes(_mm_and_si128(_mm_srli_epi16(v, 4), m));
+        } else {  // top nibble from plane 0, bottom nibble from plane 1
+          const __m128i w = bload(r1 + jj);
+          q0 = vcodes(_mm_or_si128(_mm_slli_epi16(_mm_and_si128(v, m), 4), _mm_and_si128(w, m)));
+          q1 = vcodes(_mm_or_si128(_mm_and_si128(v, mh), _mm_and_si128(_mm_srli_epi16(w, 4), m)));
+        }
+        FQ_UNROLL
+        for (int b = 0; b < B; ++b) {
+          a0[b][u] = vfma(q0, vload(a.x + b * a.ldx + jj), a0[b][u]);
+          a1[b][u] = vfma(q1, vload(a.x + b * a.ldx + half + jj), a1[b][u]);
+        }
+      }
+    vf c0[B], c1[B];
+    FQ_UNROLL
+    for (int b = 0; b < B; ++b) {
+      c0[b] = a0[b][0];
+      c1[b] = a1[b][0];
+      FQ_UNROLL
+      for (int u = 1; u < U; ++u) { c0[b] = vadd(c0[b], a0[b][u]); c1[b] = vadd(c1[b], a1[b][u]); }
+    }
+    finish_group<B>(c0, a, grid.groups, g, sm[g], zc[g], total);
+    finish_group<B>(c1, a, grid.groups, g + gh, sm[g + gh], zc[g + gh], total);
+  }
+  FQ_UNROLL
+  for (int b = 0; b < B; ++b) yn[b * ldy] = vsum(total[b]);
+}
+#endif
+
+#if defined(FQ_MAGIC)
+// Nibble planes on AVX-512 VBMI, 64 bytes of each plane (128 codes) per step; a byte
+// permute moves 16 codes at once into the 32-bit lanes.
+//  NP = 1 (4-bit): the byte 0x80 | q << 3 placed as byte 2 of 0x3F800000 is the float
+//    1 + q/16, so no int->float conversion is needed: the accumulators hold
+//    sum (1 + q/16) x, rescaled by row_params(mult = 16, shift = 16).
+//  NP = 2 (8-bit): the code is zero-extended by the permute, then converted.
+// Needs half % group_size == 0 and group_size % 64 == 0 (checked by the caller).
+template <int B, int NP>
+void row_dot_wide(const uint8_t* __restrict r0, const uint8_t* __restrict r1, int64_t half, const Activations& a,
+                  const Grid& grid, const float* sm, const float* zc, float* __restrict yn, int64_t ldy) {
+  const __m512i m0f = _mm512_set1_epi8(0x0F), mf0 = _mm512_set1_epi8(static_cast<char>(0xF0));
+  const __m512i m78 = _mm512_set1_epi8(0x78), m80 = _mm512_set1_epi8(static_cast<char>(0x80));
+  const __m512i one = _mm512_set1_epi32(0x3F800000);
+  const int at = NP == 1 ? 16 : 0;  // bit position of the code's byte within each 32-bit lane
+  const __m512i lane = _mm512_slli_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), at);
+  const __m512i step = _mm512_set1_epi32(16 << at);
+  const __m512i idx[4] = {lane, _mm512_add_epi32(lane, step), _mm512_add_epi32(lane, _mm512_add_epi32(step, step)),
+                          _mm512_add_epi32(lane, _mm512_add_epi32(step, _mm512_add_epi32(step, step)))};
+  constexpr __mmask64 kByte = NP == 1 ? 0x4444444444444444ULL : 0x1111111111111111ULL;
+  constexpr int A = B == 1 ? 2 : 1;  // accumulators per half and row: enough chains to hide FMA latency
+  const int64_t gh = half / grid.group_size;
+  vf total[B];
+  FQ_UNROLL
+  for (int b = 0; b < B; ++b) total[b] = vzero();
+  for (int64_t g = 0; g < gh; ++g) {
+    vf a0[B][A], a1[B][A];
+    FQ_UNROLL
+    for (int b = 0; b < B; ++b)
+      FQ_UNROLL
+      for (int u = 0; u < A; ++u) a0[b][u] = a1[b][u] = vzero();
+    for (int64_t j = g * grid.group_size; j < (g + 1) * grid.group_size; j += 64) {
+      _mm_prefetch(reinterpret_cast<const char*>(r0 + j + kPrefetch), FQ_HINT);
+      const __m512i v = _mm512_loadu_si512(r0 + j);
+      __m512i lo, hi;  // codes of columns j.. (low nibbles) and half + j.. (high nibbles)
+      if constexpr (NP == 1) {
+        lo = _mm512_ternarylogic_epi32(_mm512_slli_epi16(v, 3), m78, m80, 0xEA);  // (v << 3 & 0x78) | 0x80
+        hi = _mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 1), m78, m80, 0xEA);
+      } else {
+        _mm_prefetch(reinterpret_cast<const char*>(r1 + j + kPrefetch), FQ_HINT);
+        const __m512i w = _mm512_loadu_si512(r1 + j);
+        lo = _mm512_ternarylogic_epi32(mf0, _mm512_slli_epi16(v, 4), w, 0xCA);  // top nibble from plane 0
+        hi = _mm512_ternarylogic_epi32(mf0, v, _mm512_srli_epi16(w, 4), 0xCA);
+      }
+      FQ_UNROLL
+      for (int i = 0; i < 4; ++i) {
+        vf q0, q1;
+        if constexpr (NP == 1) {
+          q0 = _mm512_castsi512_ps(_mm512_mask_permutexvar_epi8(one, kByte, idx[i], lo));
+          q1 = _mm512_castsi512_ps(_mm512_mask_permutexvar_epi8(one, kByte, idx[i], hi));
+        } else {
+          q0 = _mm512_cvtepi32_ps(_mm512_maskz_permutexvar_epi8(kByte, idx[i], lo));
+          q1 = _mm512_cvtepi32_ps(_mm512_maskz_permutexvar_epi8(kByte, idx[i], hi));
+        }
+        FQ_UNROLL
+        for (int b = 0; b < B; ++b) {
+          const float* xb = a.x + b * a.ldx + j + 16 * i;
+          a0[b][i % A] = vfma(q0, vload(xb), a0[b][i % A]);
+          a1[b][i % A] = vfma(q1, vload(xb + half), a1[b][i % A]);
+        }
+      }
+    }
+    vf c0[B], c1[B];
+    FQ_UNROLL
+    for (int b = 0; b < B; ++b) {
+      c0[b] = a0[b][0];
+      c1[b] = a1[b][0];
+      FQ_UNROLL
+      for (int u = 1; u < A; ++u) { c0[b] = vadd(c0[b], a0[b][u]); c1[b] = vadd(c1[b], a1[b][u]); }
+    }
+    finish_group<B>(c0, a, grid.groups, g, sm[g], zc[g], total);
+    finish_group<B>(c1, a, grid.groups, g + gh, sm[g + gh], zc[g + gh], total);
+  }
+  FQ_UNROLL
+  for (int b = 0; b < B; ++b) yn[b * ldy] = vsum(total[b]);
+}
+#endif
+
+template <int B>
+void gemv(const Planes& planes, const Grid& grid, const Activations& a, int64_t in, int64_t out, float* y) {
+  constexpr int U = B >= 4 ? 1 : (B >= 2 ? 2 : 4);
+  bool nibbles = false;
+#if defined(FQ_SIMD)
+  constexpr int UN = B >= 2 ? 1 : 2;
+  const int64_t half = planes.padded_in / 2, np = static_cast<int64_t>(planes.data.size());
+  nibbles = in == planes.padded_in && half % grid.group_size == 0 && grid.group_size % (UN * VW) == 0 && np <= 2;
+  for (int64_t w : planes.widths) nibbles = nibbles && w == 4;
+#else
+  const int64_t half = 0, np = 0;
+#endif
+#if defined(FQ_MAGIC)
+  const bool wide = nibbles && grid.group_size % 64 == 0, magic = wide && np == 1;
+#else
+  constexpr bool magic = false;
+#endif
+  const float mult = magic ? 16.f : 1.f, shift = magic ? 16.f : 0.f;
+  at::parallel_for(0, out, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> params(2 * grid.groups);
+    float *sm = params.data(), *zc = sm + grid.groups;
+    std::vector<uint8_t> codes(nibbles ? 0 : planes.padded_in);
+    for (int64_t n = begin; n < end; ++n) {
+      row_params(grid, n, mult, shift, sm, zc);
+#if defined(FQ_SIMD)
+#if defined(FQ_MAGIC)
+      if (wide) {
+        const uint8_t* r0 = planes.data[0] + n * half;
+        if (np == 1)
+          row_dot_wide<B, 1>(r0, nullptr, half, a, grid, sm, zc, y + n, out);
+        else
+          row_dot_wide<B, 2>(r0, planes.data[1] + n * half, half, a, grid, sm, zc, y + n, out);
+        continue;
+      }
+#endif
+      if (nibbles) {
+        const uint8_t* r0 = planes.data[0] + n * half;
+        if (np == 1)
+          row_dot_nibbles<B, 1, UN>(r0, nullptr, half, a, grid, sm, zc, y + n, out);
+        else
+          row_dot_nibbles<B, 2, UN>(r0, planes.data[1] + n * half, half, a, grid, sm, zc, y + n, out);
+        continue;
+      }
+#endif
+      unpack_row(planes, n, codes.data());
+      row_dot<B, U>(codes.data(), a, in, grid, sm, zc, y + n, out);
+    }
+  });
+}
+
+using GemvFn = void (*)(const Planes&, const Grid&, const Activations&, int64_t, int64_t, float*);
+constexpr GemvFn kGemv[kMaxGemvBatch] = {gemv<1>, gemv<2>, gemv<3>, gemv<4>, gemv<5>, gemv<6>, gemv<7>, gemv<8>};
+
+// Rows [n0, n1) of the b-bit slice as float32 [n1 - n0, in].
+void dequantize_rows(const Planes& planes, const Grid& grid, int64_t in, int64_t n0, int64_t n1, float* w) {
+  at::parallel_for(n0, n1, 4, [&](int64_t begin, int64_t end) {
+    std::vector<uint8_t> codes(planes.padded_in);
+    std::vector<float> params(2 * grid.groups);
+    float *s = params.data(), *z = s + grid.groups;
+    for (int64_t n = begin; n < end; ++n) {
+      unpack_row(planes, n, codes.data());
+      row_params(grid, n, 1.f, 0.f, s, z);
+      float* row = w + (n - n0) * in;
+      for (int64_t g = 0; g < grid.groups; ++g) {
+        const int64_t k0 = g * grid.group_size, k1 = std::min(in, k0 + grid.group_size);
+        for (int64_t k = k0; k < k1; ++k) row[k] = (codes[k] - z[g]) * s[g];
+      }
+    }
+  });
+}
+
+at::Tensor nested_linear(const at::Tensor& x, at::TensorList planes, at::IntArrayRef widths,
+                         const at::Tensor& scale, const at::Tensor& zero, int64_t low, int64_t group_size) {
+  TORCH_CHECK(!planes.empty() && planes.size() == widths.size(), "nested_linear: one width per plane");
+  TORCH_CHECK(scale.dim() == 2 && scale.scalar_type() == at::kHalf && scale.is_contiguous(), "nested_linear: scale must be contiguous fp16 [N, G]");
+  TORCH_CHECK(zero.sizes() == scale.sizes() && zero.scalar_type() == at::kByte && zero.is_contiguous(), "nested_linear: zero must be contiguous uint8 [N, G]");
+  const int64_t in = x.size(-1), out = scale.size(0);
+  const int64_t groups = (in + group_size - 1) / group_size;
+  TORCH_CHECK(group_size > 0 && scale.size(1) == groups, "nested_linear: scale has ", scale.size(1), " groups, expected ", groups);
+  Planes p;
+  p.padded_in = (in + 7) / 8 * 8;
+  int64_t bits = 0;
+  for (size_t i = 0; i < planes.size(); ++i) {
+    const int64_t w = widths[i];
+    TORCH_CHECK(w == 1 || w == 2 || w == 4 || w == 8, "nested_linear: plane width ", w);
+    TORCH_CHECK(planes[i].scalar_type() == at::kByte && planes[i].is_contiguous() && planes[i].dim() == 2 &&
+                    planes[i].size(0) == out && planes[i].size(1) == p.padded_in * w / 8,
+                "nested_linear: plane ", i, " must be contiguous uint8 [", out, ", ", p.padded_in * w / 8, "]");
+    TORCH_CHECK(w < 8 || planes.size() == 1, "nested_linear: an 8-bit plane is always the only one");
+    p.data.push_back(planes[i].data_ptr<uint8_t>());
+    p.widths.push_back(w);
+    bits += w;
+  }
+  TORCH_CHECK(bits <= 8 && low >= 1 && low <= bits, "nested_linear: planes hold ", bits, " bits, lowest rung ", low);
+  const Grid grid{scale.data_ptr<c10::Half>(), zero.data_ptr<uint8_t>(), groups, group_size,
+                  static_cast<float>(int64_t{1} << (bits - low))};
+
+  auto shape = x.sizes().vec();
+  shape.back() = out;
+  const at::Tensor x2 = x.reshape({-1, in}).to(at::kFloat).contiguous();
+  const int64_t m = x2.size(0);
+  at::Tensor y = at::empty({m, out}, x2.options());
+  if (m == 0) return y.view(shape).to(x.scalar_type());
+
+  if (m <= kMaxGemvBatch) {
+    // Per-group activation sums (over the vector width), shared by every output row.
+    at::Tensor xsum = at::zeros({m, groups}, x2.options());
+    const float* xp = x2.data_ptr<float>();
+    float* xs = xsum.data_ptr<float>();
+    for (int64_t b = 0; b < m; ++b)
+      for (int64_t g = 0; g < groups; ++g) {
+        const float* row = xp + b * in;
+        const int64_t k1 = std::min(in, (g + 1) * group_size);
+        int64_t k = g * group_size;
+        vf acc = vzero();
+        for (; k + VW <= k1; k += VW) acc = vadd(acc, vload(row + k));
+        float sum = vsum(acc);
+        for (; k < k1; ++k) sum += row[k];
+        xs[b * groups + g] = sum / VW;
+      }
+    kGemv[m - 1](p, grid, Activations{xp, in, xs}, in, out, y.data_ptr<float>());
+  } else {
+    // Tiles of ~4 MiB of float weights: dequantized once, multiplied while still in cache.
+    const int64_t rows = std::max<int64_t>(64, (int64_t{1} << 20) / std::max<int64_t>(in, 1) / 64 * 64);
+    at::Tensor tile = at::empty({std::min(rows, out), in}, x2.options());
+    for (int64_t n0 = 0; n0 < out; n0 += rows) {
+      const int64_t n1 = std::min(out, n0 + rows);
+      at::Tensor w = tile.narrow(0, 0, n1 - n0);
+      dequantize_rows(p, grid, in, n0, n1, w.data_ptr<float>());
+      y.narrow(1, n0, n1 - n0).copy_(at::mm(x2, w.t()));
+    }
+  }
+  return y.view(shape).to(x.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fqcompile, CPU, m) { m.impl("nested_linear", &nested_linear); }
