@@ -31,7 +31,8 @@ def test_wheel_installs_and_runs(tmp_path):
     (wheel,) = wheels.glob("fqcompile-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert all(n.startswith(("fqcompile/", "fqcompile-")) for n in names), names
-    for module in ("fqcompile/kernels/__init__.py", "fqcompile/formats/nested.py", "fqcompile/calibration/data.py"):
+    for module in ("fqcompile/kernels/__init__.py", "fqcompile/kernels/cpu_nested.cpp", "fqcompile/formats/nested.py",
+                   "fqcompile/calibration/data.py"):
         assert module in names
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(target), str(wheel)],

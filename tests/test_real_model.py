@@ -71,6 +71,21 @@ def test_real_layers_against_float64(smol, exported, oracle_weight):
             assert (layer(xin).double() - want).norm() <= 1e-5 * want.norm()
 
 
+def test_fast_kernels_give_the_reference_perplexity(exported, austen, monkeypatch):
+    """Perplexity through the C++ kernels equals the torch reference path's (4 significant digits)."""
+    from fqcompile.kernels import backend, ops
+
+    loaded = fqcompile.load(exported[0])
+    samples = load_samples(str(austen), loaded.tokenizer, split="eval", seq_len=256, max_samples=2)
+    assert backend(torch.device("cpu")) == "cpu-cpp"
+    fast = fqcompile.evaluate(loaded.model, samples, precisions=[4, 8], progress=False)
+    monkeypatch.setitem(ops._ready, "cpu", "reference")
+    slow = fqcompile.evaluate(loaded.model, samples, precisions=[4, 8], progress=False)
+    for bits in (4, 8):
+        a, b = fast[bits]["perplexity"], slow[bits]["perplexity"]
+        assert f"{a:.4g}" == f"{b:.4g}" and abs(a - b) <= 1e-5 * b, (bits, a, b)
+
+
 def test_generate_from_checkpoint_in_a_fresh_process(exported):
     out = subprocess.run(
         [sys.executable, "-m", "fqcompile.cli", "generate", str(exported[0]), "--chat", "--no-stream",

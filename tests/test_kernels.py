@@ -1,0 +1,131 @@
+"""The CPU kernels behind flex_linear: the C++ fast path, its variants, the op, the fallback."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fqcompile.flex_linear import FlexLinear
+from fqcompile.formats.nested import Layout, pack_planes, quantize_rtn
+from fqcompile.kernels import backend, flex_linear
+
+LADDERS = [(4, 8), (2, 3, 4, 6, 8), (3, 8), (8,), (4,)]
+# 4096 and 1536: the wide nibble path (half a row is whole groups); 576 with group 128 and
+# 200, 61: the general path (groups straddle the halves, rows not a multiple of 8).
+SHAPES = [((96, 4096), 128), ((70, 1536), 64), ((33, 576), 128), ((40, 200), 64), ((17, 61), 32)]
+BATCHES = (1, 2, 3, 5, 8, 9, 33)  # up to 8: per-row dot products; above: dequantized tiles + matmul
+
+
+def make(shape, group, ladder, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=gen) * 0.05
+    layout = Layout(*shape, group_size=group, ladder=ladder)
+    codes, scale, zero = quantize_rtn(w, group, ladder)
+    return layout, codes, scale, zero, pack_planes(codes, layout)
+
+
+def test_compiled_kernels_serve_the_cpu():
+    assert backend(torch.device("cpu")) == "cpu-cpp"
+
+
+@pytest.mark.parametrize("ladder", LADDERS)
+@pytest.mark.parametrize("shape,group", SHAPES)
+def test_cpu_kernel_matches_float64(ladder, shape, group, oracle_weight):
+    layout, codes, scale, zero, planes = make(shape, group, ladder, seed=shape[0])
+    gen = torch.Generator().manual_seed(7)
+    for m in BATCHES:
+        # A large mean in the activations stresses the zero-point correction (cancellation).
+        for offset in (0.0, 2.0):
+            x = torch.randn(m, shape[1], generator=gen) + offset
+            for bits in ladder:
+                ref = x.double() @ oracle_weight(codes, scale, zero, ladder, bits, group).T
+                y = flex_linear(x, planes, (layout, scale, zero), bits)
+                assert y.dtype == torch.float32 and y.shape == (m, shape[0])
+                err = ((y.double() - ref).norm() / ref.norm()).item()
+                assert err <= 1e-5, (m, offset, bits, err)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 1e-2), (torch.float16, 1e-3)])
+@pytest.mark.parametrize("m", [1, 4, 20])
+def test_cpu_kernel_low_precision_activations(dtype, tol, m, oracle_weight):
+    layout, codes, scale, zero, planes = make((64, 1024), 128, (4, 8))
+    x = torch.randn(2, m, 1024, generator=torch.Generator().manual_seed(m)).to(dtype)
+    for bits in (4, 8):
+        ref = x.double() @ oracle_weight(codes, scale, zero, (4, 8), bits, 128).T
+        y = flex_linear(x, planes, (layout, scale, zero), bits)
+        assert y.dtype == dtype and y.shape == (2, m, 64)
+        assert (y.double() - ref).norm() <= tol * ref.norm()
+
+
+def test_empty_batch_and_bad_planes():
+    layout, _, scale, zero, planes = make((16, 256), 128, (4, 8))
+    assert flex_linear(torch.randn(0, 256), planes, (layout, scale, zero), 8).shape == (0, 16)
+    with pytest.raises(RuntimeError, match="plane 0 must be"):
+        torch.ops.fqcompile.nested_linear(torch.randn(1, 256), [planes[0][:, :-1]], [4], scale, zero, 4, 128)
+    with pytest.raises(RuntimeError, match="groups"):
+        torch.ops.fqcompile.nested_linear(torch.randn(1, 256), planes[:1], [4], scale, zero, 4, 64)
+
+
+def test_torch_compile_traces_the_op():
+    layout, _, scale, zero, planes = make((48, 512), 128, (4, 8))
+    layer = FlexLinear(layout, planes, scale, zero, bias=torch.randn(48))
+    x = torch.randn(3, 512)
+    layer.set_precision(4)
+    eager = layer(x)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    assert torch.allclose(compiled(x), eager, rtol=0, atol=0)
+
+
+CHECK = """
+import torch
+from fqcompile.formats.nested import Layout, pack_planes, quantize_rtn
+from fqcompile.kernels import backend, flex_linear, reference_linear
+worst = 0.0
+for shape, group in [((64, 2048), 128), ((48, 1536), 64), ((33, 576), 128), ((17, 61), 32)]:
+    for ladder in [(4, 8), (2, 3, 4, 6, 8)]:
+        w = torch.randn(shape) * 0.05
+        layout = Layout(*shape, group_size=group, ladder=ladder)
+        codes, scale, zero = quantize_rtn(w, group, ladder)
+        planes = pack_planes(codes, layout)
+        for m in (1, 3, 9):
+            x = torch.randn(m, shape[1]) + 1.0
+            for bits in ladder:
+                y = flex_linear(x, planes, (layout, scale, zero), bits)
+                y = flex_linear(x, planes, (layout, scale, zero), bits)
+                ref = reference_linear(x.double(), planes, (layout, scale, zero), bits)
+                worst = max(worst, ((y.double() - ref).norm() / ref.norm()).item())
+print(backend(torch.device("cpu")), worst)
+"""
+
+
+def run_check(tmp_path, **env):
+    full = {k: v for k, v in os.environ.items() if not k.startswith(("FQCOMPILE_", "CXX"))}
+    full.update(FQCOMPILE_CACHE=str(tmp_path / "cache"), **env)
+    out = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True, env=full, timeout=600)
+    assert out.returncode == 0, out.stderr
+    name, worst = out.stdout.split()
+    return name, float(worst), [line for line in out.stderr.splitlines() if line.strip()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags", ["-mno-avx512f", "-mno-avx512vbmi", "-mno-avx -mno-f16c -mno-fma"],
+                         ids=["avx2", "avx512-no-vbmi", "portable"])
+def test_instruction_set_variants(tmp_path, flags):
+    """The AVX2 and portable builds (what machines without AVX-512 VBMI compile) are exact too."""
+    name, worst, _ = run_check(tmp_path, FQCOMPILE_CXXFLAGS=flags)
+    assert name == "cpu-cpp" and worst <= 1e-5
+
+
+@pytest.mark.slow
+def test_without_a_compiler_the_reference_runs_and_says_so_once(tmp_path):
+    name, worst, stderr = run_check(tmp_path, CXX=str(tmp_path / "no-such-c++"))
+    assert name == "reference" and worst <= 1e-5
+    assert len(stderr) == 1 and "fast cpu kernels unavailable" in stderr[0] and "reference" in stderr[0], stderr
+
+
+@pytest.mark.slow
+def test_reference_on_request_without_warning(tmp_path):
+    name, worst, stderr = run_check(tmp_path, FQCOMPILE_KERNELS="reference")
+    assert name == "reference" and worst <= 1e-5 and stderr == []
