@@ -31,7 +31,9 @@ import torch
 import torch.nn.functional as F
 
 from fqcompile.formats.nested import Layout, dequantize, pack_planes, quantize_rtn
-from fqcompile.kernels import backend, flex_linear
+from fqcompile.kernels import backend, flex_linear, ops
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "austen"
 
 GROUP = 128
 
@@ -123,6 +125,29 @@ def time_round_robin(found: dict, x: torch.Tensor, rounds: int) -> dict:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def perplexity_check(data: Path, samples: int, ladder) -> dict:
+    """Built-in model, RTN nested checkpoint: perplexity through our kernels and the reference."""
+    import tempfile
+
+    import fqcompile
+    from fqcompile import models
+    from fqcompile.calibration.data import load_samples
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = fqcompile.export(models.BUILTIN_NAME, Path(tmp) / "ckpt", ladder=ladder, progress=False)
+        loaded = fqcompile.load(folder)
+    chunks = load_samples(str(data), loaded.tokenizer, split="eval", seq_len=512, max_samples=samples)
+    found = {}
+    for name in (backend(torch.device("cpu")), "reference"):
+        ops._ready["cpu"] = name
+        start = time.perf_counter()
+        result = fqcompile.evaluate(loaded.model, chunks, precisions=list(ladder), progress=False)
+        found[name] = {"seconds": time.perf_counter() - start,
+                       **{str(b): result[b]["perplexity"] for b in ladder}}
+    ops._ready.pop("cpu")
+    return {"tokens": sum(c.numel() for c in chunks), "results": found}
+
+
 def ratios(row: dict, ladder, stream: float) -> dict:
     lo, hi = ladder[0], ladder[-1]
     t = row["ms"]
@@ -148,7 +173,7 @@ TARGETS = [  # (shape, batch, ratio name, minimum) from the kernels issue
 ]
 
 
-def report(results: list, ladder, stream: float, args, elapsed: float) -> str:
+def report(results: list, ladder, stream: float, args, elapsed: float, ppl: dict | None) -> str:
     lo, hi = ladder[0], ladder[-1]
     names = list(results[0]["ms"])
     lines = [
@@ -185,6 +210,14 @@ def report(results: list, ladder, stream: float, args, elapsed: float) -> str:
             continue
         got = row["ratios"][key]
         lines.append(f"| {shape} | {batch} | {key} | ≥ {minimum:.2f} | {got:.2f} | {'met' if got >= minimum else 'missed'} |")
+    if ppl:
+        lines += ["", "## Perplexity through the kernels", "",
+                  f"Built-in SmolLM2-135M, RTN nested checkpoint {list(ladder)}, {ppl['tokens']} held-out Austen "
+                  "tokens, the whole model evaluated once through each path:", "",
+                  "| path | " + " | ".join(f"{b}-bit ppl" for b in ladder) + " | eval seconds |",
+                  "|---|" + "---|" * (len(ladder) + 1)]
+        for name, r in ppl["results"].items():
+            lines.append(f"| {name} | " + " | ".join(f"{r[str(b)]:.6f}" for b in ladder) + f" | {r['seconds']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -197,6 +230,9 @@ def main() -> None:
     ap.add_argument("--rotate-mib", type=int, default=512, help="distinct weight bytes per method")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="docs/benchmarks", help="writes OUT.md and OUT.json")
+    ap.add_argument("--ppl-samples", type=int, default=8,
+                    help="512-token held-out samples for the perplexity check (0 skips it)")
+    ap.add_argument("--data", default=str(DEFAULT_DATA), help="held-out text for the perplexity check")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     ladder = tuple(int(b) for b in args.ladder.split(","))
@@ -217,12 +253,14 @@ def main() -> None:
             results.append(row)
             print(f"{shape} batch {batch}: " + ", ".join(f"{k} {v:.3f}" for k, v in row["ms"].items()))
         del found
-    text = report(results, ladder, stream, args, time.perf_counter() - started)
+    ppl = perplexity_check(Path(args.data), args.ppl_samples, ladder) if args.ppl_samples else None
+    text = report(results, ladder, stream, args, time.perf_counter() - started, ppl)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(text)
     out.with_suffix(".json").write_text(json.dumps(
-        {"stream_gbs": stream, "ladder": list(ladder), "threads": args.threads, "results": results}, indent=1) + "\n")
+        {"stream_gbs": stream, "ladder": list(ladder), "threads": args.threads, "results": results,
+         "perplexity": ppl}, indent=1) + "\n")
     print(text)
 
 
