@@ -6,7 +6,7 @@ from torch import nn
 
 from .errors import FqError
 from .formats.nested import Layout
-from .kernels import flex_linear
+from .kernels import flex_linear, quantize_activations
 
 
 class FlexLinear(nn.Module):
@@ -30,6 +30,7 @@ class FlexLinear(nn.Module):
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
         self.precision = max(self.precisions)
         self.dense = None  # {bits: weight} while runtime.dense_weights() is active
+        self.int8_activations = False  # quantize inputs per group to int8 (kernels.flex_linear)
 
 
     @property
@@ -51,8 +52,13 @@ class FlexLinear(nn.Module):
         meta = (self.layout, self.scale, self.zero)
         bits = self.precision
         values = bits.unique().tolist() if torch.is_tensor(bits) else [bits]
-        run = (lambda v, b: F.linear(v, self.dense[b])) if self.dense else (
-            lambda v, b: flex_linear(v, self.planes(), meta, b))
+        int8 = self.int8_activations
+        if self.dense:
+            def run(v, b):
+                return F.linear(quantize_activations(v, self.layout.group_size) if int8 else v, self.dense[b])
+        else:
+            def run(v, b):
+                return flex_linear(v, self.planes(), meta, b, int8)
         if len(values) == 1:
             y = run(x, values[0])
         else:  # per-row precisions: each group of rows through its own slice
@@ -66,4 +72,5 @@ class FlexLinear(nn.Module):
         return (
             f"in={self.in_features}, out={self.out_features}, group={self.layout.group_size}, "
             f"ladder={list(self.layout.ladder)}, precision={self.precision}"
+            + (", int8_activations=True" if self.int8_activations else "")
         )

@@ -18,6 +18,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -162,6 +163,14 @@ struct Activations {
   const float* x;   // [B, ldx]
   int64_t ldx;
   const float* xq;  // [B, groups]: X_g / VW
+};
+
+// Activations quantized per group to int8 (the int8-activation mode): x ~ scale_g * q.
+struct Quantized {
+  const int8_t* q;      // [B, ld], zero past in_features
+  int64_t ld;
+  const float* scale;   // [B, groups]
+  const float* sum;     // [B, groups]: sum of q over the group / VW
 };
 
 template <int B>
@@ -364,8 +373,60 @@ void row_dot_wide(const uint8_t* __restrict r0, const uint8_t* __restrict r1, in
 }
 #endif
 
+#if defined(FQ_MAGIC) && defined(__AVX512VNNI__)
+#define FQ_VNNI 1
+// Int8-activation mode on nibble planes: codes (u8) times group-quantized activations (s8)
+// with VNNI's 4-way u8 x s8 dot products, 64 per instruction, summed exactly in int32. Per
+// group, y_g = s_g * sx_g * (sum q xq - z_g * sum xq); xs holds sum xq / VW per lane.
+template <int B, int NP>
+void row_dot_vnni(const uint8_t* __restrict r0, const uint8_t* __restrict r1, int64_t half, const Quantized& xq,
+                  const Grid& grid, const float* sm, const float* zc, float* __restrict yn, int64_t ldy) {
+  const __m512i m0f = _mm512_set1_epi8(0x0F), mf0 = _mm512_set1_epi8(static_cast<char>(0xF0));
+  const int64_t gh = half / grid.group_size;
+  vf total[B];
+  FQ_UNROLL
+  for (int b = 0; b < B; ++b) total[b] = vzero();
+  for (int64_t g = 0; g < gh; ++g) {
+    __m512i a0[B], a1[B];
+    FQ_UNROLL
+    for (int b = 0; b < B; ++b) a0[b] = a1[b] = _mm512_setzero_si512();
+    for (int64_t j = g * grid.group_size; j < (g + 1) * grid.group_size; j += 64) {
+      _mm_prefetch(reinterpret_cast<const char*>(r0 + j + kPrefetch), FQ_HINT);
+      const __m512i v = _mm512_loadu_si512(r0 + j);
+      __m512i lo, hi;
+      if constexpr (NP == 1) {
+        lo = _mm512_and_si512(v, m0f);
+        hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m0f);
+      } else {
+        _mm_prefetch(reinterpret_cast<const char*>(r1 + j + kPrefetch), FQ_HINT);
+        const __m512i w = _mm512_loadu_si512(r1 + j);
+        lo = _mm512_ternarylogic_epi32(mf0, _mm512_slli_epi16(v, 4), w, 0xCA);
+        hi = _mm512_ternarylogic_epi32(mf0, v, _mm512_srli_epi16(w, 4), 0xCA);
+      }
+      FQ_UNROLL
+      for (int b = 0; b < B; ++b) {
+        const int8_t* q = xq.q + b * xq.ld;
+        a0[b] = _mm512_dpbusd_epi32(a0[b], lo, _mm512_loadu_si512(q + j));
+        a1[b] = _mm512_dpbusd_epi32(a1[b], hi, _mm512_loadu_si512(q + half + j));
+      }
+    }
+    FQ_UNROLL
+    for (int b = 0; b < B; ++b) {
+      const float* s = xq.scale + b * grid.groups;
+      const float* x = xq.sum + b * grid.groups;
+      const vf c0 = vadd(_mm512_cvtepi32_ps(a0[b]), vset(-zc[g] * x[g]));
+      const vf c1 = vadd(_mm512_cvtepi32_ps(a1[b]), vset(-zc[g + gh] * x[g + gh]));
+      total[b] = vfma(vset(sm[g + gh] * s[g + gh]), c1, vfma(vset(sm[g] * s[g]), c0, total[b]));
+    }
+  }
+  FQ_UNROLL
+  for (int b = 0; b < B; ++b) yn[b * ldy] = vsum(total[b]);
+}
+#endif
+
 template <int B>
-void gemv(const Planes& planes, const Grid& grid, const Activations& a, int64_t in, int64_t out, float* y) {
+void gemv(const Planes& planes, const Grid& grid, const Activations& a, const Quantized* xq, int64_t in, int64_t out,
+          float* y) {
   constexpr int U = B >= 4 ? 1 : (B >= 2 ? 2 : 4);
   bool nibbles = false;
 #if defined(FQ_SIMD)
@@ -377,7 +438,7 @@ void gemv(const Planes& planes, const Grid& grid, const Activations& a, int64_t 
   const int64_t half = 0, np = 0;
 #endif
 #if defined(FQ_MAGIC)
-  const bool wide = nibbles && grid.group_size % 64 == 0, magic = wide && np == 1;
+  const bool wide = nibbles && grid.group_size % 64 == 0, magic = wide && np == 1 && !xq;
 #else
   constexpr bool magic = false;
 #endif
@@ -389,6 +450,16 @@ void gemv(const Planes& planes, const Grid& grid, const Activations& a, int64_t 
     for (int64_t n = begin; n < end; ++n) {
       row_params(grid, n, mult, shift, sm, zc);
 #if defined(FQ_SIMD)
+#if defined(FQ_VNNI)
+      if (wide && xq) {
+        const uint8_t* r0 = planes.data[0] + n * half;
+        if (np == 1)
+          row_dot_vnni<B, 1>(r0, nullptr, half, *xq, grid, sm, zc, y + n, out);
+        else
+          row_dot_vnni<B, 2>(r0, planes.data[1] + n * half, half, *xq, grid, sm, zc, y + n, out);
+        continue;
+      }
+#endif
 #if defined(FQ_MAGIC)
       if (wide) {
         const uint8_t* r0 = planes.data[0] + n * half;
@@ -414,7 +485,7 @@ void gemv(const Planes& planes, const Grid& grid, const Activations& a, int64_t 
   });
 }
 
-using GemvFn = void (*)(const Planes&, const Grid&, const Activations&, int64_t, int64_t, float*);
+using GemvFn = void (*)(const Planes&, const Grid&, const Activations&, const Quantized*, int64_t, int64_t, float*);
 constexpr GemvFn kGemv[kMaxGemvBatch] = {gemv<1>, gemv<2>, gemv<3>, gemv<4>, gemv<5>, gemv<6>, gemv<7>, gemv<8>};
 
 // Rows [n0, n1) of the b-bit slice as float32 [n1 - n0, in].
@@ -435,8 +506,33 @@ void dequantize_rows(const Planes& planes, const Grid& grid, int64_t in, int64_t
   });
 }
 
+// The int8-activation mode's quantizer, exactly as kernels/reference.py quantize_activations:
+// per row and group, s = max|x| / 127 (1 if all zero), q = round-half-even(x / s).
+void quantize_activations(const float* x, int64_t m, int64_t in, int64_t group_size, int64_t groups, int8_t* q,
+                          int64_t ld, float* scale, float* sum, float* xhat) {
+  for (int64_t b = 0; b < m; ++b)
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t k0 = g * group_size, k1 = std::min(in, k0 + group_size);
+      const float* row = x + b * in;
+      float amax = 0.f;
+      for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::fabs(row[k]));
+      float s = amax / 127.f;
+      if (!(s > 0.f)) s = 1.f;
+      int64_t total = 0;
+      for (int64_t k = k0; k < k1; ++k) {
+        const float r = std::min(127.f, std::max(-127.f, std::nearbyint(row[k] / s)));
+        q[b * ld + k] = static_cast<int8_t>(r);
+        total += static_cast<int64_t>(r);
+        xhat[b * in + k] = r * s;
+      }
+      scale[b * groups + g] = s;
+      sum[b * groups + g] = static_cast<float>(total) / VW;
+    }
+}
+
 at::Tensor nested_linear(const at::Tensor& x, at::TensorList planes, at::IntArrayRef widths,
-                         const at::Tensor& scale, const at::Tensor& zero, int64_t low, int64_t group_size) {
+                         const at::Tensor& scale, const at::Tensor& zero, int64_t low, int64_t group_size,
+                         bool int8_activations) {
   TORCH_CHECK(!planes.empty() && planes.size() == widths.size(), "nested_linear: one width per plane");
   TORCH_CHECK(scale.dim() == 2 && scale.scalar_type() == at::kHalf && scale.is_contiguous(), "nested_linear: scale must be contiguous fp16 [N, G]");
   TORCH_CHECK(zero.sizes() == scale.sizes() && zero.scalar_type() == at::kByte && zero.is_contiguous(), "nested_linear: zero must be contiguous uint8 [N, G]");
@@ -463,10 +559,30 @@ at::Tensor nested_linear(const at::Tensor& x, at::TensorList planes, at::IntArra
 
   auto shape = x.sizes().vec();
   shape.back() = out;
-  const at::Tensor x2 = x.reshape({-1, in}).to(at::kFloat).contiguous();
+  at::Tensor x2 = x.reshape({-1, in}).to(at::kFloat).contiguous();
   const int64_t m = x2.size(0);
   at::Tensor y = at::empty({m, out}, x2.options());
   if (m == 0) return y.view(shape).to(x.scalar_type());
+
+  // Int8-activation mode: every path computes W x^ for the group-quantized x^; where VNNI
+  // is available, decode-sized batches use the integer codes directly.
+  at::Tensor q, qscale, qsum;
+  Quantized quantized{};
+  if (int8_activations) {
+    at::Tensor xhat = at::empty_like(x2);
+    q = at::zeros({m, p.padded_in}, x2.options().dtype(at::kChar));
+    qscale = at::empty({m, groups}, x2.options());
+    qsum = at::empty({m, groups}, x2.options());
+    quantize_activations(x2.data_ptr<float>(), m, in, group_size, groups, q.data_ptr<int8_t>(), p.padded_in,
+                         qscale.data_ptr<float>(), qsum.data_ptr<float>(), xhat.data_ptr<float>());
+    quantized = Quantized{q.data_ptr<int8_t>(), p.padded_in, qscale.data_ptr<float>(), qsum.data_ptr<float>()};
+    x2 = xhat;
+  }
+#if defined(FQ_VNNI)
+  const Quantized* xq = int8_activations ? &quantized : nullptr;
+#else
+  const Quantized* xq = nullptr;
+#endif
 
   if (m <= kMaxGemvBatch) {
     // Per-group activation sums (over the vector width), shared by every output row.
@@ -484,7 +600,7 @@ at::Tensor nested_linear(const at::Tensor& x, at::TensorList planes, at::IntArra
         for (; k < k1; ++k) sum += row[k];
         xs[b * groups + g] = sum / VW;
       }
-    kGemv[m - 1](p, grid, Activations{xp, in, xs}, in, out, y.data_ptr<float>());
+    kGemv[m - 1](p, grid, Activations{xp, in, xs}, xq, in, out, y.data_ptr<float>());
   } else {
     // Tiles of ~4 MiB of float weights: dequantized once, multiplied while still in cache.
     const int64_t rows = std::max<int64_t>(64, (int64_t{1} << 20) / std::max<int64_t>(in, 1) / 64 * 64);

@@ -13,15 +13,21 @@ import torch
 import torch.nn.functional as F
 
 from fqcompile.formats.nested import dequantize_planes
+from fqcompile.kernels.reference import quantize_activations
 
 SCHEMA = ("nested_linear(Tensor x, Tensor[] planes, int[] widths, Tensor scale, Tensor zero, "
-          "int low, int group_size) -> Tensor")
+          "int low, int group_size, bool int8_activations=False) -> Tensor")
 LIB = torch.library.Library("fqcompile", "DEF")
 LIB.define(SCHEMA)
 
 
-def reference(x, planes, widths, scale, zero, low, group_size):
-    """Dequantize the slice held by `planes`, then F.linear: the oracle for every kernel."""
+def reference(x, planes, widths, scale, zero, low, group_size, int8_activations=False):
+    """Dequantize the slice held by `planes`, then F.linear: the oracle for every kernel.
+
+    int8_activations: the activations are first quantized per group (quantize_activations).
+    """
+    if int8_activations:
+        x = quantize_activations(x, group_size)
     weight = dequantize_planes(planes, widths, scale, zero, low, group_size, x.shape[-1], dtype=x.dtype)
     return F.linear(x, weight)
 
@@ -31,7 +37,7 @@ LIB.impl("nested_linear", reference, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("fqcompile::nested_linear")
-def _fake(x, planes, widths, scale, zero, low, group_size):
+def _fake(x, planes, widths, scale, zero, low, group_size, int8_activations=False):
     return x.new_empty(*x.shape[:-1], scale.shape[0])
 
 
@@ -76,7 +82,8 @@ def backend(device: torch.device) -> str:
     return _ready[kind]
 
 
-def nested_linear(x, planes, widths, scale, zero, low: int, group_size: int) -> torch.Tensor:
+def nested_linear(x, planes, widths, scale, zero, low: int, group_size: int,
+                  int8_activations: bool = False) -> torch.Tensor:
     if backend(x.device) == "reference":
-        return reference(x, planes, widths, scale, zero, low, group_size)
-    return torch.ops.fqcompile.nested_linear(x, planes, widths, scale, zero, low, group_size)
+        return reference(x, planes, widths, scale, zero, low, group_size, int8_activations)
+    return torch.ops.fqcompile.nested_linear(x, planes, widths, scale, zero, low, group_size, int8_activations)

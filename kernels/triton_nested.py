@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fqcompile.kernels.reference import quantize_activations
+
 GEMV_MAX_BATCH = 8
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -76,8 +78,15 @@ def launch(x2: torch.Tensor, planes, widths, scale, zero, low: int, group_size: 
     )
 
 
-def nested_linear(x, planes, widths, scale, zero, low: int, group_size: int) -> torch.Tensor:
-    """The op's CUDA implementation (same signature as kernels/ops.py's reference)."""
+def nested_linear(x, planes, widths, scale, zero, low: int, group_size: int,
+                  int8_activations: bool = False) -> torch.Tensor:
+    """The op's CUDA implementation (same signature as kernels/ops.py's reference).
+
+    The int8-activation mode only changes the numbers here (the activations are
+    quantized, then the same kernel runs): it exists for the CPU's integer dot products.
+    """
+    if int8_activations:
+        x = quantize_activations(x, group_size)
     k = x.shape[-1]
     x2 = x.reshape(-1, k).contiguous()
     y = torch.empty(x2.shape[0], scale.shape[0], dtype=x.dtype, device=x.device)

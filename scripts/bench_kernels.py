@@ -6,6 +6,7 @@ For each weight shape (out x in) and batch, times y = x @ W^T with:
   int4pack         torch._weight_int4pack_mm_for_cpu (bf16 activations, group 128)
   deq+linear       our torch reference: dequantize the b-bit slice, then F.linear (fp32)
   ours-b           fqcompile's kernel (the fast CPU path) at every precision of the ladder
+  ours-b-i8a       the same in the int8-activation mode (activations quantized per group)
 plus a plain streaming read of >= 1 GiB for this machine's memory bandwidth.
 
 Each method's weights are rotated through --rotate-mib distinct copies, so each call
@@ -101,6 +102,9 @@ def methods(out: int, inp: int, ladder, rotate_mib: int):
                 for _ in range(copies(nbytes, rotate_mib))]
         found[f"ours-{bits}"] = (nbytes, [
             lambda x, xb, s=s, bits=bits: flex_linear(x, s[0], (layout, s[1], s[2]), bits) for s in sets])
+        found[f"ours-{bits}-i8a"] = (nbytes, [
+            lambda x, xb, s=s, bits=bits: flex_linear(x, s[0], (layout, s[1], s[2]), bits, int8_activations=True)
+            for s in sets])
         # The reference path is slow and allocates a dense weight per call: few copies suffice.
         found[f"deq+linear-{bits}"] = (nbytes, [
             lambda x, xb, s=s, bits=bits: F.linear(x, dequantize(s[0], s[1], s[2], layout, bits)) for s in sets[:2]])
@@ -138,12 +142,14 @@ def perplexity_check(data: Path, samples: int, ladder) -> dict:
         loaded = fqcompile.load(folder)
     chunks = load_samples(str(data), loaded.tokenizer, split="eval", seq_len=512, max_samples=samples)
     found = {}
-    for name in (backend(torch.device("cpu")), "reference"):
+    fast = backend(torch.device("cpu"))
+    for name, int8 in ((fast, False), ("reference", False), (fast, True)):
         ops._ready["cpu"] = name
+        fqcompile.set_int8_activations(loaded.model, int8)
         start = time.perf_counter()
         result = fqcompile.evaluate(loaded.model, chunks, precisions=list(ladder), progress=False)
-        found[name] = {"seconds": time.perf_counter() - start,
-                       **{str(b): result[b]["perplexity"] for b in ladder}}
+        found[name + (" int8-activations" if int8 else "")] = {
+            "seconds": time.perf_counter() - start, **{str(b): result[b]["perplexity"] for b in ladder}}
     ops._ready.pop("cpu")
     return {"tokens": sum(c.numel() for c in chunks), "results": found}
 
@@ -159,6 +165,9 @@ def ratios(row: dict, ladder, stream: float) -> dict:
         f"{lo}-bit vs bf16": t["bf16"] / t[f"ours-{lo}"],
         f"{hi}-bit vs bf16": t["bf16"] / t[f"ours-{hi}"],
         f"{hi}-bit vs deq+linear": t[f"deq+linear-{hi}"] / t[f"ours-{hi}"],
+        f"{lo}-bit i8a vs our {hi}-bit": t[f"ours-{hi}"] / t[f"ours-{lo}-i8a"],
+        f"{lo}-bit i8a vs int4pack": t["int4pack"] / t[f"ours-{lo}-i8a"],
+        f"{lo}-bit i8a bandwidth / stream": row["bytes"][f"ours-{lo}-i8a"] / (t[f"ours-{lo}-i8a"] * 1e-3) / 1e9 / stream,
     }
 
 
@@ -170,6 +179,7 @@ TARGETS = [  # (shape, batch, ratio name, minimum) from the kernels issue
     ("4096x4096", 4, "{lo}-bit vs bf16", 1.0),
     ("4096x4096", 4, "{hi}-bit vs bf16", 1.0),
     ("4096x4096", 32, "{hi}-bit vs deq+linear", 1 / 1.2),
+    ("4096x4096", 1, "{lo}-bit i8a vs our {hi}-bit", 1.8),
 ]
 
 
@@ -218,6 +228,10 @@ def report(results: list, ladder, stream: float, args, elapsed: float, ppl: dict
                   "|---|" + "---|" * (len(ladder) + 1)]
         for name, r in ppl["results"].items():
             lines.append(f"| {name} | " + " | ".join(f"{r[str(b)]:.6f}" for b in ladder) + f" | {r['seconds']:.1f} |")
+        (fast, exact), (_, ref), (_, int8) = list(ppl["results"].items())
+        lines += ["", f"Fast path vs reference, relative: " + ", ".join(
+            f"{b}-bit {exact[str(b)] / ref[str(b)] - 1:+.1e}" for b in ladder) + ". Int8-activation cost: " + ", ".join(
+            f"{b}-bit {int8[str(b)] / exact[str(b)] - 1:+.2%}" for b in ladder) + " (target ≤ +0.2%)."]
     return "\n".join(lines) + "\n"
 
 

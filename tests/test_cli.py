@@ -61,6 +61,16 @@ def test_eval_json_on_local_text(tiny_dir, tiny_ckpt, tmp_path, austen):
     assert rows["4"]["bits_per_weight"] < rows["8"]["bits_per_weight"]
 
 
+def test_eval_int8_activations_costs_little(tiny_ckpt, tmp_path, austen):
+    args = ("eval", tiny_ckpt, "--dataset", austen / "emma.txt", "--samples", "2", "--seq-len", "64",
+            "--no-reference", "--precision", "8")
+    exact = run(*args, "--json", tmp_path / "a.json")
+    int8 = run(*args, "--int8-activations", "--json", tmp_path / "b.json")
+    assert exact.returncode == 0 and int8.returncode == 0, int8.stderr
+    a, b = (json.loads((tmp_path / f).read_text())["results"]["8"]["perplexity"] for f in ("a.json", "b.json"))
+    assert a != b and abs(b / a - 1) < 0.02
+
+
 def test_eval_checkpoint_without_reachable_source_still_reports_perplexity(tiny_ckpt, tmp_path, austen):
     # the manifest names the tiny model's temporary folder as source; point it somewhere gone
     manifest = json.loads((tiny_ckpt / ckpt.MANIFEST).read_text())

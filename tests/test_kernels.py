@@ -129,3 +129,36 @@ def test_without_a_compiler_the_reference_runs_and_says_so_once(tmp_path):
 def test_reference_on_request_without_warning(tmp_path):
     name, worst, stderr = run_check(tmp_path, FQCOMPILE_KERNELS="reference")
     assert name == "reference" and worst <= 1e-5 and stderr == []
+
+
+@pytest.mark.parametrize("shape,group", SHAPES[:3] + [((17, 61), 32)])
+@pytest.mark.parametrize("ladder", [(4, 8), (2, 3, 4, 6, 8)])
+def test_int8_activation_mode_computes_w_times_quantized_x(shape, group, ladder, oracle_weight):
+    """The mode's output is W x^ (x^ = quantize_activations(x)) to fp32 accuracy, on every path."""
+    from fqcompile.kernels import quantize_activations
+
+    layout, codes, scale, zero, planes = make(shape, group, ladder, seed=1)
+    gen = torch.Generator().manual_seed(5)
+    for m in (1, 2, 4, 8, 9):
+        x = torch.randn(m, shape[1], generator=gen) + 0.5
+        xhat = quantize_activations(x, group).double()
+        for bits in ladder:
+            w64 = oracle_weight(codes, scale, zero, ladder, bits, group)
+            y = flex_linear(x, planes, (layout, scale, zero), bits, int8_activations=True).double()
+            want = xhat @ w64.T
+            assert (y - want).norm() <= 1e-5 * want.norm(), (m, bits)
+            exact = x.double() @ w64.T
+            assert 1e-4 * exact.norm() < (y - exact).norm() < 3e-2 * exact.norm()  # approximate, not broken
+
+
+def test_quantize_activations_rounds_within_half_a_step():
+    from fqcompile.kernels import quantize_activations
+
+    x = torch.randn(3, 300, generator=torch.Generator().manual_seed(0)) * torch.logspace(-3, 2, 300)
+    x[1, 128:256] = 0  # an all-zero group stays zero
+    xhat = quantize_activations(x, 128)
+    groups = torch.nn.functional.pad(x, (0, 84)).unflatten(-1, (3, 128)).abs().amax(-1)
+    step = (groups / 127).repeat_interleave(128, dim=-1)[:, :300]
+    assert ((xhat - x).abs() <= step / 2 + 1e-7).all()
+    assert torch.equal(xhat[1, 128:256], torch.zeros(128))
+    assert len(torch.unique(torch.round(xhat[0, :128] / step[0, :128]))) <= 255

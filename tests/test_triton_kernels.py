@@ -68,6 +68,19 @@ def test_wrapper_keeps_leading_dims():
     assert y.shape == (2, 3, 33) and torch.equal(y.reshape(6, 33), flat)
 
 
+def test_int8_activation_mode_matches_the_reference():
+    from fqcompile.kernels import reference_linear
+
+    layout, codes, scale, zero, planes = make((65, 136), 128, (4, 8))
+    x = (torch.randn(5, 136, generator=torch.Generator().manual_seed(1)) + 0.5).to(DEVICE)
+    for bits in (4, 8):
+        n = layout.planes_for(bits)
+        y = triton_nested.nested_linear(x, planes[:n], layout.widths[:n], scale, zero, 4, 128, True)
+        cpu = [p.cpu() for p in planes]
+        ref = reference_linear(x.cpu().double(), cpu, (layout, scale.cpu(), zero.cpu()), bits, int8_activations=True)
+        assert ((y.cpu().double() - ref).norm() / ref.norm()).item() <= 1e-5
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (scripts/gpu_check.sh)")
 def test_cuda_tensors_dispatch_to_triton():
     from fqcompile.kernels import backend, flex_linear
