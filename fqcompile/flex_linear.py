@@ -55,7 +55,7 @@ class FlexLinear(nn.Module):
         int8 = self.int8_activations
         if self.dense:
             def run(v, b):
-                return F.linear(quantize_activations(v, self.layout.group_size) if int8 else v, self.dense[b])
+                return F.linear(quantize_activations(v) if int8 else v, self.dense[b])
         else:
             def run(v, b):
                 return flex_linear(v, self.planes(), meta, b, int8)

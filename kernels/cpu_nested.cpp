@@ -165,12 +165,12 @@ struct Activations {
   const float* xq;  // [B, groups]: X_g / VW
 };
 
-// Activations quantized per group to int8 (the int8-activation mode): x ~ scale_g * q.
+// Activations quantized to int8 in blocks of kActBlock columns (the int8-activation mode).
+constexpr int64_t kActBlock = 16;
 struct Quantized {
-  const int8_t* q;      // [B, ld], zero past in_features
-  int64_t ld;
-  const float* scale;   // [B, groups]
-  const float* sum;     // [B, groups]: sum of q over the group / VW
+  const int8_t* q;           // [B, ld], zero past in_features
+  int64_t ld;                // a multiple of kActBlock
+  const float* lane_scale;   // [B, ld / 4]: the scale of the block holding columns 4i .. 4i + 3
 };
 
 template <int B>
@@ -375,21 +375,24 @@ void row_dot_wide(const uint8_t* __restrict r0, const uint8_t* __restrict r1, in
 
 #if defined(FQ_MAGIC) && defined(__AVX512VNNI__)
 #define FQ_VNNI 1
-// Int8-activation mode on nibble planes: codes (u8) times group-quantized activations (s8)
-// with VNNI's 4-way u8 x s8 dot products, 64 per instruction, summed exactly in int32. Per
-// group, y_g = s_g * sx_g * (sum q xq - z_g * sum xq); xs holds sum xq / VW per lane.
+// Int8-activation mode on nibble planes: codes (u8) times quantized activations (s8) with
+// VNNI's 4-way u8 x s8 dot products, 64 per instruction. Each 32-bit lane then holds 4
+// columns of one 16-column activation block, so it is converted and scaled by that
+// block's scale at once; the weight group's zero point is applied as in the float path.
 template <int B, int NP>
-void row_dot_vnni(const uint8_t* __restrict r0, const uint8_t* __restrict r1, int64_t half, const Quantized& xq,
-                  const Grid& grid, const float* sm, const float* zc, float* __restrict yn, int64_t ldy) {
+void row_dot_vnni(const uint8_t* __restrict r0, const uint8_t* __restrict r1, int64_t half, const Activations& a,
+                  const Quantized& xq, const Grid& grid, const float* sm, const float* zc, float* __restrict yn,
+                  int64_t ldy) {
   const __m512i m0f = _mm512_set1_epi8(0x0F), mf0 = _mm512_set1_epi8(static_cast<char>(0xF0));
+  const __m512i zero = _mm512_setzero_si512();
   const int64_t gh = half / grid.group_size;
   vf total[B];
   FQ_UNROLL
   for (int b = 0; b < B; ++b) total[b] = vzero();
   for (int64_t g = 0; g < gh; ++g) {
-    __m512i a0[B], a1[B];
+    vf a0[B], a1[B];
     FQ_UNROLL
-    for (int b = 0; b < B; ++b) a0[b] = a1[b] = _mm512_setzero_si512();
+    for (int b = 0; b < B; ++b) a0[b] = a1[b] = vzero();
     for (int64_t j = g * grid.group_size; j < (g + 1) * grid.group_size; j += 64) {
       _mm_prefetch(reinterpret_cast<const char*>(r0 + j + kPrefetch), FQ_HINT);
       const __m512i v = _mm512_loadu_si512(r0 + j);
@@ -406,18 +409,15 @@ void row_dot_vnni(const uint8_t* __restrict r0, const uint8_t* __restrict r1, in
       FQ_UNROLL
       for (int b = 0; b < B; ++b) {
         const int8_t* q = xq.q + b * xq.ld;
-        a0[b] = _mm512_dpbusd_epi32(a0[b], lo, _mm512_loadu_si512(q + j));
-        a1[b] = _mm512_dpbusd_epi32(a1[b], hi, _mm512_loadu_si512(q + half + j));
+        const float* ls = xq.lane_scale + b * (xq.ld / 4);
+        const __m512i d0 = _mm512_dpbusd_epi32(zero, lo, _mm512_loadu_si512(q + j));
+        const __m512i d1 = _mm512_dpbusd_epi32(zero, hi, _mm512_loadu_si512(q + half + j));
+        a0[b] = vfma(_mm512_cvtepi32_ps(d0), vload(ls + j / 4), a0[b]);
+        a1[b] = vfma(_mm512_cvtepi32_ps(d1), vload(ls + (half + j) / 4), a1[b]);
       }
     }
-    FQ_UNROLL
-    for (int b = 0; b < B; ++b) {
-      const float* s = xq.scale + b * grid.groups;
-      const float* x = xq.sum + b * grid.groups;
-      const vf c0 = vadd(_mm512_cvtepi32_ps(a0[b]), vset(-zc[g] * x[g]));
-      const vf c1 = vadd(_mm512_cvtepi32_ps(a1[b]), vset(-zc[g + gh] * x[g + gh]));
-      total[b] = vfma(vset(sm[g + gh] * s[g + gh]), c1, vfma(vset(sm[g] * s[g]), c0, total[b]));
-    }
+    finish_group<B>(a0, a, grid.groups, g, sm[g], zc[g], total);
+    finish_group<B>(a1, a, grid.groups, g + gh, sm[g + gh], zc[g + gh], total);
   }
   FQ_UNROLL
   for (int b = 0; b < B; ++b) yn[b * ldy] = vsum(total[b]);
@@ -454,9 +454,9 @@ void gemv(const Planes& planes, const Grid& grid, const Activations& a, const Qu
       if (wide && xq) {
         const uint8_t* r0 = planes.data[0] + n * half;
         if (np == 1)
-          row_dot_vnni<B, 1>(r0, nullptr, half, *xq, grid, sm, zc, y + n, out);
+          row_dot_vnni<B, 1>(r0, nullptr, half, a, *xq, grid, sm, zc, y + n, out);
         else
-          row_dot_vnni<B, 2>(r0, planes.data[1] + n * half, half, *xq, grid, sm, zc, y + n, out);
+          row_dot_vnni<B, 2>(r0, planes.data[1] + n * half, half, a, *xq, grid, sm, zc, y + n, out);
         continue;
       }
 #endif
@@ -507,26 +507,23 @@ void dequantize_rows(const Planes& planes, const Grid& grid, int64_t in, int64_t
 }
 
 // The int8-activation mode's quantizer, exactly as kernels/reference.py quantize_activations:
-// per row and group, s = max|x| / 127 (1 if all zero), q = round-half-even(x / s).
-void quantize_activations(const float* x, int64_t m, int64_t in, int64_t group_size, int64_t groups, int8_t* q,
-                          int64_t ld, float* scale, float* sum, float* xhat) {
+// per row and block of 16 columns, s = max|x| / 127 (1 if all zero), q = round-half-even(x / s).
+void quantize_activations(const float* x, int64_t m, int64_t in, int8_t* q, int64_t ld, float* lane_scale,
+                          float* xhat) {
   for (int64_t b = 0; b < m; ++b)
-    for (int64_t g = 0; g < groups; ++g) {
-      const int64_t k0 = g * group_size, k1 = std::min(in, k0 + group_size);
+    for (int64_t k0 = 0; k0 < in; k0 += kActBlock) {
+      const int64_t k1 = std::min(in, k0 + kActBlock);
       const float* row = x + b * in;
       float amax = 0.f;
       for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::fabs(row[k]));
       float s = amax / 127.f;
       if (!(s > 0.f)) s = 1.f;
-      int64_t total = 0;
       for (int64_t k = k0; k < k1; ++k) {
         const float r = std::min(127.f, std::max(-127.f, std::nearbyint(row[k] / s)));
         q[b * ld + k] = static_cast<int8_t>(r);
-        total += static_cast<int64_t>(r);
         xhat[b * in + k] = r * s;
       }
-      scale[b * groups + g] = s;
-      sum[b * groups + g] = static_cast<float>(total) / VW;
+      for (int64_t i = k0 / 4; i < k0 / 4 + kActBlock / 4; ++i) lane_scale[b * (ld / 4) + i] = s;
     }
 }
 
@@ -569,16 +566,16 @@ at::Tensor nested_linear(const at::Tensor& x, at::TensorList planes, at::IntArra
 
   // Int8-activation mode: every path computes W x^ for the group-quantized x^; where VNNI
   // is available, decode-sized batches use the integer codes directly.
-  at::Tensor q, qscale, qsum;
+  at::Tensor q, lane_scale;
   Quantized quantized{};
   if (int8_activations) {
     at::Tensor xhat = at::empty_like(x2);
-    q = at::zeros({m, p.padded_in}, x2.options().dtype(at::kChar));
-    qscale = at::empty({m, groups}, x2.options());
-    qsum = at::empty({m, groups}, x2.options());
-    quantize_activations(x2.data_ptr<float>(), m, in, group_size, groups, q.data_ptr<int8_t>(), p.padded_in,
-                         qscale.data_ptr<float>(), qsum.data_ptr<float>(), xhat.data_ptr<float>());
-    quantized = Quantized{q.data_ptr<int8_t>(), p.padded_in, qscale.data_ptr<float>(), qsum.data_ptr<float>()};
+    const int64_t ld = (p.padded_in + kActBlock - 1) / kActBlock * kActBlock;
+    q = at::zeros({m, ld}, x2.options().dtype(at::kChar));
+    lane_scale = at::empty({m, ld / 4}, x2.options());
+    quantize_activations(x2.data_ptr<float>(), m, in, q.data_ptr<int8_t>(), ld, lane_scale.data_ptr<float>(),
+                         xhat.data_ptr<float>());
+    quantized = Quantized{q.data_ptr<int8_t>(), ld, lane_scale.data_ptr<float>()};
     x2 = xhat;
   }
 #if defined(FQ_VNNI)

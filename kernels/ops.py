@@ -24,10 +24,10 @@ LIB.define(SCHEMA)
 def reference(x, planes, widths, scale, zero, low, group_size, int8_activations=False):
     """Dequantize the slice held by `planes`, then F.linear: the oracle for every kernel.
 
-    int8_activations: the activations are first quantized per group (quantize_activations).
+    int8_activations: the activations are first quantized in blocks (quantize_activations).
     """
     if int8_activations:
-        x = quantize_activations(x, group_size)
+        x = quantize_activations(x)
     weight = dequantize_planes(planes, widths, scale, zero, low, group_size, x.shape[-1], dtype=x.dtype)
     return F.linear(x, weight)
 

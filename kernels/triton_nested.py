@@ -86,7 +86,7 @@ def nested_linear(x, planes, widths, scale, zero, low: int, group_size: int,
     quantized, then the same kernel runs): it exists for the CPU's integer dot products.
     """
     if int8_activations:
-        x = quantize_activations(x, group_size)
+        x = quantize_activations(x)
     k = x.shape[-1]
     x2 = x.reshape(-1, k).contiguous()
     y = torch.empty(x2.shape[0], scale.shape[0], dtype=x.dtype, device=x.device)
