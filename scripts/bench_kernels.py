@@ -198,7 +198,8 @@ def report(results: list, ladder, stream: float, args, elapsed: float, ppl: dict
         f"Streaming read of a 1 GiB buffer: **{stream:.1f} GB/s**. Weights rotate through "
         f"≥ {args.rotate_mib} MiB of copies per method; medians of {args.rounds} calls, methods "
         "timed in turn. Activations fp32 for ours, fp32 and deq+linear; bf16 for the others. "
-        f"Ours: ladder {list(ladder)}, group {GROUP}.",
+        f"Ours: ladder {list(ladder)}, group {GROUP}. Design, GPU status and how to read these: "
+        "[kernels.md](kernels.md).",
         "",
         "## Milliseconds per call",
         "",
