@@ -1,0 +1,240 @@
+"""A compact decoder for the Llama family over fqcompile checkpoints (in the gpt-fast manner).
+
+It shares the loaded checkpoint's modules and tensors (no copies): the FlexLinear layers,
+embeddings, norms, head and Hugging Face's rotary embedding (so every RoPE scaling variant
+means what it means there). What it drops is the framework around them: a decode step is
+the embedding, per layer two RMSNorms, one fused q/k/v call, RoPE, attention over a
+preallocated KV cache, one o call, one fused gate/up call and one down call, then the head.
+Fusion concatenates the layers' planes once and turns the separate layers' planes into row
+views of the fused ones, so memory does not grow and the controller still switches every
+layer by name; a fused call is used whenever its parts run at the same precision.
+
+Forward takes `input_ids` like a Hugging Face model and returns an object with `.logits`,
+so the precision controller's hooks work on it unchanged.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import FqError
+from .flex_linear import FlexLinear
+from .formats.nested import Layout
+
+SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+
+
+def unsupported(model) -> str | None:
+    """Why `model` cannot run on this decoder (None if it can)."""
+    cfg = model.config
+    name = type(model).__name__
+    if name not in SUPPORTED:
+        return f"architecture {name} (supported: {', '.join(SUPPORTED)})"
+    rope = getattr(cfg, "rope_scaling", None) or getattr(cfg, "rope_parameters", None) or {}
+    if isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) == "dynamic":
+        return "dynamic RoPE scaling (its frequencies depend on the sequence length)"
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        return f"activation {cfg.hidden_act}"
+    if getattr(cfg, "use_sliding_window", False) or getattr(cfg, "sliding_window", None):
+        return "sliding-window attention"
+    layers = model.model.layers
+    if not all(isinstance(getattr(blk.self_attn, p), FlexLinear) for blk in layers for p in ("q_proj", "k_proj", "v_proj", "o_proj")):
+        return "attention projections that are not quantized"
+    return None
+
+
+def fuse(parts: list[FlexLinear]) -> FlexLinear:
+    """One FlexLinear over the parts' rows; the parts' planes become views of its planes."""
+    first = parts[0].layout
+    if any(p.layout.in_features != first.in_features or p.layout.group_size != first.group_size
+           or p.layout.ladder != first.ladder or p.n_planes != parts[0].n_planes for p in parts):
+        raise FqError("cannot fuse layers with different inputs or layouts")
+    rows = [p.out_features for p in parts]
+    planes = [torch.cat([p.planes()[i] for p in parts]) for i in range(parts[0].n_planes)]
+    scale = torch.cat([p.scale for p in parts])
+    zero = torch.cat([p.zero for p in parts])
+    bias = None
+    if any(p.bias is not None for p in parts):
+        bias = torch.cat([p.bias.data if p.bias is not None else scale.new_zeros(n, dtype=torch.float32)
+                          for p, n in zip(parts, rows)])
+    fused = FlexLinear(Layout(sum(rows), first.in_features, first.group_size, first.ladder), planes, scale, zero, bias)
+    start = 0
+    for p, n in zip(parts, rows):
+        for i in range(p.n_planes):
+            setattr(p, f"plane{i}", fused.planes()[i][start:start + n])
+        p.scale, p.zero = fused.scale[start:start + n], fused.zero[start:start + n]
+        start += n
+    return fused
+
+
+def _same_precision(parts) -> int | None:
+    bits = parts[0].precision
+    if torch.is_tensor(bits) or any(torch.is_tensor(p.precision) or p.precision != bits for p in parts):
+        return None
+    return bits
+
+
+class Projections(nn.Module):
+    """Several FlexLinears on one input: one fused call when they agree on precision."""
+
+    def __init__(self, parts: list[FlexLinear]):
+        super().__init__()
+        self.parts = parts  # plain list: the modules stay registered (and named) in the HF model
+        self.fused = fuse(parts)
+        self.sizes = [p.out_features for p in parts]
+
+    def forward(self, x):
+        bits = _same_precision(self.parts)
+        if bits is None:
+            return [p(x) for p in self.parts]
+        self.fused.precision = bits
+        self.fused.int8_activations = self.parts[0].int8_activations
+        return list(self.fused(x).split(self.sizes, dim=-1))
+
+
+@dataclass
+class Output:
+    logits: torch.Tensor  # [batch, positions returned, vocab]
+
+
+class Llama(nn.Module):
+    """Decoder over a loaded checkpoint's model (see `unsupported`)."""
+
+    def __init__(self, model):
+        super().__init__()
+        why = unsupported(model)
+        if why:
+            raise FqError(f"the slim decoder does not support {why}")
+        cfg = model.config
+        self.hf = [model]  # not a submodule: its parameters are not this module's
+        self.heads = cfg.num_attention_heads
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
+        self.eps = cfg.rms_norm_eps
+        inner = model.model
+        self.embed = inner.embed_tokens
+        self.rotary = inner.rotary_emb
+        self.norm = inner.norm.weight
+        self.head = model.lm_head
+        self.blocks = []
+        for blk in inner.layers:
+            att, mlp = blk.self_attn, blk.mlp
+            self.blocks.append({
+                "in_norm": blk.input_layernorm.weight, "post_norm": blk.post_attention_layernorm.weight,
+                "qkv": Projections([att.q_proj, att.k_proj, att.v_proj]), "o": att.o_proj,
+                "gate_up": Projections([mlp.gate_proj, mlp.up_proj]), "down": mlp.down_proj,
+            })
+        self.k_cache = self.v_cache = None
+
+    def setup_cache(self, batch: int, length: int) -> None:
+        """Preallocate the KV cache (and the RoPE table) for `batch` rows of up to `length` tokens."""
+        dtype = self.norm.dtype
+        shape = (len(self.blocks), batch, self.kv_heads, length, self.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=dtype)
+        self.v_cache = torch.zeros(shape, dtype=dtype)
+        positions = torch.arange(length)[None]
+        cos, sin = self.rotary(self.k_cache[0, :1, :1], positions)
+        self.cos, self.sin = cos[0], sin[0]  # [length, head_dim]
+
+    def _rms(self, x, weight):
+        var = x.float().pow(2).mean(-1, keepdim=True)
+        return weight * (x.float() * torch.rsqrt(var + self.eps)).to(x.dtype)
+
+    def _rope(self, x, cos, sin):  # x [B, H, T, D]; cos/sin [B, T, D]
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos[:, None] + rotated * sin[:, None]
+
+    @torch.inference_mode()
+    def forward(self, input_ids, positions, slots, mask, all_logits: bool = False) -> Output:
+        """One step for every row.
+
+        input_ids, positions (RoPE positions), slots (cache indices): [B, T];
+        mask: [B, 1, T, L] bool over the first L cache slots (True = attend).
+        """
+        b, t = input_ids.shape
+        length = mask.shape[-1]
+        x = self.embed(input_ids)
+        cos, sin = self.cos[positions], self.sin[positions]
+        rows = torch.arange(b)[:, None]
+        for i, blk in enumerate(self.blocks):
+            h = self._rms(x, blk["in_norm"])
+            q, k, v = blk["qkv"](h)
+            q = self._rope(q.view(b, t, self.heads, self.head_dim).transpose(1, 2), cos, sin)
+            k = self._rope(k.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2), cos, sin)
+            v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+            self.k_cache[i][rows, :, slots] = k.transpose(1, 2)
+            self.v_cache[i][rows, :, slots] = v.transpose(1, 2)
+            att = F.scaled_dot_product_attention(q, self.k_cache[i][:, :, :length], self.v_cache[i][:, :, :length],
+                                                 attn_mask=mask, enable_gqa=self.kv_heads != self.heads)
+            x = x + blk["o"](att.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
+            h = self._rms(x, blk["post_norm"])
+            gate, up = blk["gate_up"](h)
+            x = x + blk["down"](F.silu(gate) * up)
+        x = self._rms(x if all_logits else x[:, -1:], self.norm)
+        return Output(self.head(x))
+
+
+def pick(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, gen: torch.Generator) -> torch.Tensor:
+    """Next token per row from last-position logits [B, V]: greedy at temperature 0."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k:
+        kth = logits.topk(min(top_k, logits.shape[-1])).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1:
+        ordered, order = logits.sort(-1, descending=True)
+        probs = ordered.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix reaching top_p
+        logits = logits.scatter(-1, order, ordered.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(-1), 1, generator=gen)[:, 0]
+
+
+@torch.inference_mode()
+def generate(dec: Llama, rows: list[list[int]], max_new_tokens: int, stop_ids, pad: int, temperature=0.0,
+             top_k=0, top_p=1.0, seed=0, streamer=None, on_logits=None) -> list[list[int]]:
+    """Decode every prompt (token lists; left-padded into one batch); returns the new tokens.
+
+    A row stops at a token in `stop_ids` (kept) or after max_new_tokens. positions follow
+    Hugging Face's convention for left padding (each row's first real token is position 0),
+    so the logits agree with its `generate`. on_logits(step, logits [B, V]) sees every step.
+    """
+    b, width = len(rows), max(map(len, rows))
+    total = width + max_new_tokens
+    dec.setup_cache(b, total)
+    ids = torch.tensor([[pad] * (width - len(r)) + list(r) for r in rows])
+    real = torch.tensor([[False] * (width - len(r)) + [True] * len(r) for r in rows])
+    positions = (real.long().cumsum(-1) - 1).clamp(min=0)
+    keys = torch.zeros(b, total, dtype=torch.bool)
+    keys[:, :width] = real
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    # Padding queries attend to themselves only, so no row of the mask is empty (no NaN).
+    mask = (causal & keys[:, None, :width]) | torch.eye(width, dtype=torch.bool)
+    logits = dec(ids, positions, torch.arange(width).expand(b, width), mask[:, None]).logits[:, -1]
+    gen = torch.Generator().manual_seed(seed)
+    stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long)
+    done = torch.zeros(b, dtype=torch.bool)
+    out = [[] for _ in range(b)]
+    pos = positions[:, -1]
+    for step in range(max_new_tokens):
+        if on_logits is not None:
+            on_logits(step, logits)
+        token = pick(logits, temperature, top_k, top_p, gen).masked_fill(done, pad)
+        for r in range(b):
+            if not done[r]:
+                out[r].append(int(token[r]))
+        if streamer is not None:
+            streamer.put(token[:1])
+        done |= torch.isin(token, stop)
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        slot = width + step
+        keys[:, slot] = True
+        pos = pos + 1
+        logits = dec(token[:, None], pos[:, None], torch.full((b, 1), slot), keys[:, None, None, :slot + 1]).logits[:, -1]
+    if streamer is not None:
+        streamer.end()
+    return out

@@ -1,0 +1,89 @@
+"""The slim decoder against the Hugging Face path on the same checkpoint and precision plan."""
+
+import pytest
+import torch
+
+import fqcompile
+from fqcompile import llama
+from fqcompile.errors import FqError
+
+PROMPTS = ["It is a truth universally acknowledged", "Emma Woodhouse, handsome,", "The"]
+
+
+def hf_logits(model, rows, new, pad):
+    """Teacher-forced Hugging Face logits for each row's prompt + generated tokens, left-padded."""
+    seqs = [list(r) + n for r, n in zip(rows, new)]
+    width = max(map(len, seqs))
+    ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs])
+    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.inference_mode():
+        return model(input_ids=ids, attention_mask=mask, position_ids=positions).logits, width
+
+
+def check_agreement(loaded, bits, steps):
+    fqcompile.set_precision(loaded.model, bits)
+    tok = loaded.tokenizer
+    rows = [tok(p)["input_ids"] for p in PROMPTS]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    dec = llama.Llama(loaded.model)
+    seen = []
+    new = llama.generate(dec, rows, steps, stop_ids=[], pad=pad, on_logits=lambda s, lg: seen.append(lg.clone()))
+    assert all(len(n) == steps for n in new)
+    ref, width = hf_logits(loaded.model, rows, new, pad)
+    worst = 0.0
+    for step, logits in enumerate(seen):
+        # ours at step s predicts token s; HF's prediction for it sits one position earlier
+        want = ref[:, width - steps - 1 + step]
+        for r in range(len(rows)):
+            worst = max(worst, float((logits[r] - want[r]).norm() / want[r].norm()))
+    return worst
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_logits_agree_with_hugging_face_every_step(tiny_ckpt, bits):
+    worst = check_agreement(fqcompile.load(tiny_ckpt), bits, steps=24)
+    assert worst <= 1e-4, worst
+
+
+@pytest.mark.slow
+def test_logits_agree_on_the_builtin_model(tmp_path):
+    from fqcompile import models
+
+    folder = fqcompile.export(models.BUILTIN_NAME, tmp_path / "ckpt", ladder=(4, 8), progress=False)
+    loaded = fqcompile.load(folder)
+    for bits in (4, 8):
+        worst = check_agreement(loaded, bits, steps=64)
+        assert worst <= 1e-4, (bits, worst)
+
+
+def test_layers_stay_switchable_after_fusion(tiny_ckpt):
+    """Fusion turns the layers' planes into views: the HF path still works, at every precision."""
+    loaded = fqcompile.load(tiny_ckpt)
+    ids = torch.tensor([[1, 5, 9, 14]])
+    before = {b: (fqcompile.set_precision(loaded.model, b), loaded.model(ids).logits)[1] for b in (4, 8)}
+    llama.Llama(loaded.model)
+    for b in (4, 8):
+        fqcompile.set_precision(loaded.model, b)
+        assert torch.equal(loaded.model(ids).logits, before[b])
+
+
+def test_sampling_is_seeded_and_respects_top_k():
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    a = llama.pick(logits, 0.8, 5, 1.0, torch.Generator().manual_seed(1))
+    b = llama.pick(logits, 0.8, 5, 1.0, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+    top5 = logits.topk(5).indices
+    for _ in range(20):
+        t = llama.pick(logits, 1.5, 5, 0.9, torch.Generator().manual_seed(_))
+        assert all(t[r] in top5[r] for r in range(4))
+    assert torch.equal(llama.pick(logits, 0.0, 0, 1.0, None), logits.argmax(-1))
+
+
+def test_refuses_unsupported_models(tiny_dir):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    assert "architecture GPT2LMHeadModel" in llama.unsupported(gpt2)
+    with pytest.raises(FqError, match="does not support"):
+        llama.Llama(gpt2)
