@@ -236,6 +236,8 @@ def generate(
     stream: bool = typer.Option(True, "--stream/--no-stream"),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="check file hashes on load"),
     int8_activations: bool = typer.Option(False, "--int8-activations", help=INT8_HELP),
+    engine: str = typer.Option("auto", help="slim (fqcompile's Llama-family decoder), hf (Hugging Face "
+                               "generate), or auto: slim where the model allows"),
     json_path: Path = typer.Option(None, "--json", help=JSON_HELP),
 ):
     """Generate text from a checkpoint under a precision policy (dynamic or static)."""
@@ -255,15 +257,15 @@ def generate(
     streamer = TextStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True) if stream and not batch else None
     result = run_generate(loaded, prompt if batch else prompt[0], max_new_tokens=max_new_tokens,
                           temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, chat=chat,
-                          streamer=streamer, controller=controller)
+                          streamer=streamer, controller=controller, engine=engine)
     stats = controller.stats(verbose=verbose)
     if streamer is None:
         print("\n---\n".join(result["text"]) if batch else result["text"])
     result.update(controller=stats, precision=static_bits, bits_per_weight=stats["avg_bits_read"])
     share = ", ".join(f"{b}-bit {s:.0%}" for b, s in stats["share"].items())
     print(f"{result['new_tokens']} tokens in {result['seconds']:.2f} s ({result['tokens_per_s'] or 0:.2f} tokens/s), "
-          f"policy {stats['policy']}: {stats['avg_bits_read'] or 0:.3f} bits read per weight; tokens at {share}",
-          file=sys.stderr)
+          f"policy {stats['policy']}: {stats['avg_bits_read'] or 0:.3f} bits read per weight; tokens at {share}; "
+          f"engine {result['engine']} ({result['engine_reason']})", file=sys.stderr)
     for unit, shares in stats.get("per_unit", {}).items():
         print(f"  {unit}: " + ", ".join(f"{b}-bit {s:.0%}" for b, s in shares.items()), file=sys.stderr)
     write_json(json_path, result)

@@ -90,8 +90,14 @@ class Controller:
                                         for names in plan.units], dtype=torch.float64)
         self.weights = sum(x.out_features * x.in_features for x in layouts.values())
         self.reset()
-        self.hooks = [model.register_forward_pre_hook(self._before, with_kwargs=True),
-                      model.register_forward_hook(self._after)]
+        self.hooks = []
+        self.attach(model)
+
+    def attach(self, module) -> None:
+        """Watch `module`'s forward calls instead (e.g. the slim decoder over the same layers)."""
+        self.close()
+        self.hooks = [module.register_forward_pre_hook(self._before, with_kwargs=True),
+                      module.register_forward_hook(self._after)]
 
     def reset(self) -> None:
         """Forget the signal (a new prompt) and the statistics."""

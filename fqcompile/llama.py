@@ -219,6 +219,8 @@ def generate(dec: Llama, rows: list[list[int]], max_new_tokens: int, stop_ids, p
     done = torch.zeros(b, dtype=torch.bool)
     out = [[] for _ in range(b)]
     pos = positions[:, -1]
+    if streamer is not None:
+        streamer.put(ids[:1])  # Hugging Face streamers expect (and may skip) the prompt first
     for step in range(max_new_tokens):
         if on_logits is not None:
             on_logits(step, logits)

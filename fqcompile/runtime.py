@@ -154,14 +154,21 @@ def generate(
     streamer=None,
     controller=None,
     stop_strings=None,
+    engine: str = "auto",
 ) -> dict:
-    """Generate through Hugging Face `generate`; returns text and speed (and the controller's stats).
+    """Generate text; returns it with speed, the engine used (and the controller's stats).
 
-    `prompt` may be a list: the prompts are left-padded into one batch.
+    `prompt` may be a list: the prompts are left-padded into one batch. engine: "slim"
+    (fqcompile.llama, Llama-family models), "hf" (Hugging Face `generate`, any model and
+    stop strings), or "auto": slim where it applies.
     """
     tok = loaded.tokenizer
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     rows = [_prompt_ids(tok, p, chat) for p in prompts]
+    name, why = choose_engine(loaded, engine, stop_strings)
+    if name == "slim":
+        return _generate_slim(loaded, prompt, rows, max_new_tokens, temperature, top_p, top_k, seed, streamer,
+                              controller)
     width = max(map(len, rows))
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
@@ -193,6 +200,62 @@ def generate(
         "new_tokens": count,
         "seconds": seconds,
         "tokens_per_s": count / seconds if seconds > 0 else None,
+        "engine": "hf",
+        "engine_reason": why,
+    }
+    if controller is not None:
+        result["controller"] = controller.stats()
+    return result
+
+
+def choose_engine(loaded: Loaded, engine: str = "auto", stop_strings=None) -> tuple[str, str]:
+    """("slim" or "hf", why) for generating from `loaded`."""
+    from . import llama
+
+    if engine not in ("auto", "slim", "hf"):
+        raise FqError(f"unknown engine '{engine}' (auto, slim or hf)")
+    if engine == "hf":
+        return "hf", "asked for"
+    why = llama.unsupported(loaded.model) or ("stop strings" if stop_strings else None)
+    if why is None:
+        return "slim", "Llama-family model"
+    if engine == "slim":
+        raise FqError(f"the slim engine does not support {why}; use --engine hf")
+    return "hf", f"the slim engine does not support {why}"
+
+
+def decoder(loaded: Loaded):
+    """The slim decoder over `loaded` (built once: fusing the projections re-points their planes)."""
+    from . import llama
+
+    if getattr(loaded.model, "_fq_decoder", None) is None:
+        loaded.model._fq_decoder = llama.Llama(loaded.model)
+    return loaded.model._fq_decoder
+
+
+def _generate_slim(loaded, prompt, rows, max_new_tokens, temperature, top_p, top_k, seed, streamer, controller):
+    from . import llama
+
+    tok = loaded.tokenizer
+    dec = decoder(loaded)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    extra = getattr(loaded.model.generation_config, "eos_token_id", None)
+    stops = {tok.eos_token_id, *(extra if isinstance(extra, (list, tuple)) else [extra])}
+    if controller is not None:
+        controller.attach(dec)
+        controller.reset()
+    start = time.perf_counter()
+    new = llama.generate(dec, rows, max_new_tokens, stops - {None}, pad, temperature, top_k, top_p, seed, streamer)
+    seconds = time.perf_counter() - start
+    texts = [tok.decode(n, skip_special_tokens=True) for n in new]
+    count = sum(map(len, new))
+    result = {
+        "text": texts[0] if isinstance(prompt, str) else texts,
+        "new_tokens": count,
+        "seconds": seconds,
+        "tokens_per_s": count / seconds if seconds > 0 else None,
+        "engine": "slim",
+        "engine_reason": "Llama-family model",
     }
     if controller is not None:
         result["controller"] = controller.stats()

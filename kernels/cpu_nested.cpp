@@ -389,6 +389,73 @@ void row_dot_wide(const uint8_t* __restrict r0, const uint8_t* __restrict r1, in
 }
 #endif
 
+#if defined(FQ_MAGIC)
+// Nibble planes whose half rows do not split into whole groups (e.g. 576 columns, group
+// 128): columns in order, 16 at a time; column k < half is the low nibble of byte k,
+// column k >= half the high nibble of byte k - half. Needs half % 16 == 0 and
+// group_size % 16 == 0. Same arithmetic as row_dot_wide, a chunk at a time.
+template <int B, int NP>
+void row_dot_chunks(const uint8_t* __restrict r0, const uint8_t* __restrict r1, int64_t half, int64_t in,
+                    const Activations& a, const Grid& grid, const float* sm, const float* zc,
+                    float* __restrict yn, int64_t ldy) {
+  const __m128i m0f = _mm_set1_epi8(0x0F), mf0 = _mm_set1_epi8(static_cast<char>(0xF0));
+  const __m128i m78 = _mm_set1_epi8(0x78), m80 = _mm_set1_epi8(static_cast<char>(0x80));
+  const __m512i one = _mm512_set1_epi32(0x3F800000);
+  const __m512i idx2 = _mm512_slli_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), 16);
+  constexpr __mmask64 kByte2 = 0x4444444444444444ULL;
+  constexpr int A = B == 1 ? 4 : (B == 2 ? 2 : 1);  // independent FMA chains per row (latency 4)
+  auto codes = [&](int64_t k) -> vf {  // the 16 codes of columns k .. k + 15 as floats
+    const bool high = k >= half;
+    const int64_t j = high ? k - half : k;
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r0 + j));
+    if constexpr (NP == 1) {
+      const __m128i t = high ? _mm_srli_epi16(v, 1) : _mm_slli_epi16(v, 3);
+      const __m128i byte = _mm_ternarylogic_epi32(t, m78, m80, 0xEA);  // 0x80 | q << 3
+      return _mm512_castsi512_ps(_mm512_mask_permutexvar_epi8(one, kByte2, idx2, _mm512_castsi128_si512(byte)));
+    } else {
+      const __m128i w = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r1 + j));
+      const __m128i code = high ? _mm_ternarylogic_epi32(mf0, v, _mm_srli_epi16(w, 4), 0xCA)
+                                : _mm_ternarylogic_epi32(mf0, _mm_slli_epi16(v, 4), _mm_and_si128(w, m0f), 0xCA);
+      return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(code));
+    }
+  };
+  vf total[B];
+  FQ_UNROLL
+  for (int b = 0; b < B; ++b) total[b] = vzero();
+  for (int64_t g = 0; g < grid.groups; ++g) {
+    const int64_t k0 = g * grid.group_size, k1 = std::min(in, k0 + grid.group_size);
+    vf acc[B][A];
+    FQ_UNROLL
+    for (int b = 0; b < B; ++b)
+      FQ_UNROLL
+      for (int u = 0; u < A; ++u) acc[b][u] = vzero();
+    int64_t k = k0;
+    for (; k + 16 * A <= k1; k += 16 * A)
+      FQ_UNROLL
+      for (int u = 0; u < A; ++u) {
+        const vf q = codes(k + 16 * u);
+        FQ_UNROLL
+        for (int b = 0; b < B; ++b) acc[b][u] = vfma(q, vload(a.x + b * a.ldx + k + 16 * u), acc[b][u]);
+      }
+    for (; k < k1; k += 16) {
+      const vf q = codes(k);
+      FQ_UNROLL
+      for (int b = 0; b < B; ++b) acc[b][0] = vfma(q, vload(a.x + b * a.ldx + k), acc[b][0]);
+    }
+    vf c[B];
+    FQ_UNROLL
+    for (int b = 0; b < B; ++b) {
+      c[b] = acc[b][0];
+      FQ_UNROLL
+      for (int u = 1; u < A; ++u) c[b] = vadd(c[b], acc[b][u]);
+    }
+    finish_group<B>(c, a, grid.groups, g, sm[g], zc[g], total);
+  }
+  FQ_UNROLL
+  for (int b = 0; b < B; ++b) yn[b * ldy] = vsum(total[b]);
+}
+#endif
+
 #if defined(FQ_MAGIC) && defined(__AVX512VNNI__)
 #define FQ_VNNI 1
 // Int8-activation mode on nibble planes: codes (u8) times quantized activations (s8) with
@@ -454,7 +521,11 @@ void gemv(const Planes& planes, const Grid& grid, const Activations& a, const Qu
   const int64_t half = 0, np = 0;
 #endif
 #if defined(FQ_MAGIC)
-  const bool wide = nibbles && grid.group_size % 64 == 0, magic = wide && np == 1 && !xq;
+  const bool wide = nibbles && grid.group_size % 64 == 0;
+  // Nibble planes whose halves do not split into whole groups: 16 columns at a time.
+  bool chunks = !wide && np <= 2 && in == planes.padded_in && half % 16 == 0 && grid.group_size % 16 == 0;
+  for (int64_t w : planes.widths) chunks = chunks && w == 4;
+  const bool magic = (wide || chunks) && np == 1 && !(wide && xq);
 #else
   constexpr bool magic = false;
 #endif
@@ -477,6 +548,14 @@ void gemv(const Planes& planes, const Grid& grid, const Activations& a, const Qu
       }
 #endif
 #if defined(FQ_MAGIC)
+      if (chunks) {
+        const uint8_t* r0 = planes.data[0] + n * half;
+        if (np == 1)
+          row_dot_chunks<B, 1>(r0, nullptr, half, in, a, grid, sm, zc, y + n, out);
+        else
+          row_dot_chunks<B, 2>(r0, planes.data[1] + n * half, half, in, a, grid, sm, zc, y + n, out);
+        continue;
+      }
       if (wide) {
         const uint8_t* r0 = planes.data[0] + n * half;
         if (np == 1)

@@ -50,6 +50,17 @@ def test_generate_streams_and_reports(tiny_ckpt, tmp_path):
     assert "tokens/s" in out.stderr
 
 
+def test_generate_engines_agree_greedy(tiny_ckpt, tmp_path):
+    texts = {}
+    for engine in ("slim", "hf"):
+        out = run("generate", tiny_ckpt, "--prompt", "Hello there", "--prompt", "A", "--precision", "8",
+                  "--max-new-tokens", "8", "--engine", engine, "--json", tmp_path / f"{engine}.json")
+        assert out.returncode == 0, out.stderr
+        assert f"engine {engine}" in out.stderr
+        texts[engine] = json.loads((tmp_path / f"{engine}.json").read_text())["text"]
+    assert texts["slim"] == texts["hf"] and len(texts["slim"]) == 2
+
+
 def test_eval_json_on_local_text(tiny_dir, tiny_ckpt, tmp_path, austen):
     out = run("eval", tiny_ckpt, "--dataset", austen / "emma.txt", "--samples", "2", "--seq-len", "64",
               "--reference", tiny_dir, "--json", tmp_path / "e.json")
