@@ -229,7 +229,8 @@ def decoder(loaded: Loaded):
     from . import llama
 
     if getattr(loaded.model, "_fq_decoder", None) is None:
-        loaded.model._fq_decoder = llama.Llama(loaded.model)
+        # object.__setattr__: not a submodule of the HF model (no duplicate parameters)
+        object.__setattr__(loaded.model, "_fq_decoder", llama.Llama(loaded.model))
     return loaded.model._fq_decoder
 
 
