@@ -277,6 +277,55 @@ def policy_spec(policy: str | None, precision: int | None) -> str | None:
     return f"static:{precision}" if precision is not None else policy
 
 
+BENCH_TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, must be "
+              "in want of a wife. However little known the feelings or views of such a man may be on his first "
+              "entering a neighbourhood, this truth is so well fixed in the minds of the surrounding families, that he "
+              "is considered as the rightful property of some one or other of their daughters. ")
+
+
+@app.command()
+def bench(
+    folder: Path = typer.Argument(..., help="checkpoint folder"),
+    policy: list[str] = typer.Option(None, "--policy", help="repeatable; default: static at every ladder "
+                                     "precision, plus static-mixed and dynamic at the policy's budget if calibrated"),
+    new_tokens: int = typer.Option(128, min=2, help="greedy tokens decoded per policy (stop tokens ignored)"),
+    prompt_tokens: int = typer.Option(64, min=1),
+    engine: str = typer.Option("auto", help="slim, hf or auto"),
+    baseline: bool = typer.Option(True, "--baseline/--no-baseline",
+                                  help="also time the source model in bf16 through Hugging Face generate"),
+    json_path: Path = typer.Option(None, "--json", help=JSON_HELP),
+):
+    """Decode and prefill tokens/s per policy, side by side in one run."""
+    from .bench import hf_baseline, run_policy, table
+    from .runtime import load
+
+    check_json_path(json_path)
+    loaded = load(folder)
+    ladder = loaded.manifest["ladder"]
+    specs = list(policy) if policy else [f"static:{b}" for b in ladder]
+    if not policy and loaded.policy.get("kind") == "dynamic":
+        budget = (loaded.policy.get("expected") or {}).get("avg_bits")
+        specs += [f"static-mixed:{budget:g}", "dynamic"] if budget else ["dynamic"]
+    ids = loaded.tokenizer(BENCH_TEXT * 8)["input_ids"][:prompt_tokens]
+    rows = []
+    for spec in specs:
+        rows.append(run_policy(loaded, spec, ids, new_tokens, engine))
+        print(f"{rows[-1]['policy']}: {rows[-1]['decode_tokens_per_s']:.1f} tokens/s decode", file=sys.stderr)
+    if baseline:
+        try:
+            rows.append(hf_baseline(loaded.manifest["source"]["model"], ids, new_tokens))
+        except FqError as exc:
+            print(f"no bf16 baseline: {exc}", file=sys.stderr)
+    print(table(rows))
+    write_json(json_path, {"checkpoint": str(folder), "threads": torch_threads(), "rows": rows})
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 @app.command(name="eval")
 def eval_(
     target: str = typer.Argument(..., help="checkpoint folder, or a model (" + MODEL_HELP + ")"),

@@ -133,6 +133,10 @@ class Controller:
 
     def _after(self, _model, _args, output):
         start = time.perf_counter()
+        if not len(self.edges):  # one bucket (static plans): the signal's value is never read
+            self.signal = torch.zeros(output.logits.shape[0])
+            self.overhead += time.perf_counter() - start
+            return
         h = entropy(torch.log_softmax(output.logits[:, -1].float(), dim=-1))
         s = self.plan.smoothing
         self.signal = h if self.signal is None or not s else s * self.signal + (1 - s) * h

@@ -61,6 +61,16 @@ def test_generate_engines_agree_greedy(tiny_ckpt, tmp_path):
     assert texts["slim"] == texts["hf"] and len(texts["slim"]) == 2
 
 
+def test_bench_reports_every_policy_and_the_baseline(tiny_ckpt, tmp_path):
+    out = run("bench", tiny_ckpt, "--new-tokens", "4", "--prompt-tokens", "8", "--json", tmp_path / "b.json")
+    assert out.returncode == 0, out.stderr
+    rows = json.loads((tmp_path / "b.json").read_text())["rows"]
+    assert [r["policy"] for r in rows] == ["static:4", "static:8", "HF eager bfloat16"]
+    assert all(r["decode_tokens_per_s"] > 0 and r["prefill_tokens_per_s"] > 0 for r in rows)
+    assert rows[0]["engine"] == "slim" and rows[0]["avg_bits_read"] < rows[1]["avg_bits_read"]
+    assert "| static:4 | slim |" in out.stdout
+
+
 def test_eval_json_on_local_text(tiny_dir, tiny_ckpt, tmp_path, austen):
     out = run("eval", tiny_ckpt, "--dataset", austen / "emma.txt", "--samples", "2", "--seq-len", "64",
               "--reference", tiny_dir, "--json", tmp_path / "e.json")
