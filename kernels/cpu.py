@@ -2,7 +2,8 @@
 
 torch's cpp_extension compiles the file with -march=native on first use, so the cache
 folder is keyed by this CPU's feature flags, the compiler, torch's version and the
-source itself; a later process just loads the shared library (ninja finds nothing to do).
+source (path and text); a later process just loads the shared library (ninja finds
+nothing to do).
 """
 
 import hashlib
@@ -32,7 +33,10 @@ def build_dir() -> Path:
     from fqcompile.models import cache_dir
 
     compiler = os.environ.get("CXX", "c++")
-    key = "\n".join([_cpu_flags(), compiler, " ".join(FLAGS), torch.__version__, sys.version, SOURCE.read_text()])
+    # The source's path too: ninja's build file names it, so two checkouts sharing one
+    # folder would rebuild each other's library on every first use.
+    key = "\n".join([_cpu_flags(), compiler, " ".join(FLAGS), torch.__version__, sys.version, str(SOURCE),
+                     SOURCE.read_text()])
     tag = hashlib.sha256(key.encode()).hexdigest()[:16]
     return cache_dir() / "kernels" / f"cpu-{tag}"
 
