@@ -34,11 +34,19 @@ def main() -> None:
     if run.returncode:
         sys.exit(run.stderr.strip().splitlines()[-1] if run.stderr.strip() else "fqcompile bench failed")
     data = json.loads(out.with_suffix(".json").read_text())
+    manifest = json.loads((Path(args.checkpoint) / "fqcompile.json").read_text())
+    try:
+        import llama_cpp  # noqa: F401
+        llama_note = "llama.cpp rows: not implemented yet."
+    except ImportError:
+        llama_note = "No llama.cpp rows: llama-cpp-python is not installed."
     text = "\n".join([
         "# Generation benchmark", "",
         f"Measured {datetime.date.today()}, {data['threads']} threads, torch {torch.__version__}, batch 1, greedy, "
         f"{args.prompt_tokens}-token prompt, {args.new_tokens} new tokens (stop tokens ignored). Command:", "",
         f"    python scripts/bench_generate.py {' '.join(sys.argv[1:])}", "",
+        f"Checkpoint: {manifest['source']['model']}, {manifest['quantizer']['method']} nested "
+        f"{manifest['ladder']}, group {manifest['group_size']}. {llama_note}", "",
         run.stdout.strip(), "",
         "Controller share: the precision controller's hooks as a share of the decode time. "
         "Peak RSS: the process's peak so far (the runs share one process).", ""])
