@@ -139,8 +139,9 @@ class Llama(nn.Module):
         self.cos, self.sin = cos[0], sin[0]  # [length, head_dim]
 
     def _rms(self, x, weight):
-        var = x.float().pow(2).mean(-1, keepdim=True)
-        return weight * (x.float() * torch.rsqrt(var + self.eps)).to(x.dtype)
+        xf = x if x.dtype == torch.float32 else x.float()  # every skipped no-op saves a dispatch per layer
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return weight * (xf if x.dtype == torch.float32 else xf.to(x.dtype))
 
     def _rope(self, x, cos, sin):  # x [B, H, T, D]; cos/sin [B, T, D]
         half = x.shape[-1] // 2
@@ -148,25 +149,24 @@ class Llama(nn.Module):
         return x * cos[:, None] + rotated * sin[:, None]
 
     @torch.inference_mode()
-    def forward(self, input_ids, positions, slots, mask, all_logits: bool = False) -> Output:
-        """One step for every row.
+    def forward(self, input_ids, positions, start: int, mask, all_logits: bool = False) -> Output:
+        """One step for every row: the T new tokens go to cache slots start .. start + T - 1.
 
-        input_ids, positions (RoPE positions), slots (cache indices): [B, T];
-        mask: [B, 1, T, L] bool over the first L cache slots (True = attend).
+        input_ids, positions (RoPE positions): [B, T]; mask: [B, 1, T, L] bool over the
+        first L cache slots (True = attend).
         """
         b, t = input_ids.shape
         length = mask.shape[-1]
         x = self.embed(input_ids)
         cos, sin = self.cos[positions], self.sin[positions]
-        rows = torch.arange(b)[:, None]
         for i, blk in enumerate(self.blocks):
             h = self._rms(x, blk["in_norm"])
             q, k, v = blk["qkv"](h)
             q = self._rope(q.view(b, t, self.heads, self.head_dim).transpose(1, 2), cos, sin)
             k = self._rope(k.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2), cos, sin)
             v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-            self.k_cache[i][rows, :, slots] = k.transpose(1, 2)
-            self.v_cache[i][rows, :, slots] = v.transpose(1, 2)
+            self.k_cache[i][:, :, start:start + t] = k
+            self.v_cache[i][:, :, start:start + t] = v
             att = F.scaled_dot_product_attention(q, self.k_cache[i][:, :, :length], self.v_cache[i][:, :, :length],
                                                  attn_mask=mask, enable_gqa=self.kv_heads != self.heads)
             x = x + blk["o"](att.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
@@ -213,7 +213,7 @@ def generate(dec: Llama, rows: list[list[int]], max_new_tokens: int, stop_ids, p
     causal = torch.ones(width, width, dtype=torch.bool).tril()
     # Padding queries attend to themselves only, so no row of the mask is empty (no NaN).
     mask = (causal & keys[:, None, :width]) | torch.eye(width, dtype=torch.bool)
-    logits = dec(ids, positions, torch.arange(width).expand(b, width), mask[:, None]).logits[:, -1]
+    logits = dec(ids, positions, 0, mask[:, None]).logits[:, -1]
     gen = torch.Generator().manual_seed(seed)
     stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long)
     done = torch.zeros(b, dtype=torch.bool)
@@ -236,7 +236,7 @@ def generate(dec: Llama, rows: list[list[int]], max_new_tokens: int, stop_ids, p
         slot = width + step
         keys[:, slot] = True
         pos = pos + 1
-        logits = dec(token[:, None], pos[:, None], torch.full((b, 1), slot), keys[:, None, None, :slot + 1]).logits[:, -1]
+        logits = dec(token[:, None], pos[:, None], slot, keys[:, None, None, :slot + 1]).logits[:, -1]
     if streamer is not None:
         streamer.end()
     return out
