@@ -195,12 +195,16 @@ def generate(
     new = out[:, input_ids.shape[1] :]
     texts = [tok.decode(row, skip_special_tokens=True) for row in new]
     count = int((new != pad).sum()) if len(rows) > 1 else int(new.numel())
+    return _result(prompt, texts, count, seconds, "hf", why, controller)
+
+
+def _result(prompt, texts, count, seconds, engine, why, controller) -> dict:
     result = {
         "text": texts[0] if isinstance(prompt, str) else texts,
         "new_tokens": count,
         "seconds": seconds,
         "tokens_per_s": count / seconds if seconds > 0 else None,
-        "engine": "hf",
+        "engine": engine,
         "engine_reason": why,
     }
     if controller is not None:
@@ -250,17 +254,7 @@ def _generate_slim(loaded, prompt, rows, max_new_tokens, temperature, top_p, top
     seconds = time.perf_counter() - start
     texts = [tok.decode(n, skip_special_tokens=True) for n in new]
     count = sum(map(len, new))
-    result = {
-        "text": texts[0] if isinstance(prompt, str) else texts,
-        "new_tokens": count,
-        "seconds": seconds,
-        "tokens_per_s": count / seconds if seconds > 0 else None,
-        "engine": "slim",
-        "engine_reason": "Llama-family model",
-    }
-    if controller is not None:
-        result["controller"] = controller.stats()
-    return result
+    return _result(prompt, texts, count, seconds, "slim", "Llama-family model", controller)
 
 
 def _prompt_ids(tok, prompt: str, chat: bool) -> list[int]:

@@ -196,6 +196,23 @@ inline void finish_group(vf (&c)[B], const Activations& a, int64_t groups, int64
   for (int b = 0; b < B; ++b) total[b] = vfma(s, vadd(c[b], vset(-zc * a.xq[b * groups + g])), total[b]);
 }
 
+// Group g of the first half row and group g + gh of the second: sum each activation row's
+// U partial accumulators, then apply the groups' scales and zero points.
+template <int B, int U>
+inline void finish_halves(vf (&a0)[B][U], vf (&a1)[B][U], const Activations& a, const Grid& grid, int64_t g,
+                          int64_t gh, const float* sm, const float* zc, vf (&total)[B]) {
+  vf c0[B], c1[B];
+  FQ_UNROLL
+  for (int b = 0; b < B; ++b) {
+    c0[b] = a0[b][0];
+    c1[b] = a1[b][0];
+    FQ_UNROLL
+    for (int u = 1; u < U; ++u) { c0[b] = vadd(c0[b], a0[b][u]); c1[b] = vadd(c1[b], a1[b][u]); }
+  }
+  finish_group<B>(c0, a, grid.groups, g, sm[g], zc[g], total);
+  finish_group<B>(c1, a, grid.groups, g + gh, sm[g + gh], zc[g + gh], total);
+}
+
 // y[b, n] over unpacked codes; U independent accumulators per row hide FMA latency.
 template <int B, int U>
 void row_dot(const uint8_t* __restrict codes, const Activations& a, int64_t in, const Grid& grid,
@@ -295,16 +312,7 @@ void row_dot_nibbles(const uint8_t* __restrict r0, const uint8_t* __restrict r1,
           a1[b][u] = vfma(q1, vload(a.x + b * a.ldx + half + jj), a1[b][u]);
         }
       }
-    vf c0[B], c1[B];
-    FQ_UNROLL
-    for (int b = 0; b < B; ++b) {
-      c0[b] = a0[b][0];
-      c1[b] = a1[b][0];
-      FQ_UNROLL
-      for (int u = 1; u < U; ++u) { c0[b] = vadd(c0[b], a0[b][u]); c1[b] = vadd(c1[b], a1[b][u]); }
-    }
-    finish_group<B>(c0, a, grid.groups, g, sm[g], zc[g], total);
-    finish_group<B>(c1, a, grid.groups, g + gh, sm[g + gh], zc[g + gh], total);
+    finish_halves<B, U>(a0, a1, a, grid, g, gh, sm, zc, total);
   }
   FQ_UNROLL
   for (int b = 0; b < B; ++b) yn[b * ldy] = vsum(total[b]);
@@ -373,16 +381,7 @@ void row_dot_wide(const uint8_t* __restrict r0, const uint8_t* __restrict r1, in
         }
       }
     }
-    vf c0[B], c1[B];
-    FQ_UNROLL
-    for (int b = 0; b < B; ++b) {
-      c0[b] = a0[b][0];
-      c1[b] = a1[b][0];
-      FQ_UNROLL
-      for (int u = 1; u < A; ++u) { c0[b] = vadd(c0[b], a0[b][u]); c1[b] = vadd(c1[b], a1[b][u]); }
-    }
-    finish_group<B>(c0, a, grid.groups, g, sm[g], zc[g], total);
-    finish_group<B>(c1, a, grid.groups, g + gh, sm[g + gh], zc[g + gh], total);
+    finish_halves<B, A>(a0, a1, a, grid, g, gh, sm, zc, total);
   }
   FQ_UNROLL
   for (int b = 0; b < B; ++b) yn[b * ldy] = vsum(total[b]);
