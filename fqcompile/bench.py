@@ -1,18 +1,29 @@
 """Generation speed per policy, side by side in one run (`fqcompile bench`, scripts/bench_generate.py).
 
-For each policy: prefill tokens/s for the prompt and decode tokens/s for a fixed number of
-greedy tokens (stop tokens ignored, so every policy decodes the same count) through the
-chosen engine, the controller's share of the decode time, and the bits read per weight.
-Optionally the source model in bf16 through Hugging Face `generate` (eager) as the baseline.
+Every row runs in a process of its own (so its peak memory is its own) that loads only
+what it needs: a policy's process reads the planes up to the highest precision its plan
+uses. For each policy: prefill tokens/s for the prompt and decode tokens/s for a fixed
+number of greedy tokens (stop tokens ignored, so every row decodes the same count), the
+controller's share of the decode time and the bits read per weight. Optionally the source
+model in bf16 through Hugging Face `generate` (eager) as the baseline, and llama.cpp
+(llama-cpp-python, the optional `bench` extra) on the source GGUF requantized to Q8_0
+and Q4_0.
 """
 
+import json
 import resource
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 
 from .controller import Controller, resolve
+from .errors import FqError
 from .runtime import choose_engine, decoder
+
+LLAMA_CPP_TYPES = ("Q8_0", "Q4_0")
 
 
 def _rss_peak_mib() -> float:
@@ -20,7 +31,7 @@ def _rss_peak_mib() -> float:
 
 
 def run_policy(loaded, spec: str, ids: list[int], new_tokens: int, engine: str) -> dict:
-    """Time one policy: prefill of `ids`, then `new_tokens` greedy decode steps."""
+    """Time one policy on a loaded checkpoint: prefill of `ids`, then `new_tokens` greedy decode steps."""
     from . import llama
 
     name, _ = choose_engine(loaded, engine)
@@ -62,25 +73,98 @@ def run_policy(loaded, spec: str, ids: list[int], new_tokens: int, engine: str) 
     }
 
 
-def hf_baseline(source: str, ids: list[int], new_tokens: int, dtype=torch.bfloat16) -> dict:
+def policy_row(folder: str, spec: str, ids: list[int], new_tokens: int, engine: str, quantized_head=False) -> dict:
+    """Load `folder` with only the planes `spec` needs, warm up, then time it (run_policy)."""
+    from .formats import checkpoint as ckpt
+    from .runtime import load, read_policy
+
+    manifest = ckpt.read_manifest(Path(folder))
+    plan = resolve(read_policy(Path(folder)), manifest, spec)
+    loaded = load(folder, precision=int(max(plan.bits.max(), plan.prefill)), quantized_head=quantized_head)
+    run_policy(loaded, spec, ids[:4], 2, engine)  # warm-up: kernel load, fusion, first-call costs
+    row = run_policy(loaded, spec, ids, new_tokens, engine)
+    if quantized_head:
+        row["policy"] += ", 8-bit head"
+    return row
+
+
+def hf_row(source: str, ids: list[int], new_tokens: int, dtype: str = "bfloat16") -> dict:
     """The source model in `dtype` through Hugging Face `generate` (eager attention)."""
     from . import models
 
     model, tok, _ = models.load(source)
-    model = model.to(dtype)
+    model = model.to(getattr(torch, dtype))
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     prompt = torch.tensor([ids])
     with torch.inference_mode():
+        model.generate(prompt[:, :4], max_new_tokens=2, do_sample=False, pad_token_id=pad)  # warm-up
         start = time.perf_counter()
         model(prompt)
         prefill = time.perf_counter() - start
         start = time.perf_counter()
         model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
         total = time.perf_counter() - start
-    return {"policy": f"HF eager {str(dtype).removeprefix('torch.')}", "engine": "hf", "prompt_tokens": len(ids),
-            "new_tokens": new_tokens, "prefill_tokens_per_s": len(ids) / prefill,
+    return {"policy": f"HF eager {dtype}", "engine": "hf", "prompt_tokens": len(ids), "new_tokens": new_tokens,
+            "prefill_tokens_per_s": len(ids) / prefill,
             "decode_tokens_per_s": (new_tokens - 1) / max(total - prefill, 1e-9), "avg_bits_read": None,
             "controller_share": None, "peak_rss_mib": _rss_peak_mib()}
+
+
+def source_gguf(source: str) -> Path | None:
+    """The GGUF file a checkpoint's source model came from (None for other sources)."""
+    from . import models
+
+    if source in models.BUILTIN:
+        return models._builtin_gguf(source)
+    return Path(source) if source.endswith(".gguf") and Path(source).is_file() else None
+
+
+def llama_cpp_row(gguf: str, kind: str, ids: list[int], new_tokens: int, threads: int, work: str) -> dict:
+    """llama.cpp (llama-cpp-python) on `gguf` requantized to `kind`: same prompt, greedy, same count."""
+    import ctypes
+
+    import llama_cpp
+    import numpy as np
+
+    target = Path(work) / f"{Path(gguf).stem}.{kind}.gguf"
+    if not target.is_file():
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{kind}")
+        params.allow_requantize = True  # the built-in GGUF is itself quantized (Q4_1)
+        params.nthread = threads
+        partial = target.with_suffix(".partial")
+        if llama_cpp.llama_model_quantize(str(gguf).encode(), str(partial).encode(), ctypes.byref(params)) != 0:
+            raise FqError(f"llama.cpp could not quantize {gguf} to {kind}")
+        partial.rename(target)
+    llm = llama_cpp.Llama(str(target), n_ctx=len(ids) + new_tokens + 8, n_threads=threads, n_threads_batch=threads,
+                          verbose=False)
+    llm.eval(ids[:4])  # warm-up
+    llm.reset()
+    start = time.perf_counter()
+    llm.eval(ids)
+    prefill = time.perf_counter() - start
+    token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    start = time.perf_counter()
+    for _ in range(new_tokens - 1):
+        llm.eval([token])
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    decode = time.perf_counter() - start
+    return {"policy": f"llama.cpp {kind}", "engine": "llama.cpp", "prompt_tokens": len(ids), "new_tokens": new_tokens,
+            "prefill_tokens_per_s": len(ids) / prefill, "decode_tokens_per_s": (new_tokens - 1) / decode,
+            "avg_bits_read": None, "controller_share": None, "peak_rss_mib": _rss_peak_mib()}
+
+
+JOBS = {"policy": policy_row, "hf": hf_row, "llama.cpp": llama_cpp_row}
+
+
+def isolated(job: str, **kwargs) -> dict:
+    """Run JOBS[job](**kwargs) in a fresh Python process; its row (peak memory is that process's)."""
+    cmd = [sys.executable, "-m", "fqcompile.bench", json.dumps({"job": job, "kwargs": kwargs})]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        lines = done.stderr.strip().splitlines()
+        raise FqError(f"{job} run failed: {lines[-1] if lines else 'no message'}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def table(rows: list[dict]) -> str:
@@ -92,3 +176,11 @@ def table(rows: list[dict]) -> str:
         lines.append(f"| {r['policy']} | {r['engine']} | {r['decode_tokens_per_s']:.1f} | "
                      f"{r['prefill_tokens_per_s']:.1f} | {bits} | {share} | {r['peak_rss_mib']:.0f} |")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":  # one isolated row: python -m fqcompile.bench '{"job": ..., "kwargs": {...}}'
+    try:
+        spec = json.loads(sys.argv[1])
+        print(json.dumps(JOBS[spec["job"]](**spec["kwargs"])))
+    except FqError as exc:
+        sys.exit(f"error: {exc}")

@@ -21,6 +21,8 @@ app = typer.Typer(
 MODEL_HELP = "local HF folder, .gguf file, hub id (org/name), or the built-in 'smollm2-135m'"
 POLICY_HELP = "dynamic | dynamic:BITS | static:B | static-mixed:BITS (default: the checkpoint's own policy)"
 JSON_HELP = "also write the numbers to this JSON file (schema: docs/json.md)"
+HEAD_HELP = ("run the output head at 8 bits (round-to-nearest at load; checkpoints keep it in float): on "
+             "small models the largest read of a decode step (docs/bench-generate.md)")
 INT8_HELP = ("quantize each quantized layer's inputs to int8 per weight group: faster on CPUs with "
              "AVX-512 VNNI, at a small perplexity cost (docs/kernels.md)")
 
@@ -236,6 +238,7 @@ def generate(
     stream: bool = typer.Option(True, "--stream/--no-stream"),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="check file hashes on load"),
     int8_activations: bool = typer.Option(False, "--int8-activations", help=INT8_HELP),
+    quantized_head: bool = typer.Option(False, "--quantized-head", help=HEAD_HELP),
     engine: str = typer.Option("auto", help="slim (fqcompile's Llama-family decoder), hf (Hugging Face "
                                "generate), or auto: slim where the model allows"),
     json_path: Path = typer.Option(None, "--json", help=JSON_HELP),
@@ -250,7 +253,7 @@ def generate(
     check_json_path(json_path)
     spec = policy_spec(policy, precision)
     static_bits = int(spec.split(":")[1]) if spec and spec.startswith("static:") else None
-    loaded = load(folder, precision=static_bits, verify=verify)  # a static precision reads only its planes
+    loaded = load(folder, precision=static_bits, verify=verify, quantized_head=quantized_head)  # a static precision reads only its planes
     set_int8_activations(loaded.model, int8_activations)
     controller = Controller(loaded.model, loaded.manifest, resolve(loaded.policy, loaded.manifest, spec))
     batch = len(prompt) > 1
@@ -291,34 +294,62 @@ def bench(
     new_tokens: int = typer.Option(128, min=2, help="greedy tokens decoded per policy (stop tokens ignored)"),
     prompt_tokens: int = typer.Option(64, min=1),
     engine: str = typer.Option("auto", help="slim, hf or auto"),
+    quantized_head: bool = typer.Option(False, "--quantized-head", help=HEAD_HELP),
     baseline: bool = typer.Option(True, "--baseline/--no-baseline",
-                                  help="also time the source model in bf16 through Hugging Face generate"),
+                                  help="also time the source model in bf16 through Hugging Face generate, and "
+                                  "llama.cpp at Q8_0 and Q4_0 if llama-cpp-python is installed"),
     json_path: Path = typer.Option(None, "--json", help=JSON_HELP),
 ):
-    """Decode and prefill tokens/s per policy, side by side in one run."""
-    from .bench import hf_baseline, run_policy, table
-    from .runtime import load
+    """Decode and prefill tokens/s per policy, side by side in one run (each row in its own process)."""
+    import tempfile
+
+    from .bench import LLAMA_CPP_TYPES, isolated, source_gguf, table
+    from .formats import checkpoint as ckpt
+    from .runtime import read_policy
 
     check_json_path(json_path)
-    loaded = load(folder)
-    ladder = loaded.manifest["ladder"]
+    manifest = ckpt.read_manifest(folder)
+    found = read_policy(folder)
+    ladder = manifest["ladder"]
     specs = list(policy) if policy else [f"static:{b}" for b in ladder]
-    if not policy and loaded.policy.get("kind") == "dynamic":
-        budget = (loaded.policy.get("expected") or {}).get("avg_bits")
+    if not policy and found.get("kind") == "dynamic":
+        budget = (found.get("expected") or {}).get("avg_bits")
         specs += [f"static-mixed:{budget:g}", "dynamic"] if budget else ["dynamic"]
-    ids = loaded.tokenizer(BENCH_TEXT * 8)["input_ids"][:prompt_tokens]
-    run_policy(loaded, specs[0], ids[:4], 2, engine)  # warm-up: kernel load, fusion, first-call costs
-    rows = []
-    for spec in specs:
-        rows.append(run_policy(loaded, spec, ids, new_tokens, engine))
-        print(f"{rows[-1]['policy']}: {rows[-1]['decode_tokens_per_s']:.1f} tokens/s decode", file=sys.stderr)
-    if baseline:
-        try:
-            rows.append(hf_baseline(loaded.manifest["source"]["model"], ids, new_tokens))
-        except FqError as exc:
-            print(f"no bf16 baseline: {exc}", file=sys.stderr)
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(folder)(BENCH_TEXT * 8)["input_ids"][:prompt_tokens]
+    with tempfile.TemporaryDirectory(prefix="fqcompile-bench-") as work:  # requantized GGUFs
+        jobs = [("policy", dict(folder=str(folder), spec=s, ids=ids, new_tokens=new_tokens, engine=engine,
+                                quantized_head=quantized_head)) for s in specs]
+        notes = []
+        source = manifest["source"]["model"]
+        if baseline:
+            jobs.append(("hf", dict(source=source, ids=ids, new_tokens=new_tokens)))
+            gguf = source_gguf(source)
+            try:
+                import llama_cpp  # noqa: F401
+            except ImportError:
+                gguf, why = None, "llama-cpp-python is not installed (pip install 'fqcompile[bench]')"
+            else:
+                why = f"the source model {source} is not a GGUF file"
+            if gguf is None:
+                notes.append(f"no llama.cpp rows: {why}")
+            jobs += [("llama.cpp", dict(gguf=str(gguf), kind=k, ids=ids, new_tokens=new_tokens,
+                                        threads=torch_threads(), work=work)) for k in LLAMA_CPP_TYPES if gguf]
+        rows = []
+        for job, kwargs in jobs:
+            try:
+                rows.append(isolated(job, **kwargs))
+            except FqError as exc:
+                if job == "policy":
+                    raise
+                notes.append(str(exc))
+                continue
+            print(f"{rows[-1]['policy']}: {rows[-1]['decode_tokens_per_s']:.1f} tokens/s decode", file=sys.stderr)
+    for note in notes:
+        print(note, file=sys.stderr)
     print(table(rows))
-    write_json(json_path, {"checkpoint": str(folder), "threads": torch_threads(), "rows": rows})
+    write_json(json_path, {"checkpoint": str(folder), "threads": torch_threads(), "rows": rows, "notes": notes})
 
 
 def torch_threads() -> int:
@@ -343,6 +374,7 @@ def eval_(
     text_column: str = typer.Option(None, help="column holding the text in jsonl/parquet/hub data"),
     seed: int = typer.Option(0, help="seed for 'self' sampling"),
     int8_activations: bool = typer.Option(False, "--int8-activations", help=INT8_HELP),
+    quantized_head: bool = typer.Option(False, "--quantized-head", help=HEAD_HELP),
     json_path: Path = typer.Option(None, "--json", help=JSON_HELP),
 ):
     """Perplexity and KL vs the full-precision model, per precision, on held-out text."""
@@ -355,7 +387,7 @@ def eval_(
     check_json_path(json_path)
     is_ckpt = (Path(target) / ckpt.MANIFEST).is_file()
     if is_ckpt:
-        loaded = load(target)
+        loaded = load(target, quantized_head=quantized_head)
         set_int8_activations(loaded.model, int8_activations)
         model, tok, ladder = loaded.model, loaded.tokenizer, loaded.manifest["ladder"]
         if precision == "all":
@@ -368,8 +400,9 @@ def eval_(
         ref_spec = None if no_reference else (reference or loaded.manifest["source"]["model"])
         ref = _reference(ref_spec, explicit=reference is not None)
     else:
-        if precision != "all" or int8_activations:
-            raise FqError("--precision and --int8-activations apply to checkpoints; a plain model is evaluated as it is")
+        if precision != "all" or int8_activations or quantized_head:
+            raise FqError("--precision, --int8-activations and --quantized-head apply to checkpoints; a plain model is "
+                          "evaluated as it is")
         model, tok, _ = models.load(target)
         precisions, stats, ref, ref_spec = [None], {}, None, None
     n = samples or (8 if dataset == SELF else 32)

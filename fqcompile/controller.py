@@ -83,11 +83,15 @@ class Controller:
             if not set(plan.bits.flatten().tolist()) | {plan.prefill} <= set(layer.precisions):
                 raise FqError(f"policy {plan.label} needs precisions that were not loaded")
         self.edges = torch.tensor(plan.edges, dtype=torch.float32)
-        self.ladder_t = torch.tensor(self.ladder)  # built once: _before runs every decode step
-        # bytes each unit reads per weight at each precision (planes + scales/zeros)
+        # Per bucket, once: each unit's ladder position and the bytes a step reads (planes +
+        # scales/zeros), so a decode step only counts how many rows fell in each bucket.
         layouts = ckpt.layouts(manifest)
-        self.unit_bytes = torch.tensor([[sum(ckpt.bytes_read(layouts[n], b) for n in names) for b in self.ladder]
-                                        for names in plan.units], dtype=torch.float64)
+        unit_bytes = torch.tensor([[sum(ckpt.bytes_read(layouts[n], b) for n in names) for b in self.ladder]
+                                   for names in plan.units], dtype=torch.float64)
+        position = torch.searchsorted(torch.tensor(self.ladder), plan.bits)  # [buckets, units]
+        self.bucket_counts = torch.nn.functional.one_hot(position, len(self.ladder)).double()  # [buckets, units, rungs]
+        self.bucket_bytes = unit_bytes.gather(1, position.T).sum(0)  # [buckets]
+        self.plan_id = torch.unique(plan.bits, dim=0, return_inverse=True)[1]  # buckets with equal bits: one id
         self.weights = sum(x.out_features * x.in_features for x in layouts.values())
         self.reset()
         self.hooks = []
@@ -102,11 +106,9 @@ class Controller:
     def reset(self) -> None:
         """Forget the signal (a new prompt) and the statistics."""
         self.signal = None
-        self.counts = torch.zeros(len(self.layers), len(self.ladder), dtype=torch.float64)  # row-steps
-        self.bytes = 0.0
-        self.decode_tokens = 0
+        self.steps = torch.zeros(len(self.plan.bits), dtype=torch.float64)  # decode row-steps per bucket
         self.overhead = 0.0
-        self.applied = None  # the [rows, units] bits last set on the layers
+        self.applied = None  # the rows' plan ids whose bits were last set on the layers
 
     def close(self) -> None:
         for h in self.hooks:
@@ -125,16 +127,14 @@ class Controller:
         else:
             buckets = torch.bucketize(self.signal, self.edges, right=True) if len(self.edges) else torch.zeros(
                 rows, dtype=torch.long)
-            bits = self.plan.bits[buckets]  # [rows, units]
             # Setting ~200 layers costs more than the rest of the hook: only when the plan changes.
-            if self.applied is None or not torch.equal(bits, self.applied):
+            plans = self.plan_id[buckets]
+            if self.applied is None or not torch.equal(plans, self.applied):
+                bits = self.plan.bits[buckets]  # [rows, units]
                 per_row = bits.tolist()  # plain lists: ~30 units x tensor ops would cost more than the step's hook budget
                 self._set([col[0] if len(set(col)) == 1 else bits[:, u] for u, col in enumerate(zip(*per_row))])
-                self.applied = bits
-            index = torch.searchsorted(self.ladder_t, bits)  # [rows, units] ladder positions
-            self.counts += torch.nn.functional.one_hot(index, len(self.ladder)).sum(0).double()
-            self.bytes += float(self.unit_bytes.gather(1, index.T).sum())
-            self.decode_tokens += rows
+                self.applied = plans
+            self.steps += torch.bincount(buckets, minlength=len(self.steps))
         self.overhead += time.perf_counter() - start
 
     def _after(self, _model, _args, output):
@@ -155,18 +155,20 @@ class Controller:
 
     def stats(self, verbose: bool = False) -> dict:
         """Decode steps only (the prompt runs at the prefill precision)."""
-        total = self.counts.sum()
-        shares = (self.counts.sum(0) / total).tolist() if total else [0.0] * len(self.ladder)
+        counts = torch.einsum("b,bur->ur", self.steps, self.bucket_counts)  # [units, rungs] row-steps
+        total = counts.sum()
+        tokens = int(self.steps.sum())
+        shares = (counts.sum(0) / total).tolist() if total else [0.0] * len(self.ladder)
         out = {
             "policy": self.plan.label,
-            "decode_tokens": self.decode_tokens,
-            "avg_bits_read": 8 * self.bytes / (self.decode_tokens * self.weights) if self.decode_tokens else None,
+            "decode_tokens": tokens,
+            "avg_bits_read": 8 * float(self.steps @ self.bucket_bytes) / (tokens * self.weights) if tokens else None,
             "share": {str(b): s for b, s in zip(self.ladder, shares)},
             "controller_seconds": self.overhead,
         }
         if verbose:
             out["per_unit"] = {names[0] if len(names) == 1 else _common(names): {
-                str(b): float(c / max(1.0, self.counts[u].sum())) for b, c in zip(self.ladder, self.counts[u])}
+                str(b): float(c / max(1.0, counts[u].sum())) for b, c in zip(self.ladder, counts[u])}
                 for u, names in enumerate(self.plan.units)}
         return out
 

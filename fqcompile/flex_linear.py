@@ -6,7 +6,7 @@ from torch import nn
 
 from .errors import FqError
 from .formats.nested import Layout
-from .kernels import flex_linear, quantize_activations
+from .kernels import kernel_args, nested_linear, quantize_activations
 
 
 class FlexLinear(nn.Module):
@@ -31,6 +31,7 @@ class FlexLinear(nn.Module):
         self.precision = max(self.precisions)
         self.dense = None  # {bits: weight} while runtime.dense_weights() is active
         self.int8_activations = False  # quantize inputs per group to int8 (kernels.flex_linear)
+        self._calls = {}  # bits -> the kernel's arguments: a decode step calls ~200 layers
 
 
     @property
@@ -41,6 +42,17 @@ class FlexLinear(nn.Module):
     def planes(self) -> list[torch.Tensor]:
         return [getattr(self, f"plane{i}") for i in range(self.n_planes)]
 
+    def repoint(self, planes, scale, zero) -> None:
+        """Use other tensors of the same shapes (e.g. views of a fused layer's)."""
+        for i, plane in enumerate(planes):
+            setattr(self, f"plane{i}", plane)
+        self.scale, self.zero = scale, zero
+        self._calls = {}
+
+    def _apply(self, fn, *args, **kwargs):  # .to() / .float() replace the buffers the cache holds
+        self._calls = {}
+        return super()._apply(fn, *args, **kwargs)
+
     def set_precision(self, bits) -> None:
         """One precision for the whole batch (int), or one per batch row (a [B] tensor of bits)."""
         wanted = set(bits.tolist()) if torch.is_tensor(bits) else {bits}
@@ -49,16 +61,18 @@ class FlexLinear(nn.Module):
         self.precision = bits
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        meta = (self.layout, self.scale, self.zero)
         bits = self.precision
-        values = bits.unique().tolist() if torch.is_tensor(bits) else [bits]
         int8 = self.int8_activations
+        if type(bits) is int and not self.dense:  # the decode path: as few Python steps as possible
+            y = nested_linear(x, *self._args(bits), int8)
+            return y if self.bias is None else y + self.bias
+        values = bits.unique().tolist() if torch.is_tensor(bits) else [bits]
         if self.dense:
             def run(v, b):
                 return F.linear(quantize_activations(v) if int8 else v, self.dense[b])
         else:
             def run(v, b):
-                return flex_linear(v, self.planes(), meta, b, int8)
+                return nested_linear(v, *self._args(b), int8)
         if len(values) == 1:
             y = run(x, values[0])
         else:  # per-row precisions: each group of rows through its own slice
@@ -67,6 +81,12 @@ class FlexLinear(nn.Module):
                 rows = bits == b
                 y[rows] = run(x[rows], b)
         return y + self.bias if self.bias is not None else y
+
+    def _args(self, bits: int) -> tuple:
+        call = self._calls.get(bits)
+        if call is None:
+            call = self._calls[bits] = kernel_args(self.planes(), (self.layout, self.scale, self.zero), bits)
+        return call
 
     def extra_repr(self) -> str:
         return (

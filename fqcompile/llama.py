@@ -22,6 +22,7 @@ from torch import nn
 from .errors import FqError
 from .flex_linear import FlexLinear
 from .formats.nested import Layout
+from .kernels.ops import attend, rms_norm
 
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
@@ -62,36 +63,27 @@ def fuse(parts: list[FlexLinear]) -> FlexLinear:
     fused = FlexLinear(Layout(sum(rows), first.in_features, first.group_size, first.ladder), planes, scale, zero, bias)
     start = 0
     for p, n in zip(parts, rows):
-        for i in range(p.n_planes):
-            setattr(p, f"plane{i}", fused.planes()[i][start:start + n])
-        p.scale, p.zero = fused.scale[start:start + n], fused.zero[start:start + n]
+        p.repoint([plane[start:start + n] for plane in fused.planes()], fused.scale[start:start + n],
+                  fused.zero[start:start + n])
         start += n
     return fused
 
 
-def _same_precision(parts) -> int | None:
-    bits = parts[0].precision
-    if torch.is_tensor(bits) or any(torch.is_tensor(p.precision) or p.precision != bits for p in parts):
-        return None
-    return bits
-
-
 class Projections(nn.Module):
-    """Several FlexLinears on one input: one fused call when they agree on precision."""
+    """Several FlexLinears on one input, outputs side by side: one fused call when they agree on precision."""
 
     def __init__(self, parts: list[FlexLinear]):
         super().__init__()
         self.parts = parts  # plain list: the modules stay registered (and named) in the HF model
         self.fused = fuse(parts)
-        self.sizes = [p.out_features for p in parts]
 
     def forward(self, x):
-        bits = _same_precision(self.parts)
-        if bits is None:
-            return [p(x) for p in self.parts]
-        self.fused.precision = bits
-        self.fused.int8_activations = self.parts[0].int8_activations
-        return list(self.fused(x).split(self.sizes, dim=-1))
+        bits = self.parts[0].precision
+        if type(bits) is int and all(type(p.precision) is int and p.precision == bits for p in self.parts[1:]):
+            self.fused.precision = bits
+            self.fused.int8_activations = self.parts[0].int8_activations
+            return self.fused.forward(x)
+        return torch.cat([p.forward(x) for p in self.parts], dim=-1)
 
 
 @dataclass
@@ -129,51 +121,35 @@ class Llama(nn.Module):
         self.k_cache = self.v_cache = None
 
     def setup_cache(self, batch: int, length: int) -> None:
-        """Preallocate the KV cache (and the RoPE table) for `batch` rows of up to `length` tokens."""
+        """Preallocate the KV cache (and the RoPE tables) for `batch` rows of up to `length` tokens."""
         dtype = self.norm.dtype
         shape = (len(self.blocks), batch, self.kv_heads, length, self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=dtype)
         self.v_cache = torch.zeros(shape, dtype=dtype)
-        positions = torch.arange(length)[None]
-        cos, sin = self.rotary(self.k_cache[0, :1, :1], positions)
-        self.cos, self.sin = cos[0], sin[0]  # [length, head_dim]
-
-    def _rms(self, x, weight):
-        xf = x if x.dtype == torch.float32 else x.float()  # every skipped no-op saves a dispatch per layer
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return weight * (xf if x.dtype == torch.float32 else xf.to(x.dtype))
-
-    def _rope(self, x, cos, sin):  # x [B, H, T, D]; cos/sin [B, T, D]
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos[:, None] + rotated * sin[:, None]
+        self.caches = list(zip(self.k_cache, self.v_cache))  # per-layer views, taken once
+        cos, sin = self.rotary(self.k_cache[0, :1, :1], torch.arange(length)[None])
+        half = self.head_dim // 2
+        # rotate_half(x) * sin == roll(x, half) * (sin with its first half negated), bit for bit
+        self.cos, self.sin = cos[0], torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1)  # [length, head_dim]
 
     @torch.inference_mode()
-    def forward(self, input_ids, positions, start: int, mask, all_logits: bool = False) -> Output:
+    def forward(self, input_ids, positions, start: int, mask=None, all_logits: bool = False) -> Output:
         """One step for every row: the T new tokens go to cache slots start .. start + T - 1.
 
         input_ids, positions (RoPE positions): [B, T]; mask: [B, 1, T, L] bool over the
-        first L cache slots (True = attend).
+        first L = start + T cache slots (True = attend), or None when every row attends to
+        all of them (one query per row, no padding).
         """
         b, t = input_ids.shape
-        length = mask.shape[-1]
         x = self.embed(input_ids)
-        cos, sin = self.cos[positions], self.sin[positions]
-        for i, blk in enumerate(self.blocks):
-            h = self._rms(x, blk["in_norm"])
-            q, k, v = blk["qkv"](h)
-            q = self._rope(q.view(b, t, self.heads, self.head_dim).transpose(1, 2), cos, sin)
-            k = self._rope(k.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2), cos, sin)
-            v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-            self.k_cache[i][:, :, start:start + t] = k
-            self.v_cache[i][:, :, start:start + t] = v
-            att = F.scaled_dot_product_attention(q, self.k_cache[i][:, :, :length], self.v_cache[i][:, :, :length],
-                                                 attn_mask=mask, enable_gqa=self.kv_heads != self.heads)
-            x = x + blk["o"](att.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
-            h = self._rms(x, blk["post_norm"])
-            gate, up = blk["gate_up"](h)
-            x = x + blk["down"](F.silu(gate) * up)
-        x = self._rms(x if all_logits else x[:, -1:], self.norm)
+        cos, sin = self.cos[positions], self.sin[positions]  # [B, T, D]
+        for blk, (k_cache, v_cache) in zip(self.blocks, self.caches):
+            qkv = blk["qkv"].forward(rms_norm(x, blk["in_norm"], self.eps))
+            att = attend(qkv, cos, sin, k_cache, v_cache, start, self.heads, mask)
+            x = x + blk["o"].forward(att)
+            gate, up = blk["gate_up"].forward(rms_norm(x, blk["post_norm"], self.eps)).chunk(2, dim=-1)
+            x = x + blk["down"].forward(F.silu(gate) * up)
+        x = rms_norm(x if all_logits else x[:, -1:], self.norm, self.eps)
         return Output(self.head(x))
 
 
@@ -219,6 +195,7 @@ def generate(dec: Llama, rows: list[list[int]], max_new_tokens: int, stop_ids, p
     done = torch.zeros(b, dtype=torch.bool)
     out = [[] for _ in range(b)]
     pos = positions[:, -1]
+    padded = not bool(real.all())  # without padding, every decode query sees every cache slot: no mask
     if streamer is not None:
         streamer.put(ids[:1])  # Hugging Face streamers expect (and may skip) the prompt first
     for step in range(max_new_tokens):
@@ -236,7 +213,8 @@ def generate(dec: Llama, rows: list[list[int]], max_new_tokens: int, stop_ids, p
         slot = width + step
         keys[:, slot] = True
         pos = pos + 1
-        logits = dec(token[:, None], pos[:, None], slot, keys[:, None, None, :slot + 1]).logits[:, -1]
+        mask = keys[:, None, None, :slot + 1] if padded else None
+        logits = dec(token[:, None], pos[:, None], slot, mask).logits[:, -1]
     if streamer is not None:
         streamer.end()
     return out

@@ -26,10 +26,14 @@ def flex_linear(x: torch.Tensor, planes, meta, precision: int, int8_activations:
     first (`reference.quantize_activations`); faster on CPUs with AVX-512 VNNI, at a
     small accuracy cost (docs/kernels.md).
     """
+    return nested_linear(x, *kernel_args(planes, meta, precision), int8_activations)
+
+
+def kernel_args(planes, meta, precision: int) -> tuple:
+    """The op's arguments after x for the b-bit slice (FlexLinear builds them once per precision)."""
     layout, scale, zero = meta
     n = layout.planes_for(precision)
-    return nested_linear(x, list(planes[:n]), list(layout.widths[:n]), scale, zero, layout.ladder[0],
-                         layout.group_size, int8_activations)
+    return list(planes[:n]), list(layout.widths[:n]), scale, zero, layout.ladder[0], layout.group_size
 
 
-__all__ = ["backend", "flex_linear", "quantize_activations", "reference_linear"]
+__all__ = ["backend", "flex_linear", "kernel_args", "quantize_activations", "reference_linear"]

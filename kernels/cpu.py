@@ -1,4 +1,4 @@
-"""Build (once per machine, cached) and load the C++ CPU kernels of cpu_nested.cpp.
+"""Build (once per machine, cached) and load the C++ CPU kernels (cpu_nested.cpp, cpu_decode.cpp).
 
 torch's cpp_extension compiles the file with -march=native on first use, so the cache
 folder is keyed by this CPU's feature flags, the compiler, torch's version and the
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("cpu_nested.cpp")
+SOURCES = [Path(__file__).with_name(name) for name in ("cpu_nested.cpp", "cpu_decode.cpp")]
 FLAGS = ["-O3", "-march=native", "-fopenmp"] + os.environ.get("FQCOMPILE_CXXFLAGS", "").split()
 
 
@@ -35,8 +35,8 @@ def build_dir() -> Path:
     compiler = os.environ.get("CXX", "c++")
     # The source's path too: ninja's build file names it, so two checkouts sharing one
     # folder would rebuild each other's library on every first use.
-    key = "\n".join([_cpu_flags(), compiler, " ".join(FLAGS), torch.__version__, sys.version, str(SOURCE),
-                     SOURCE.read_text()])
+    key = "\n".join([_cpu_flags(), compiler, " ".join(FLAGS), torch.__version__, sys.version,
+                     *(f"{path}\n{path.read_text()}" for path in SOURCES)])
     tag = hashlib.sha256(key.encode()).hexdigest()[:16]
     return cache_dir() / "kernels" / f"cpu-{tag}"
 
@@ -53,7 +53,7 @@ def _ensure_ninja() -> None:
 
 
 def load() -> None:
-    """Compile if needed and load; registers the CPU kernel of fqcompile::nested_linear.
+    """Compile if needed and load; registers the CPU kernels of the fqcompile ops (kernels/ops.py).
 
     Raises whatever the build raises (no compiler, no ninja, compile error).
     """
@@ -69,6 +69,6 @@ def load() -> None:
     if first:
         print("fqcompile: compiling the CPU kernels (once per machine, about a minute)...", file=sys.stderr)
     cpp_extension.load(
-        name="fqcompile_cpu", sources=[str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
+        name="fqcompile_cpu", sources=[str(path) for path in SOURCES], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
         build_directory=str(folder), is_python_module=False, verbose=False,
     )

@@ -1,9 +1,12 @@
-"""The custom op fqcompile::nested_linear and which implementation serves each device.
+"""The custom ops fqcompile::nested_linear, ::rms_norm and ::attend, and which implementation serves each device.
 
-One op, so torch.compile traces around it (it has a fake kernel) and the dispatcher
-picks the implementation by the activations' device: the C++ kernel on CPU, Triton on
-CUDA, the torch reference everywhere else and whenever the fast one cannot be had (no
-compiler, no Triton): then a one-line warning says so, once.
+nested_linear is every quantized linear; rms_norm and attend are the rest of a decode
+step that costs more in dispatch than in arithmetic (fqcompile/llama.py). Each is one op,
+so torch.compile traces around it (fake kernels) and the dispatcher picks the
+implementation by the device: the C++ kernels on CPU, Triton on CUDA (nested_linear),
+the torch reference everywhere else and whenever the fast one cannot be had (no
+compiler, no Triton): then a one-line warning says so, once. The references define
+what each op computes; the tests hold the fast ones to them.
 """
 
 import os
@@ -19,6 +22,9 @@ SCHEMA = ("nested_linear(Tensor x, Tensor[] planes, int[] widths, Tensor scale, 
           "int low, int group_size, bool int8_activations=False) -> Tensor")
 LIB = torch.library.Library("fqcompile", "DEF")
 LIB.define(SCHEMA)
+LIB.define("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor")
+LIB.define("attend(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, int start, "
+           "int heads, Tensor? mask=None) -> Tensor")
 
 
 def reference(x, planes, widths, scale, zero, low, group_size, int8_activations=False):
@@ -39,6 +45,48 @@ LIB.impl("nested_linear", reference, "CompositeExplicitAutograd")
 @torch.library.register_fake("fqcompile::nested_linear")
 def _fake(x, planes, widths, scale, zero, low, group_size, int8_activations=False):
     return x.new_empty(*x.shape[:-1], scale.shape[0])
+
+
+def rms_norm_reference(x, weight, eps):
+    """RMSNorm as Hugging Face's Llama computes it (in float32, weight applied in x's dtype)."""
+    xf = x.float()
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def attend_reference(qkv, cos, sin, k_cache, v_cache, start, heads, mask=None):
+    """One attention step over a KV cache, in place for the cache.
+
+    qkv [B, T, (H + 2 KV) * D] (a fused q/k/v projection); cos, sin [B, T, D] RoPE tables
+    for the T positions, sin with its first half negated (so rotate_half(x) * sin_hf ==
+    roll(x, D/2) * sin); k_cache, v_cache [B, KV, L, D]. RoPE goes on q and k, k and v
+    into cache slots start .. start + T - 1, and every query head attends to slots
+    [0, start + T) where mask [B, 1, T, start + T] (bool) allows (all of them if None).
+    Returns [B, T, H * D].
+    """
+    b, t, _ = qkv.shape
+    kv, d = k_cache.shape[1], k_cache.shape[-1]
+    qkv = qkv.view(b, t, heads + 2 * kv, d)
+    qk = qkv[:, :, :heads + kv]
+    qk = torch.addcmul(qk * cos[:, :, None], qk.roll(d // 2, -1), sin[:, :, None])
+    k_cache.narrow(2, start, t).copy_(qk[:, :, heads:].transpose(1, 2))
+    v_cache.narrow(2, start, t).copy_(qkv[:, :, heads + kv:].transpose(1, 2))
+    att = F.scaled_dot_product_attention(qk[:, :, :heads].transpose(1, 2), k_cache.narrow(2, 0, start + t),
+                                         v_cache.narrow(2, 0, start + t), attn_mask=mask, enable_gqa=kv != heads)
+    return att.transpose(1, 2).reshape(b, t, heads * d)
+
+
+LIB.impl("rms_norm", rms_norm_reference, "CompositeExplicitAutograd")
+LIB.impl("attend", attend_reference, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("fqcompile::rms_norm")
+def _fake_rms(x, weight, eps):
+    return torch.empty_like(x)
+
+
+@torch.library.register_fake("fqcompile::attend")
+def _fake_attend(qkv, cos, sin, k_cache, v_cache, start, heads, mask=None):
+    return qkv.new_empty(qkv.shape[0], qkv.shape[1], heads * k_cache.shape[-1])
 
 
 _ready: dict[str, str] = {}  # device type -> name of the implementation serving it
@@ -82,8 +130,29 @@ def backend(device: torch.device) -> str:
     return _ready[kind]
 
 
+_OP = torch.ops.fqcompile.nested_linear.default  # resolved once: a decode step makes ~200 calls
+
+
 def nested_linear(x, planes, widths, scale, zero, low: int, group_size: int,
                   int8_activations: bool = False) -> torch.Tensor:
-    if backend(x.device) == "reference":
+    if (_ready.get(x.device.type) or backend(x.device)) == "reference":
         return reference(x, planes, widths, scale, zero, low, group_size, int8_activations)
-    return torch.ops.fqcompile.nested_linear(x, planes, widths, scale, zero, low, group_size, int8_activations)
+    return _OP(x, planes, widths, scale, zero, low, group_size, int8_activations)
+
+
+_RMS, _ATTEND = torch.ops.fqcompile.rms_norm.default, torch.ops.fqcompile.attend.default
+
+
+def _fast_float(x) -> bool:
+    """The C++ glue kernels serve float32 on CPU; everything else takes the reference."""
+    return x.dtype == torch.float32 and (_ready.get(x.device.type) or backend(x.device)) == "cpu-cpp"
+
+
+def rms_norm(x, weight, eps: float) -> torch.Tensor:
+    return _RMS(x, weight, eps) if _fast_float(x) else rms_norm_reference(x, weight, eps)
+
+
+def attend(qkv, cos, sin, k_cache, v_cache, start: int, heads: int, mask=None) -> torch.Tensor:
+    if _fast_float(qkv) and k_cache.dtype == torch.float32:
+        return _ATTEND(qkv, cos, sin, k_cache, v_cache, start, heads, mask)
+    return attend_reference(qkv, cos, sin, k_cache, v_cache, start, heads, mask)

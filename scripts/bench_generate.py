@@ -1,11 +1,12 @@
 """Generation speed per policy in one run, written to docs/bench-generate.{md,json}.
 
-    python scripts/bench_generate.py CKPT [--new-tokens 128] [--prompt-tokens 64]
+    python scripts/bench_generate.py CKPT [--new-tokens 128] [--prompt-tokens 64] [--out PREFIX]
 
-Runs `fqcompile bench` (fqcompile/bench.py): decode and prefill tokens/s for static
-precision at each rung, static-mixed and dynamic (when the checkpoint is calibrated),
-and the source model in bf16 through Hugging Face generate, with the controller's share
-of the decode time and the peak memory.
+Runs `fqcompile bench` (fqcompile/bench.py) twice: every policy with the checkpoint's
+float head plus the baselines (Hugging Face generate in bf16; llama.cpp at Q8_0 and Q4_0
+when llama-cpp-python is installed and the source is a GGUF), then every policy again
+with the 8-bit head (--quantized-head). Each row is its own process, so its peak
+memory is its own.
 """
 
 import argparse
@@ -13,11 +14,50 @@ import datetime
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def bench(checkpoint: str, new_tokens: int, prompt_tokens: int, *extra: str) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "bench.json"
+        cmd = [sys.executable, "-m", "fqcompile.cli", "bench", checkpoint, "--new-tokens", str(new_tokens),
+               "--prompt-tokens", str(prompt_tokens), "--json", str(out), *extra]
+        run = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if run.returncode:
+            sys.exit(run.stderr.strip().splitlines()[-1] if run.stderr.strip() else "fqcompile bench failed")
+        return json.loads(out.read_text())
+
+
+def report(checkpoint: str, out: Path, new_tokens: int, prompt_tokens: int, title: str, about: str) -> str:
+    """Both bench runs; writes OUT.json and OUT.md and returns the markdown."""
+    plain = bench(checkpoint, new_tokens, prompt_tokens)
+    head = bench(checkpoint, new_tokens, prompt_tokens, "--quantized-head", "--no-baseline")
+    rows = plain["rows"] + head["rows"]
+    data = {"checkpoint": checkpoint, "threads": plain["threads"], "rows": rows, "notes": plain["notes"]}
+    out.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
+    from fqcompile.bench import table
+
+    manifest = json.loads((Path(checkpoint) / "fqcompile.json").read_text())
+    notes = [f"- {n}" for n in plain["notes"]]
+    text = "\n".join([
+        f"# {title}", "",
+        f"Measured {datetime.date.today()}, {data['threads']} threads, torch {torch.__version__}, batch 1, greedy, "
+        f"{prompt_tokens}-token prompt, {new_tokens} new tokens (stop tokens ignored). Command:", "",
+        f"    python {' '.join(sys.argv)}", "",
+        about,
+        f"Checkpoint: {manifest['source']['model']}, {manifest['quantizer']['method']} nested "
+        f"{manifest['ladder']}, group {manifest['group_size']}.", "",
+        table(rows), "", *notes, "" if notes else "",
+        "Controller share: the precision controller's hooks as a share of the decode time. Bits read/weight: "
+        "the quantized layers' planes, scales and zeros per weight (the head is not counted). "
+        "\"8-bit head\": `--quantized-head`. Peak RSS: each row is a process of its own.", ""])
+    out.with_suffix(".md").write_text(text)
+    return text
 
 
 def main() -> None:
@@ -27,31 +67,7 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--out", default=str(ROOT / "docs" / "bench-generate"))
     args = ap.parse_args()
-    out = Path(args.out)
-    cmd = [sys.executable, "-m", "fqcompile.cli", "bench", args.checkpoint, "--new-tokens", str(args.new_tokens),
-           "--prompt-tokens", str(args.prompt_tokens), "--json", str(out.with_suffix(".json"))]
-    run = subprocess.run(cmd, capture_output=True, text=True)
-    if run.returncode:
-        sys.exit(run.stderr.strip().splitlines()[-1] if run.stderr.strip() else "fqcompile bench failed")
-    data = json.loads(out.with_suffix(".json").read_text())
-    manifest = json.loads((Path(args.checkpoint) / "fqcompile.json").read_text())
-    try:
-        import llama_cpp  # noqa: F401
-        llama_note = "llama.cpp rows: not implemented yet."
-    except ImportError:
-        llama_note = "No llama.cpp rows: llama-cpp-python is not installed."
-    text = "\n".join([
-        "# Generation benchmark", "",
-        f"Measured {datetime.date.today()}, {data['threads']} threads, torch {torch.__version__}, batch 1, greedy, "
-        f"{args.prompt_tokens}-token prompt, {args.new_tokens} new tokens (stop tokens ignored). Command:", "",
-        f"    python scripts/bench_generate.py {' '.join(sys.argv[1:])}", "",
-        f"Checkpoint: {manifest['source']['model']}, {manifest['quantizer']['method']} nested "
-        f"{manifest['ladder']}, group {manifest['group_size']}. {llama_note}", "",
-        run.stdout.strip(), "",
-        "Controller share: the precision controller's hooks as a share of the decode time. "
-        "Peak RSS: the process's peak so far (the runs share one process).", ""])
-    out.with_suffix(".md").write_text(text)
-    print(text)
+    print(report(args.checkpoint, Path(args.out), args.new_tokens, args.prompt_tokens, "Generation benchmark", ""))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from fqcompile.controller import Controller, Plan, resolve
 from fqcompile.errors import FqError
 from fqcompile.metrics import evaluate
 from fqcompile.served import evaluate_served
+from fqcompile.formats import checkpoint as ckpt
 from fqcompile.runtime import flex_layers
 
 
@@ -56,8 +57,9 @@ def test_uniform_rows_use_one_precision_and_stats_add_up(loaded):
     loaded.model(ids[:, -1:])
     assert all(layer.precision == 4 for unit in controller.layers for layer in unit)
     stats = controller.stats()
-    per_unit_bytes = controller.unit_bytes[:, 0].sum()  # everything at 4 bits for that one token
-    assert stats["avg_bits_read"] == pytest.approx(8 * float(per_unit_bytes) / controller.weights)
+    layouts = ckpt.layouts(loaded.manifest)  # everything at 4 bits for that one token
+    read = sum(ckpt.bytes_read(layouts[n], 4) for unit in controller.plan.units for n in unit)
+    assert stats["avg_bits_read"] == pytest.approx(8 * read / controller.weights)
     controller.close()
 
 

@@ -87,3 +87,19 @@ def test_refuses_unsupported_models(tiny_dir):
     assert "architecture GPT2LMHeadModel" in llama.unsupported(gpt2)
     with pytest.raises(FqError, match="does not support"):
         llama.Llama(gpt2)
+
+
+def test_quantized_head_runs_at_8_bits_on_both_engines(tiny_ckpt):
+    from fqcompile.flex_linear import FlexLinear
+
+    plain, quant = fqcompile.load(tiny_ckpt), fqcompile.load(tiny_ckpt, quantized_head=True)
+    head = quant.model.get_output_embeddings()
+    assert isinstance(head, FlexLinear) and head.precision == 8
+    fqcompile.set_precision(quant.model, 4)
+    assert head.precision == 8  # precision plans drive the checkpoint's layers, not the head
+    assert check_agreement(quant, 4, steps=8) <= 1e-4
+    fqcompile.set_precision(plain.model, 4)
+    ids = torch.tensor([[1, 5, 9, 200, 7]])
+    with torch.inference_mode():
+        exact, rounded = plain.model(ids).logits, quant.model(ids).logits
+    assert float((exact - rounded).norm() / exact.norm()) < 0.01

@@ -1,0 +1,126 @@
+// CPU fast paths of the decode step's glue: fqcompile::rms_norm and fqcompile::attend.
+//
+// Built with cpu_nested.cpp into one library (kernels/cpu.py). At decode, a token's
+// activations are a few hundred floats, so torch's composite versions of these steps
+// (~6 dispatched ops per RMSNorm; RoPE, two cache writes and SDPA per attention) cost more
+// in dispatch than in arithmetic. Here each is one call over plain loops, float32 only:
+// kernels/ops.py sends other dtypes to the references there, which define the semantics.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+namespace {
+
+float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat, "rms_norm: float32 only");
+  const int64_t d = x.size(-1);
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == d, "rms_norm: weight must be [", d, "]");
+  const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
+  at::Tensor y = at::empty_like(xc);
+  const int64_t rows = d ? xc.numel() / d : 0;
+  const float *xp = xc.data_ptr<float>(), *wp = wc.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = xp + r * d;
+    const float inv = 1.f / std::sqrt(dot(row, row, d) / static_cast<float>(d) + static_cast<float>(eps));
+    float* out = yp + r * d;
+#pragma omp simd
+    for (int64_t i = 0; i < d; ++i) out[i] = wp[i] * (row[i] * inv);
+  }
+  return y;
+}
+
+// out[i] = x[i] cos[i] + x[(i + D/2) % D] sin[i]; sin has its first half negated (llama.py).
+void rope(const float* __restrict x, const float* __restrict cos, const float* __restrict sin, int64_t d,
+          float* __restrict out) {
+  const int64_t half = d / 2;
+  for (int64_t i = 0; i < d; ++i) out[i] = x[i] * cos[i] + x[i < half ? i + half : i - half] * sin[i];
+}
+
+// qkv [B, T, (H + 2 KV) D]: RoPE on q and k, k and v into cache slots start .. start + T - 1,
+// then each query head attends to cache slots [0, start + T) (where mask allows).
+at::Tensor attend(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_cache,
+                  at::Tensor& v_cache, int64_t start, int64_t heads, const c10::optional<at::Tensor>& mask) {
+  TORCH_CHECK(qkv.scalar_type() == at::kFloat && k_cache.scalar_type() == at::kFloat &&
+                  v_cache.scalar_type() == at::kFloat && cos.scalar_type() == at::kFloat &&
+                  sin.scalar_type() == at::kFloat, "attend: float32 only");
+  TORCH_CHECK(qkv.dim() == 3 && k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() &&
+                  k_cache.is_contiguous() && v_cache.is_contiguous(), "attend: bad shapes");
+  const int64_t b = qkv.size(0), t = qkv.size(1), kv = k_cache.size(1), cap = k_cache.size(2),
+                d = k_cache.size(3), length = start + t;
+  TORCH_CHECK(heads % kv == 0 && qkv.size(2) == (heads + 2 * kv) * d && k_cache.size(0) == b,
+              "attend: qkv does not match the cache");
+  TORCH_CHECK(start >= 0 && length <= cap, "attend: slots ", start, "..", length, " outside the cache of ", cap);
+  TORCH_CHECK(cos.sizes() == sin.sizes() && cos.numel() == b * t * d, "attend: cos/sin must be [B, T, D]");
+  at::Tensor m;
+  if (mask.has_value()) {
+    m = mask->to(at::kBool).expand({b, 1, t, length}).contiguous();
+  }
+  const at::Tensor x = qkv.contiguous(), c = cos.contiguous(), s = sin.contiguous();
+  const float *xp = x.data_ptr<float>(), *cp = c.data_ptr<float>(), *sp = s.data_ptr<float>();
+  float *kp = k_cache.data_ptr<float>(), *vp = v_cache.data_ptr<float>();
+  const bool* mp = m.defined() ? m.data_ptr<bool>() : nullptr;
+  const int64_t width = (heads + 2 * kv) * d;
+  auto slot = [&](float* cache, int64_t bi, int64_t h, int64_t j) { return cache + ((bi * kv + h) * cap + j) * d; };
+  for (int64_t bi = 0; bi < b; ++bi)
+    for (int64_t ti = 0; ti < t; ++ti) {
+      const float* row = xp + (bi * t + ti) * width;
+      const float *cs = cp + (bi * t + ti) * d, *sn = sp + (bi * t + ti) * d;
+      for (int64_t h = 0; h < kv; ++h) {
+        rope(row + (heads + h) * d, cs, sn, d, slot(kp, bi, h, start + ti));
+        std::copy_n(row + (heads + kv + h) * d, d, slot(vp, bi, h, start + ti));
+      }
+    }
+  at::Tensor y = at::empty({b, t, heads * d}, qkv.options());
+  float* yp = y.data_ptr<float>();
+  const float scale = 1.f / std::sqrt(static_cast<float>(d));
+  at::parallel_for(0, b * heads, 1, [&](int64_t first, int64_t last) {
+    std::vector<float> q(d), p(length);
+    for (int64_t i = first; i < last; ++i) {
+      const int64_t bi = i / heads, h = i % heads, g = h / (heads / kv);
+      for (int64_t ti = 0; ti < t; ++ti) {
+        const int64_t pos = bi * t + ti;
+        rope(xp + pos * width + h * d, cp + pos * d, sp + pos * d, d, q.data());
+        const bool* allowed = mp ? mp + pos * length : nullptr;
+        float top = -std::numeric_limits<float>::infinity();
+        for (int64_t j = 0; j < length; ++j) {
+          p[j] = allowed && !allowed[j] ? -std::numeric_limits<float>::infinity()
+                                        : scale * dot(q.data(), slot(kp, bi, g, j), d);
+          top = std::max(top, p[j]);
+        }
+        float total = 0.f;
+        for (int64_t j = 0; j < length; ++j) total += (p[j] = std::exp(p[j] - top));
+        float* out = yp + pos * heads * d + h * d;
+        std::fill_n(out, d, 0.f);
+        for (int64_t j = 0; j < length; ++j) {
+          const float w = p[j] / total;
+          const float* v = slot(vp, bi, g, j);
+#pragma omp simd
+          for (int64_t e = 0; e < d; ++e) out[e] += w * v[e];
+        }
+      }
+    }
+  });
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fqcompile, CPU, m) {
+  m.impl("rms_norm", &rms_norm);
+  m.impl("attend", &attend);
+}

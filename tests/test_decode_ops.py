@@ -1,0 +1,70 @@
+"""The decode step's glue ops (kernels/ops.py: rms_norm, attend): the C++ CPU kernels against
+the references computed in float64."""
+
+import pytest
+import torch
+
+from fqcompile.kernels import backend
+from fqcompile.kernels import ops
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cpu_kernels():
+    if backend(torch.device("cpu")) != "cpu-cpp":
+        pytest.skip("the C++ CPU kernels could not be built here")
+
+
+def rel(a, b) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 576), (2, 5, 72), (3, 64)])
+def test_rms_norm_matches_float64(shape):
+    torch.manual_seed(0)
+    x, w = torch.randn(shape) * 3 + 0.5, torch.rand(shape[-1]) + 0.5
+    got = ops.rms_norm(x, w, 1e-5)
+    want = ops.rms_norm_reference(x.double(), w.double(), 1e-5)
+    assert got.dtype == torch.float32 and got.shape == x.shape
+    assert rel(got, want) < 1e-6
+
+
+def test_rms_norm_other_dtypes_take_the_reference():
+    x, w = torch.randn(2, 64, dtype=torch.bfloat16), torch.rand(64, dtype=torch.bfloat16)
+    assert torch.equal(ops.rms_norm(x, w, 1e-6), ops.rms_norm_reference(x, w, 1e-6))
+
+
+def rope_tables(b, t, d, start):
+    pos = torch.arange(start, start + t, dtype=torch.float64)[None].expand(b, t)
+    freq = 10000.0 ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    angle = torch.cat([pos[..., None] * freq] * 2, dim=-1)
+    sin = angle.sin()
+    sin[..., : d // 2] *= -1  # the ops' convention: first half negated
+    return angle.cos(), sin
+
+
+@pytest.mark.parametrize("b,t,heads,kv,start,masked", [(1, 1, 9, 3, 37, False), (2, 5, 4, 2, 3, True),
+                                                        (3, 1, 4, 4, 0, False), (2, 4, 6, 2, 0, True)])
+def test_attend_matches_float64(b, t, heads, kv, start, masked):
+    torch.manual_seed(1)
+    d, cap = 16, 48
+    qkv = torch.randn(b, t, (heads + 2 * kv) * d)
+    cos, sin = (x.float() for x in rope_tables(b, t, d, start))
+    k_cache, v_cache = torch.randn(b, kv, cap, d), torch.randn(b, kv, cap, d)  # stale slots must be overwritten
+    mask = None
+    if masked:
+        mask = torch.rand(b, 1, t, start + t) > 0.3
+        mask[..., torch.arange(t), start + torch.arange(t)] = True  # every query sees at least itself
+    k64, v64 = k_cache.double(), v_cache.double()
+    want = ops.attend_reference(qkv.double(), cos.double(), sin.double(), k64, v64, start, heads, mask)
+    got = ops.attend(qkv, cos, sin, k_cache, v_cache, start, heads, mask)
+    assert got.shape == (b, t, heads * d)
+    assert rel(got, want) < 1e-5
+    assert rel(k_cache, k64) < 1e-6 and rel(v_cache, v64) < 1e-6  # the same slots written, the same values
+
+
+def test_attend_refuses_slots_outside_the_cache():
+    qkv = torch.randn(1, 2, 3 * 8)
+    cos = sin = torch.ones(1, 2, 8)
+    cache = torch.zeros(1, 1, 4, 8)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        ops.attend(qkv, cos, sin, cache, cache.clone(), 3, 1)
