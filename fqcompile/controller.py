@@ -9,6 +9,7 @@ That works under Hugging Face `generate` (sampling, streaming, stopping criteria
 batches are untouched) and under the "as served" evaluation in metrics.py.
 """
 
+import bisect
 import time
 from dataclasses import dataclass
 
@@ -18,7 +19,7 @@ from .calibration import policy as pol
 from .errors import FqError
 from .flex_linear import FlexLinear
 from .formats import checkpoint as ckpt
-from .metrics import entropy
+from .kernels.ops import entropy
 
 
 @dataclass
@@ -82,7 +83,6 @@ class Controller:
                 raise FqError("the policy names a layer that is not quantized in this checkpoint")
             if not set(plan.bits.flatten().tolist()) | {plan.prefill} <= set(layer.precisions):
                 raise FqError(f"policy {plan.label} needs precisions that were not loaded")
-        self.edges = torch.tensor(plan.edges, dtype=torch.float32)
         # Per bucket, once: each unit's ladder position and the bytes a step reads (planes +
         # scales/zeros), so a decode step only counts how many rows fell in each bucket.
         layouts = ckpt.layouts(manifest)
@@ -91,7 +91,9 @@ class Controller:
         position = torch.searchsorted(torch.tensor(self.ladder), plan.bits)  # [buckets, units]
         self.bucket_counts = torch.nn.functional.one_hot(position, len(self.ladder)).double()  # [buckets, units, rungs]
         self.bucket_bytes = unit_bytes.gather(1, position.T).sum(0)  # [buckets]
-        self.plan_id = torch.unique(plan.bits, dim=0, return_inverse=True)[1]  # buckets with equal bits: one id
+        self.plan_ids = torch.unique(plan.bits, dim=0, return_inverse=True)[1].tolist()  # equal bits, one id
+        self.unit_bits = plan.bits.tolist()  # [buckets][units]
+        self.edge_list = list(plan.edges)
         self.weights = sum(x.out_features * x.in_features for x in layouts.values())
         self.reset()
         self.hooks = []
@@ -106,7 +108,7 @@ class Controller:
     def reset(self) -> None:
         """Forget the signal (a new prompt) and the statistics."""
         self.signal = None
-        self.steps = torch.zeros(len(self.plan.bits), dtype=torch.float64)  # decode row-steps per bucket
+        self.steps = [0] * len(self.plan.bits)  # decode row-steps per bucket
         self.overhead = 0.0
         self.applied = None  # the rows' plan ids whose bits were last set on the layers
 
@@ -125,25 +127,28 @@ class Controller:
             self._set([self.plan.prefill] * len(self.layers))
             self.applied = None
         else:
-            buckets = torch.bucketize(self.signal, self.edges, right=True) if len(self.edges) else torch.zeros(
-                rows, dtype=torch.long)
+            # Plain Python over a few rows: a dozen tiny tensor ops would cost ~100 us a step.
+            buckets = [bisect.bisect_right(self.edge_list, s) for s in self.signal.tolist()]
+            plans = [self.plan_ids[b] for b in buckets]
             # Setting ~200 layers costs more than the rest of the hook: only when the plan changes.
-            plans = self.plan_id[buckets]
-            if self.applied is None or not torch.equal(plans, self.applied):
-                bits = self.plan.bits[buckets]  # [rows, units]
-                per_row = bits.tolist()  # plain lists: ~30 units x tensor ops would cost more than the step's hook budget
-                self._set([col[0] if len(set(col)) == 1 else bits[:, u] for u, col in enumerate(zip(*per_row))])
+            if plans != self.applied:
+                if len(set(plans)) == 1:
+                    self._set(self.unit_bits[buckets[0]])
+                else:  # rows at different plans: per-row precision tensors where the rows disagree
+                    bits = self.plan.bits[torch.tensor(buckets)]  # [rows, units]
+                    self._set([col[0] if len(set(col)) == 1 else bits[:, u] for u, col in enumerate(zip(*bits.tolist()))])
                 self.applied = plans
-            self.steps += torch.bincount(buckets, minlength=len(self.steps))
+            for b in buckets:
+                self.steps[b] += 1
         self.overhead += time.perf_counter() - start
 
     def _after(self, _model, _args, output):
         start = time.perf_counter()
-        if not len(self.edges):  # one bucket (static plans): the signal's value is never read
+        if not self.edge_list:  # one bucket (static plans): the signal's value is never read
             self.signal = torch.zeros(output.logits.shape[0])
             self.overhead += time.perf_counter() - start
             return
-        h = entropy(torch.log_softmax(output.logits[:, -1].float(), dim=-1))
+        h = entropy(output.logits[:, -1].float())
         s = self.plan.smoothing
         self.signal = h if self.signal is None or not s else s * self.signal + (1 - s) * h
         self.overhead += time.perf_counter() - start
@@ -151,18 +156,20 @@ class Controller:
     def _set(self, per_unit) -> None:
         for layers, bits in zip(self.layers, per_unit):
             for layer in layers:
-                layer.precision = bits
+                # a plain attribute: object.__setattr__ skips nn.Module's ~2 us of checks, x ~200 layers
+                object.__setattr__(layer, "precision", bits)
 
     def stats(self, verbose: bool = False) -> dict:
         """Decode steps only (the prompt runs at the prefill precision)."""
-        counts = torch.einsum("b,bur->ur", self.steps, self.bucket_counts)  # [units, rungs] row-steps
+        steps = torch.tensor(self.steps, dtype=torch.float64)
+        counts = torch.einsum("b,bur->ur", steps, self.bucket_counts)  # [units, rungs] row-steps
         total = counts.sum()
-        tokens = int(self.steps.sum())
+        tokens = int(steps.sum())
         shares = (counts.sum(0) / total).tolist() if total else [0.0] * len(self.ladder)
         out = {
             "policy": self.plan.label,
             "decode_tokens": tokens,
-            "avg_bits_read": 8 * float(self.steps @ self.bucket_bytes) / (tokens * self.weights) if tokens else None,
+            "avg_bits_read": 8 * float(steps @ self.bucket_bytes) / (tokens * self.weights) if tokens else None,
             "share": {str(b): s for b, s in zip(self.ladder, shares)},
             "controller_seconds": self.overhead,
         }

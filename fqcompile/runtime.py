@@ -130,8 +130,11 @@ def quantize_head(model, group_size: int) -> None:
     head = model.get_output_embeddings()
     w = head.weight.detach()
     layout = Layout(w.shape[0], w.shape[1], group_size, (4, bits))  # two nibble planes: the fast kernel path
-    codes, scale, zero = quantize_rtn(w, group_size, layout.ladder)
-    planes = pack_planes(codes, layout)
+    parts = []
+    for block in w.split(4096):  # whole-head temporaries would double a small model's peak memory
+        codes, scale, zero = quantize_rtn(block, group_size, layout.ladder)
+        parts.append((*pack_planes(codes, Layout(len(block), *w.shape[1:], group_size, layout.ladder)), scale, zero))
+    *planes, scale, zero = (torch.cat(t) for t in zip(*parts))
     bias = head.bias.detach().float() if getattr(head, "bias", None) is not None else None
     quantized = FlexLinear(layout, planes, scale, zero, bias)
     quantized.precision = bits

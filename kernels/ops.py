@@ -1,7 +1,8 @@
-"""The custom ops fqcompile::nested_linear, ::rms_norm and ::attend, and which implementation serves each device.
+"""The custom ops fqcompile::nested_linear, ::rms_norm, ::attend and ::entropy, and which implementation serves each device.
 
 nested_linear is every quantized linear; rms_norm and attend are the rest of a decode
-step that costs more in dispatch than in arithmetic (fqcompile/llama.py). Each is one op,
+step that costs more in dispatch than in arithmetic (fqcompile/llama.py); entropy is
+the precision controller's signal, over the whole vocabulary at every step. Each is one op,
 so torch.compile traces around it (fake kernels) and the dispatcher picks the
 implementation by the device: the C++ kernels on CPU, Triton on CUDA (nested_linear),
 the torch reference everywhere else and whenever the fast one cannot be had (no
@@ -25,6 +26,7 @@ LIB.define(SCHEMA)
 LIB.define("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor")
 LIB.define("attend(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, int start, "
            "int heads, Tensor? mask=None) -> Tensor")
+LIB.define("entropy(Tensor logits) -> Tensor")
 
 
 def reference(x, planes, widths, scale, zero, low, group_size, int8_activations=False):
@@ -75,13 +77,26 @@ def attend_reference(qkv, cos, sin, k_cache, v_cache, start, heads, mask=None):
     return att.transpose(1, 2).reshape(b, t, heads * d)
 
 
+def entropy_reference(logits):
+    """Entropy in nats of softmax(logits) over the last dimension."""
+    from fqcompile.metrics import entropy
+
+    return entropy(torch.log_softmax(logits.float(), dim=-1)).to(logits.dtype)
+
+
 LIB.impl("rms_norm", rms_norm_reference, "CompositeExplicitAutograd")
+LIB.impl("entropy", entropy_reference, "CompositeExplicitAutograd")
 LIB.impl("attend", attend_reference, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("fqcompile::rms_norm")
 def _fake_rms(x, weight, eps):
     return torch.empty_like(x)
+
+
+@torch.library.register_fake("fqcompile::entropy")
+def _fake_entropy(logits):
+    return logits.new_empty(logits.shape[:-1])
 
 
 @torch.library.register_fake("fqcompile::attend")
@@ -140,7 +155,8 @@ def nested_linear(x, planes, widths, scale, zero, low: int, group_size: int,
     return _OP(x, planes, widths, scale, zero, low, group_size, int8_activations)
 
 
-_RMS, _ATTEND = torch.ops.fqcompile.rms_norm.default, torch.ops.fqcompile.attend.default
+_RMS, _ATTEND, _ENTROPY = (torch.ops.fqcompile.rms_norm.default, torch.ops.fqcompile.attend.default,
+                           torch.ops.fqcompile.entropy.default)
 
 
 def _fast_float(x) -> bool:
@@ -156,3 +172,8 @@ def attend(qkv, cos, sin, k_cache, v_cache, start: int, heads: int, mask=None) -
     if _fast_float(qkv) and k_cache.dtype == torch.float32:
         return _ATTEND(qkv, cos, sin, k_cache, v_cache, start, heads, mask)
     return attend_reference(qkv, cos, sin, k_cache, v_cache, start, heads, mask)
+
+
+def entropy(logits) -> torch.Tensor:
+    """Entropy (nats) of softmax(logits) over the last dimension."""
+    return _ENTROPY(logits) if _fast_float(logits) else entropy_reference(logits)

@@ -68,3 +68,13 @@ def test_attend_refuses_slots_outside_the_cache():
     cache = torch.zeros(1, 1, 4, 8)
     with pytest.raises(RuntimeError, match="outside the cache"):
         ops.attend(qkv, cos, sin, cache, cache.clone(), 3, 1)
+
+
+@pytest.mark.parametrize("scale", [0.1, 3.0, 30.0])
+def test_entropy_matches_float64(scale):
+    torch.manual_seed(2)
+    logits = torch.randn(3, 49152 + 5) * scale  # a vocabulary that is not a multiple of the vector width
+    logits[1, :100] = -1e4  # probabilities that underflow to zero
+    want = ops.entropy_reference(logits.double())
+    got = ops.entropy(logits)
+    assert got.shape == (3,) and float(((got - want) / want).abs().max()) < 1e-5
