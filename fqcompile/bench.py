@@ -73,18 +73,19 @@ def run_policy(loaded, spec: str, ids: list[int], new_tokens: int, engine: str) 
     }
 
 
-def policy_row(folder: str, spec: str, ids: list[int], new_tokens: int, engine: str, quantized_head=False) -> dict:
+def policy_row(folder: str, spec: str, ids: list[int], new_tokens: int, engine: str, quantized_head=False,
+               int8_activations=False) -> dict:
     """Load `folder` with only the planes `spec` needs, warm up, then time it (run_policy)."""
     from .formats import checkpoint as ckpt
-    from .runtime import load, read_policy
+    from .runtime import load, read_policy, set_int8_activations
 
     manifest = ckpt.read_manifest(Path(folder))
     plan = resolve(read_policy(Path(folder)), manifest, spec)
     loaded = load(folder, precision=int(max(plan.bits.max(), plan.prefill)), quantized_head=quantized_head)
+    set_int8_activations(loaded.model, int8_activations)
     run_policy(loaded, spec, ids[:4], 2, engine)  # warm-up: kernel load, fusion, first-call costs
     row = run_policy(loaded, spec, ids, new_tokens, engine)
-    if quantized_head:
-        row["policy"] += ", 8-bit head"
+    row["policy"] += "".join([", 8-bit head" if quantized_head else "", ", int8 activations" if int8_activations else ""])
     return row
 
 

@@ -295,6 +295,7 @@ def bench(
     prompt_tokens: int = typer.Option(64, min=1),
     engine: str = typer.Option("auto", help="slim, hf or auto"),
     quantized_head: bool = typer.Option(False, "--quantized-head", help=HEAD_HELP),
+    int8_activations: bool = typer.Option(False, "--int8-activations", help=INT8_HELP),
     baseline: bool = typer.Option(True, "--baseline/--no-baseline",
                                   help="also time the source model in bf16 through Hugging Face generate, and "
                                   "llama.cpp at Q8_0 and Q4_0 if llama-cpp-python is installed"),
@@ -320,7 +321,7 @@ def bench(
     ids = AutoTokenizer.from_pretrained(folder)(BENCH_TEXT * 8)["input_ids"][:prompt_tokens]
     with tempfile.TemporaryDirectory(prefix="fqcompile-bench-") as work:  # requantized GGUFs
         jobs = [("policy", dict(folder=str(folder), spec=s, ids=ids, new_tokens=new_tokens, engine=engine,
-                                quantized_head=quantized_head)) for s in specs]
+                                quantized_head=quantized_head, int8_activations=int8_activations)) for s in specs]
         notes = []
         source = manifest["source"]["model"]
         if baseline:

@@ -64,8 +64,7 @@ class FlexLinear(nn.Module):
         bits = self.precision
         int8 = self.int8_activations
         if type(bits) is int and not self.dense:  # the decode path: as few Python steps as possible
-            y = nested_linear(x, *self._args(bits), int8)
-            return y if self.bias is None else y + self.bias
+            return self.run(x, bits, int8)
         values = bits.unique().tolist() if torch.is_tensor(bits) else [bits]
         if self.dense:
             def run(v, b):
@@ -81,6 +80,11 @@ class FlexLinear(nn.Module):
                 rows = bits == b
                 y[rows] = run(x[rows], b)
         return y + self.bias if self.bias is not None else y
+
+    def run(self, x: torch.Tensor, bits: int, int8_activations: bool = False) -> torch.Tensor:
+        """The kernel at one precision for every row (what forward does for an int precision)."""
+        y = nested_linear(x, *self._args(bits), int8_activations)
+        return y if self.bias is None else y + self.bias
 
     def _args(self, bits: int) -> tuple:
         call = self._calls.get(bits)

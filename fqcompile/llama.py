@@ -78,11 +78,10 @@ class Projections(nn.Module):
         self.fused = fuse(parts)
 
     def forward(self, x):
-        bits = self.parts[0].precision
-        if type(bits) is int and all(type(p.precision) is int and p.precision == bits for p in self.parts[1:]):
-            self.fused.precision = bits
-            self.fused.int8_activations = self.parts[0].int8_activations
-            return self.fused.forward(x)
+        first = self.parts[0]
+        bits = first.precision
+        if type(bits) is int and all(type(b) is int and b == bits for b in [p.precision for p in self.parts]):
+            return self.fused.run(x, bits, first.int8_activations)
         return torch.cat([p.forward(x) for p in self.parts], dim=-1)
 
 

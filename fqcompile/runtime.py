@@ -172,8 +172,9 @@ def set_precision(model, bits: int) -> None:
 def set_int8_activations(model, on: bool = True) -> None:
     """Quantize every quantized layer's inputs to int8 per weight group (faster decode on
     CPUs with AVX-512 VNNI; its perplexity cost is measured in docs/kernels.md)."""
-    for layer in flex_layers(model):
-        layer.int8_activations = on
+    for layer in model.modules():  # a head quantized at load (quantize_head) too
+        if isinstance(layer, FlexLinear):
+            layer.int8_activations = on
 
 
 @torch.inference_mode()

@@ -504,6 +504,57 @@ void row_dot_vnni(const uint8_t* __restrict r0, const uint8_t* __restrict r1, in
   FQ_UNROLL
   for (int b = 0; b < B; ++b) yn[b * ldy] = vsum(total[b]);
 }
+
+// The same for half rows that do not split into whole groups (e.g. 576 columns, group 128),
+// as row_dot_chunks walks them: columns in order, 32 at a time (half and the group size
+// multiples of 32), each chunk the low or the high nibbles of 32 bytes. 256-bit lanes, so
+// a group's sum is finished over 8 lanes: X_g / 8 = 2 * (X_g / 16).
+template <int B, int NP>
+void row_dot_vnni_chunks(const uint8_t* __restrict r0, const uint8_t* __restrict r1, int64_t half, int64_t in,
+                         const Activations& a, const Quantized& xq, const Grid& grid, const float* sm,
+                         const float* zc, float* __restrict yn, int64_t ldy) {
+  const __m256i m0f = _mm256_set1_epi8(0x0F), mf0 = _mm256_set1_epi8(static_cast<char>(0xF0));
+  const __m256i zero = _mm256_setzero_si256();
+  __m256 total[B];
+  FQ_UNROLL
+  for (int b = 0; b < B; ++b) total[b] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < grid.groups; ++g) {
+    const int64_t k0 = g * grid.group_size, k1 = std::min(in, k0 + grid.group_size);
+    __m256 acc[B];
+    FQ_UNROLL
+    for (int b = 0; b < B; ++b) acc[b] = _mm256_setzero_ps();
+    for (int64_t k = k0; k < k1; k += 32) {
+      const bool high = k >= half;
+      const int64_t j = high ? k - half : k;
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r0 + j));
+      __m256i code;
+      if constexpr (NP == 1) {
+        code = _mm256_and_si256(high ? _mm256_srli_epi16(v, 4) : v, m0f);
+      } else {
+        const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r1 + j));
+        code = high ? _mm256_ternarylogic_epi32(mf0, v, _mm256_srli_epi16(w, 4), 0xCA)
+                    : _mm256_ternarylogic_epi32(mf0, _mm256_slli_epi16(v, 4), _mm256_and_si256(w, m0f), 0xCA);
+      }
+      FQ_UNROLL
+      for (int b = 0; b < B; ++b) {
+        const __m256i d = _mm256_dpbusd_epi32(zero, code, _mm256_loadu_si256(
+                                                  reinterpret_cast<const __m256i*>(xq.q + b * xq.ld + k)));
+        acc[b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_loadu_ps(xq.lane_scale + b * (xq.ld / 4) + k / 4),
+                                 acc[b]);
+      }
+    }
+    const __m256 s = _mm256_set1_ps(sm[g]);
+    FQ_UNROLL
+    for (int b = 0; b < B; ++b)
+      total[b] = _mm256_fmadd_ps(s, _mm256_add_ps(acc[b], _mm256_set1_ps(-2.f * zc[g] * a.xq[b * grid.groups + g])),
+                                 total[b]);
+  }
+  FQ_UNROLL
+  for (int b = 0; b < B; ++b) {
+    const __m128 h = _mm_add_ps(_mm256_castps256_ps128(total[b]), _mm256_extractf128_ps(total[b], 1));
+    yn[b * ldy] = _mm_cvtss_f32(_mm_hadd_ps(_mm_hadd_ps(h, h), h));
+  }
+}
 #endif
 
 template <int B>
@@ -524,7 +575,8 @@ void gemv(const Planes& planes, const Grid& grid, const Activations& a, const Qu
   // Nibble planes whose halves do not split into whole groups: 16 columns at a time.
   bool chunks = !wide && np <= 2 && in == planes.padded_in && half % 16 == 0 && grid.group_size % 16 == 0;
   for (int64_t w : planes.widths) chunks = chunks && w == 4;
-  const bool magic = (wide || chunks) && np == 1 && !(wide && xq);
+  const bool chunks32 = chunks && half % 32 == 0 && grid.group_size % 32 == 0;
+  const bool magic = (wide || chunks) && np == 1 && !((wide || chunks32) && xq);
 #else
   constexpr bool magic = false;
 #endif
@@ -543,6 +595,16 @@ void gemv(const Planes& planes, const Grid& grid, const Activations& a, const Qu
           row_dot_vnni<B, 1>(r0, nullptr, half, a, *xq, grid, sm, zc, y + n, out);
         else
           row_dot_vnni<B, 2>(r0, planes.data[1] + n * half, half, a, *xq, grid, sm, zc, y + n, out);
+        continue;
+      }
+#endif
+#if defined(FQ_VNNI)
+      if (chunks32 && xq) {
+        const uint8_t* r0 = planes.data[0] + n * half;
+        if (np == 1)
+          row_dot_vnni_chunks<B, 1>(r0, nullptr, half, in, a, *xq, grid, sm, zc, y + n, out);
+        else
+          row_dot_vnni_chunks<B, 2>(r0, planes.data[1] + n * half, half, in, a, *xq, grid, sm, zc, y + n, out);
         continue;
       }
 #endif
@@ -608,6 +670,20 @@ void quantize_activations(const float* x, int64_t m, int64_t in, int8_t* q, int6
     for (int64_t k0 = 0; k0 < in; k0 += kActBlock) {
       const int64_t k1 = std::min(in, k0 + kActBlock);
       const float* row = x + b * in;
+#if defined(__AVX512F__)
+      if (k1 - k0 == 16) {  // one block is one vector (the scalar loop below costs ~5 us per 1536 columns)
+        const __m512 v = _mm512_loadu_ps(row + k0);
+        float s = _mm512_reduce_max_ps(_mm512_abs_ps(v)) / 127.f;
+        if (!(s > 0.f)) s = 1.f;
+        const __m512 vs = _mm512_set1_ps(s);
+        __m512 r = _mm512_roundscale_ps(_mm512_div_ps(v, vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        r = _mm512_min_ps(_mm512_max_ps(r, _mm512_set1_ps(-127.f)), _mm512_set1_ps(127.f));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(q + b * ld + k0), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(r)));
+        _mm512_storeu_ps(xhat + b * in + k0, _mm512_mul_ps(r, vs));
+        for (int64_t i = k0 / 4; i < k0 / 4 + kActBlock / 4; ++i) lane_scale[b * (ld / 4) + i] = s;
+        continue;
+      }
+#endif
       float amax = 0.f;
       for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::fabs(row[k]));
       float s = amax / 127.f;

@@ -2,11 +2,12 @@
 
     python scripts/bench_generate.py CKPT [--new-tokens 128] [--prompt-tokens 64] [--out PREFIX]
 
-Runs `fqcompile bench` (fqcompile/bench.py) twice: every policy with the checkpoint's
-float head plus the baselines (Hugging Face generate in bf16; llama.cpp at Q8_0 and Q4_0
-when llama-cpp-python is installed and the source is a GGUF), then every policy again
-with the 8-bit head (--quantized-head). Each row is its own process, so its peak
-memory is its own.
+Runs `fqcompile bench` (fqcompile/bench.py) three times: every policy as exported (float
+head, float activations) plus the baselines (Hugging Face generate in bf16; llama.cpp at
+Q8_0 and Q4_0 when llama-cpp-python is installed and the source is a GGUF); every policy
+with the 8-bit head (--quantized-head); and with the 8-bit head and int8 activations
+(--int8-activations), which is what llama.cpp's Q4_0/Q8_0 dot products do (activations
+in 8-bit blocks of 32). Each row is its own process, so its peak memory is its own.
 """
 
 import argparse
@@ -37,7 +38,8 @@ def report(checkpoint: str, out: Path, new_tokens: int, prompt_tokens: int, titl
     """Both bench runs; writes OUT.json and OUT.md and returns the markdown."""
     plain = bench(checkpoint, new_tokens, prompt_tokens)
     head = bench(checkpoint, new_tokens, prompt_tokens, "--quantized-head", "--no-baseline")
-    rows = plain["rows"] + head["rows"]
+    both = bench(checkpoint, new_tokens, prompt_tokens, "--quantized-head", "--int8-activations", "--no-baseline")
+    rows = plain["rows"] + head["rows"] + both["rows"]
     data = {"checkpoint": checkpoint, "threads": plain["threads"], "rows": rows, "notes": plain["notes"]}
     out.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
     from fqcompile.bench import table
@@ -55,7 +57,7 @@ def report(checkpoint: str, out: Path, new_tokens: int, prompt_tokens: int, titl
         table(rows), "", *notes, "" if notes else "",
         "Controller share: the precision controller's hooks as a share of the decode time. Bits read/weight: "
         "the quantized layers' planes, scales and zeros per weight (the head is not counted). "
-        "\"8-bit head\": `--quantized-head`. Peak RSS: each row is a process of its own.", ""])
+        "\"8-bit head\": `--quantized-head`; \"int8 activations\": `--int8-activations`. Peak RSS: each row is a process of its own.", ""])
     out.with_suffix(".md").write_text(text)
     return text
 
