@@ -16,13 +16,12 @@ so the precision controller's hooks work on it unchanged.
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .errors import FqError
 from .flex_linear import FlexLinear
 from .formats.nested import Layout
-from .kernels.ops import attend, rms_norm
+from .kernels.ops import attend, rms_norm, silu_mul
 
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
@@ -146,8 +145,8 @@ class Llama(nn.Module):
             qkv = blk["qkv"].forward(rms_norm(x, blk["in_norm"], self.eps))
             att = attend(qkv, cos, sin, k_cache, v_cache, start, self.heads, mask)
             x = x + blk["o"].forward(att)
-            gate, up = blk["gate_up"].forward(rms_norm(x, blk["post_norm"], self.eps)).chunk(2, dim=-1)
-            x = x + blk["down"].forward(F.silu(gate) * up)
+            gate_up = blk["gate_up"].forward(rms_norm(x, blk["post_norm"], self.eps))
+            x = x + blk["down"].forward(silu_mul(gate_up))
         x = rms_norm(x if all_logits else x[:, -1:], self.norm, self.eps)
         return Output(self.head(x))
 
@@ -155,7 +154,7 @@ class Llama(nn.Module):
 def pick(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, gen: torch.Generator) -> torch.Tensor:
     """Next token per row from last-position logits [B, V]: greedy at temperature 0."""
     if temperature <= 0:
-        return logits.argmax(-1)
+        return logits.max(-1).indices  # the first maximum, as argmax, at a third of its cost here
     logits = logits.float() / temperature
     if top_k:
         kth = logits.topk(min(top_k, logits.shape[-1])).values[..., -1:]
@@ -190,30 +189,31 @@ def generate(dec: Llama, rows: list[list[int]], max_new_tokens: int, stop_ids, p
     mask = (causal & keys[:, None, :width]) | torch.eye(width, dtype=torch.bool)
     logits = dec(ids, positions, 0, mask[:, None]).logits[:, -1]
     gen = torch.Generator().manual_seed(seed)
-    stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long)
-    done = torch.zeros(b, dtype=torch.bool)
+    stop = set(stop_ids)
+    done = [False] * b  # per-step bookkeeping in plain Python: a dozen tiny tensor ops would cost more
     out = [[] for _ in range(b)]
-    pos = positions[:, -1]
+    last = positions[:, -1:].tolist()
     padded = not bool(real.all())  # without padding, every decode query sees every cache slot: no mask
     if streamer is not None:
         streamer.put(ids[:1])  # Hugging Face streamers expect (and may skip) the prompt first
     for step in range(max_new_tokens):
         if on_logits is not None:
             on_logits(step, logits)
-        token = pick(logits, temperature, top_k, top_p, gen).masked_fill(done, pad)
+        token = [pad if d else t for d, t in zip(done, pick(logits, temperature, top_k, top_p, gen).tolist())]
         for r in range(b):
             if not done[r]:
-                out[r].append(int(token[r]))
+                out[r].append(token[r])
+                done[r] = token[r] in stop
         if streamer is not None:
-            streamer.put(token[:1])
-        done |= torch.isin(token, stop)
-        if bool(done.all()) or step == max_new_tokens - 1:
+            streamer.put(torch.tensor(token[:1]))
+        if all(done) or step == max_new_tokens - 1:
             break
         slot = width + step
-        keys[:, slot] = True
-        pos = pos + 1
-        mask = keys[:, None, None, :slot + 1] if padded else None
-        logits = dec(token[:, None], pos[:, None], slot, mask).logits[:, -1]
+        mask = None
+        if padded:
+            keys[:, slot] = True
+            mask = keys[:, None, None, :slot + 1]
+        logits = dec(torch.tensor(token)[:, None], torch.tensor(last) + (step + 1), slot, mask).logits[:, -1]
     if streamer is not None:
         streamer.end()
     return out

@@ -1,4 +1,4 @@
-// CPU fast paths of the decode step's glue: fqcompile::rms_norm, ::attend and ::entropy.
+// CPU fast paths of the decode step's glue: fqcompile::rms_norm, ::attend, ::silu_mul and ::entropy.
 //
 // Built with cpu_nested.cpp into one library (kernels/cpu.py). At decode, a token's
 // activations are a few hundred floats, so torch's composite versions of these steps
@@ -27,6 +27,41 @@ float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
 #pragma omp simd reduction(+ : s)
   for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
   return s;
+}
+
+#if defined(__AVX512F__)
+// e^x for x <= 0 (what a softmax needs): 2^n * 2^f, f in [-1/2, 1/2], degree-6 polynomial
+// (relative error ~2e-7); exactly 0 below -87 (masked keys, underflow), never a denormal.
+inline __m512 exp_neg(__m512 x) {
+  const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.f), _CMP_GE_OQ);
+  const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(1.44269504f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.69314718f));  // e^f = 2^(t - n)
+  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(1.f / 720), f, _mm512_set1_ps(1.f / 120));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 24));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 6));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  return _mm512_maskz_scalef_ps(live, _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f)), n);
+}
+#endif
+
+// p[j] = e^(p[j] - top) for j < n (every p[j] <= top); returns their sum.
+float exp_shifted(float* __restrict p, int64_t n, float top) {
+  float total = 0.f;
+  int64_t j = 0;
+#if defined(__AVX512F__)
+  __m512 acc = _mm512_setzero_ps();
+  const __m512 vtop = _mm512_set1_ps(top);
+  for (; j + 16 <= n; j += 16) {
+    const __m512 e = exp_neg(_mm512_sub_ps(_mm512_loadu_ps(p + j), vtop));
+    _mm512_storeu_ps(p + j, e);
+    acc = _mm512_add_ps(acc, e);
+  }
+  total = _mm512_reduce_add_ps(acc);
+#endif
+  for (; j < n; ++j) total += (p[j] = std::exp(p[j] - top));
+  return total;
 }
 
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
@@ -106,8 +141,7 @@ at::Tensor attend(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor
                                         : scale * dot(q.data(), slot(kp, bi, g, j), d);
           top = std::max(top, p[j]);
         }
-        float total = 0.f;
-        for (int64_t j = 0; j < length; ++j) total += (p[j] = std::exp(p[j] - top));
+        const float total = exp_shifted(p.data(), length, top);
         float* out = yp + pos * heads * d + h * d;
         std::fill_n(out, d, 0.f);
         for (int64_t j = 0; j < length; ++j) {
@@ -122,21 +156,35 @@ at::Tensor attend(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor
   return y;
 }
 
+
+// silu(gate) * up over a fused gate/up projection's output [..., 2I] -> [..., I].
+at::Tensor silu_mul(const at::Tensor& gate_up) {
+  TORCH_CHECK(gate_up.scalar_type() == at::kFloat && gate_up.size(-1) % 2 == 0, "silu_mul: float32 [..., 2I]");
+  const at::Tensor x = gate_up.contiguous();
+  const int64_t inner = x.size(-1) / 2, rows = inner ? x.numel() / (2 * inner) : 0;
+  auto sizes = x.sizes().vec();
+  sizes.back() = inner;
+  at::Tensor y = at::empty(sizes, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  for (int64_t r = 0; r < rows; ++r) {
+    const float *g = xp + r * 2 * inner, *u = g + inner;
+    float* out = yp + r * inner;
+    int64_t i = 0;
 #if defined(__AVX512F__)
-// e^x for x <= 0 (what a softmax needs): 2^n * 2^f, f in [-1/2, 1/2], degree-6 polynomial
-// (relative error ~2e-7); inputs below -87 give 0 instead of denormals.
-inline __m512 exp_neg(__m512 x) {
-  const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(1.44269504f));
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.69314718f));  // e^f = 2^(t - n)
-  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(1.f / 720), f, _mm512_set1_ps(1.f / 120));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 24));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 6));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(_mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f)), n);
-}
+    const __m512 one = _mm512_set1_ps(1.f);
+    for (; i + 16 <= inner; i += 16) {  // sigmoid(x) = 1 / (1 + e^-x), or e^x / (1 + e^x) for x < 0
+      const __m512 v = _mm512_loadu_ps(g + i);
+      const __m512 e = exp_neg(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(v)));  // e^-|x|
+      const __mmask16 neg = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_LT_OQ);
+      const __m512 sig = _mm512_div_ps(_mm512_mask_blend_ps(neg, one, e), _mm512_add_ps(one, e));
+      _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_mul_ps(v, sig), _mm512_loadu_ps(u + i)));
+    }
 #endif
+    for (; i < inner; ++i) out[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+  }
+  return y;
+}
 
 // Entropy (nats) of softmax(logits) per row: log Z - sum p (l - m), in one pass after the max.
 // The precision controller's signal, every decode step, over a whole vocabulary.
@@ -163,7 +211,7 @@ at::Tensor entropy(const at::Tensor& logits) {
       const __m512 d = _mm512_sub_ps(_mm512_loadu_ps(row + i), vm);
       const __m512 e = exp_neg(d);
       vz = _mm512_add_ps(vz, e);
-      vzl = _mm512_fmadd_ps(e, d, vzl);
+      vzl = _mm512_fmadd_ps(e, _mm512_max_ps(d, _mm512_set1_ps(-87.f)), vzl);  // 0 * -inf would be NaN
     }
     z = _mm512_reduce_add_ps(vz);
     zl = _mm512_reduce_add_ps(vzl);
@@ -171,7 +219,7 @@ at::Tensor entropy(const at::Tensor& logits) {
     for (; i < v; ++i) {
       const float d = row[i] - m, e = std::exp(d);
       z += e;
-      zl += e * d;
+      zl += e > 0.f ? e * d : 0.f;
     }
     hp[r] = static_cast<float>(std::log(z) - zl / z);
   }
@@ -184,4 +232,5 @@ TORCH_LIBRARY_IMPL(fqcompile, CPU, m) {
   m.impl("rms_norm", &rms_norm);
   m.impl("attend", &attend);
   m.impl("entropy", &entropy);
+  m.impl("silu_mul", &silu_mul);
 }

@@ -142,20 +142,22 @@ inline float half_to_float(c10::Half h) {
 #endif
 }
 
-// Slice parameters of row n for every group (formats/nested.py slice_params), folded for
-// accumulators that hold sum (q + shift) x / mult:  y_g = sm[g] * (acc_g - zc[g] * X_g)
-// with sm = mult * s_b and zc = (shift + z_b) / mult, X_g the group's activation sum.
-void row_params(const Grid& grid, int64_t n, float mult, float shift, float* sm, float* zc) {
+// Slice parameters of rows n .. n + rows - 1 for every group (formats/nested.py slice_params),
+// row after row, folded for accumulators that hold sum (q + shift) x / mult:
+// y_g = sm[g] * (acc_g - zc[g] * X_g) with sm = mult * s_b and zc = (shift + z_b) / mult,
+// X_g the group's activation sum.
+void row_params(const Grid& grid, int64_t n, float mult, float shift, float* sm, float* zc, int64_t rows = 1) {
   const float inv = 1.f / grid.cells, inv_mult = 1.f / mult;
   const c10::Half* scale = grid.scale + n * grid.groups;
   const uint8_t* zero = grid.zero + n * grid.groups;
+  const int64_t count = rows * grid.groups;  // the rows' parameters are contiguous
   int64_t g = 0;
 #if defined(__AVX512F__)
-  // 16 groups at a time: this runs once per output row, a noticeable cost next to a
-  // 4-bit row's 2 KiB of codes when done one group at a time.
+  // 16 at a time: done per row one group at a time, this is a noticeable cost next to a
+  // 4-bit row's codes, most of all on narrow rows (576 columns: 5 groups).
   const __m512 vinv = _mm512_set1_ps(inv), vcells = _mm512_set1_ps(grid.cells), vmult = _mm512_set1_ps(mult);
   const __m512 vhalf = _mm512_set1_ps(0.5f), vshift = _mm512_set1_ps(shift), vinv_mult = _mm512_set1_ps(inv_mult);
-  for (; g + 16 <= grid.groups; g += 16) {
+  for (; g + 16 <= count; g += 16) {
     const __m512 s = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scale + g))), vinv);
     const __m512 zq = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(zero + g))));
     const __m512 z = _mm512_fmsub_ps(_mm512_add_ps(zq, vhalf), vcells, vhalf);
@@ -163,7 +165,7 @@ void row_params(const Grid& grid, int64_t n, float mult, float shift, float* sm,
     _mm512_storeu_ps(zc + g, _mm512_mul_ps(_mm512_add_ps(vshift, z), vinv_mult));
   }
 #endif
-  for (; g < grid.groups; ++g) {
+  for (; g < count; ++g) {
     const float s = half_to_float(scale[g]) * inv;
     const float z = (static_cast<float>(zero[g]) + 0.5f) * grid.cells - 0.5f;
     sm[g] = mult * s;
@@ -581,12 +583,19 @@ void gemv(const Planes& planes, const Grid& grid, const Activations& a, const Qu
   constexpr bool magic = false;
 #endif
   const float mult = magic ? 16.f : 1.f, shift = magic ? 16.f : 0.f;
-  at::parallel_for(0, out, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> params(2 * grid.groups);
-    float *sm = params.data(), *zc = sm + grid.groups;
+  constexpr int64_t kRows = 16;  // rows whose slice parameters are computed together
+  at::parallel_for(0, out, kRows, [&](int64_t begin, int64_t end) {
+    std::vector<float> params(2 * grid.groups * kRows);
     std::vector<uint8_t> codes(nibbles ? 0 : planes.padded_in);
+    int64_t block = 0;  // rows in the current parameter block
     for (int64_t n = begin; n < end; ++n) {
-      row_params(grid, n, mult, shift, sm, zc);
+      const int64_t i = (n - begin) % kRows;
+      if (i == 0) {
+        block = std::min(kRows, end - n);
+        row_params(grid, n, mult, shift, params.data(), params.data() + grid.groups * block, block);
+      }
+      const float* sm = params.data() + i * grid.groups;
+      const float* zc = params.data() + (block + i) * grid.groups;
 #if defined(FQ_SIMD)
 #if defined(FQ_VNNI)
       if (wide && xq) {

@@ -1,7 +1,8 @@
-"""The custom ops fqcompile::nested_linear, ::rms_norm, ::attend and ::entropy, and which implementation serves each device.
+"""The custom ops fqcompile::nested_linear, ::rms_norm, ::attend, ::silu_mul and ::entropy, and which
+implementation serves each device.
 
-nested_linear is every quantized linear; rms_norm and attend are the rest of a decode
-step that costs more in dispatch than in arithmetic (fqcompile/llama.py); entropy is
+nested_linear is every quantized linear; rms_norm, attend and silu_mul are the rest of a
+decode step that costs more in dispatch than in arithmetic (fqcompile/llama.py); entropy is
 the precision controller's signal, over the whole vocabulary at every step. Each is one op,
 so torch.compile traces around it (fake kernels) and the dispatcher picks the
 implementation by the device: the C++ kernels on CPU, Triton on CUDA (nested_linear),
@@ -27,6 +28,7 @@ LIB.define("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor")
 LIB.define("attend(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, int start, "
            "int heads, Tensor? mask=None) -> Tensor")
 LIB.define("entropy(Tensor logits) -> Tensor")
+LIB.define("silu_mul(Tensor gate_up) -> Tensor")
 
 
 def reference(x, planes, widths, scale, zero, low, group_size, int8_activations=False):
@@ -84,7 +86,14 @@ def entropy_reference(logits):
     return entropy(torch.log_softmax(logits.float(), dim=-1)).to(logits.dtype)
 
 
+def silu_mul_reference(gate_up):
+    """silu(gate) * up for a fused gate/up projection's output [..., 2I] (gate first)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 LIB.impl("rms_norm", rms_norm_reference, "CompositeExplicitAutograd")
+LIB.impl("silu_mul", silu_mul_reference, "CompositeExplicitAutograd")
 LIB.impl("entropy", entropy_reference, "CompositeExplicitAutograd")
 LIB.impl("attend", attend_reference, "CompositeExplicitAutograd")
 
@@ -92,6 +101,11 @@ LIB.impl("attend", attend_reference, "CompositeExplicitAutograd")
 @torch.library.register_fake("fqcompile::rms_norm")
 def _fake_rms(x, weight, eps):
     return torch.empty_like(x)
+
+
+@torch.library.register_fake("fqcompile::silu_mul")
+def _fake_silu_mul(gate_up):
+    return gate_up.new_empty(*gate_up.shape[:-1], gate_up.shape[-1] // 2)
 
 
 @torch.library.register_fake("fqcompile::entropy")
@@ -160,8 +174,8 @@ def nested_linear(x, planes, widths, scale, zero, low: int, group_size: int,
     return _OP(x, planes, widths, scale, zero, low, group_size, int8_activations)
 
 
-_RMS, _ATTEND, _ENTROPY = (torch.ops.fqcompile.rms_norm.default, torch.ops.fqcompile.attend.default,
-                           torch.ops.fqcompile.entropy.default)
+_RMS, _ATTEND, _ENTROPY, _SILU_MUL = (torch.ops.fqcompile.rms_norm.default, torch.ops.fqcompile.attend.default,
+                                      torch.ops.fqcompile.entropy.default, torch.ops.fqcompile.silu_mul.default)
 
 
 def _fast_float(x) -> bool:
@@ -177,6 +191,10 @@ def attend(qkv, cos, sin, k_cache, v_cache, start: int, heads: int, mask=None) -
     if _fast_float(qkv) and k_cache.dtype == torch.float32:
         return _ATTEND(qkv, cos, sin, k_cache, v_cache, start, heads, mask)
     return attend_reference(qkv, cos, sin, k_cache, v_cache, start, heads, mask)
+
+
+def silu_mul(gate_up) -> torch.Tensor:
+    return _SILU_MUL(gate_up) if _fast_float(gate_up) else silu_mul_reference(gate_up)
 
 
 def entropy(logits) -> torch.Tensor:

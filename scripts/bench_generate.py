@@ -16,6 +16,7 @@ import json
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -34,18 +35,80 @@ def bench(checkpoint: str, new_tokens: int, prompt_tokens: int, *extra: str) -> 
         return json.loads(out.read_text())
 
 
+def breakdown(checkpoint: str, bits: int, quantized_head: bool, int8: bool, new_tokens: int, prompt: list[int]) -> dict:
+    """Where a slim-engine decode step goes at a static precision: median step time, then a
+    second pass with every quantized linear (and a float head) timed."""
+    from fqcompile import llama, runtime
+    from fqcompile.flex_linear import FlexLinear
+
+    loaded = runtime.load(checkpoint, precision=bits, quantized_head=quantized_head)
+    runtime.set_precision(loaded.model, bits)
+    runtime.set_int8_activations(loaded.model, int8)
+    dec = runtime.decoder(loaded)
+    clock, marks = {"linear": 0.0, "head": 0.0}, []
+
+    def mark(step, _logits):
+        if step == 0:  # the prefill is over: count decode steps only
+            clock.update(linear=0.0, head=0.0)
+        marks.append(time.perf_counter())
+
+    def steps() -> float:
+        marks.clear()
+        llama.generate(dec, [prompt], new_tokens, stop_ids=[], pad=0, on_logits=mark)
+        gaps = sorted(b - a for a, b in zip(marks, marks[1:]))
+        return gaps[len(gaps) // 2]
+
+    def timed(fn, key):
+        def call(*args, **kwargs):
+            start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            clock[key] += time.perf_counter() - start
+            return out
+        return call
+
+    steps()  # warm-up
+    step = steps()
+    run, began, hooks = FlexLinear.run, {}, []
+    FlexLinear.run = timed(run, "linear")
+    if not isinstance(dec.head, FlexLinear):  # a float head is an nn.Linear: time it by hooks
+        hooks = [dec.head.register_forward_pre_hook(lambda m, a: began.update(t=time.perf_counter())),
+                 dec.head.register_forward_hook(lambda m, a, o: clock.update(head=clock["head"] + time.perf_counter()
+                                                                             - began["t"]))]
+    try:
+        steps()
+    finally:
+        FlexLinear.run = run
+        for h in hooks:
+            h.remove()
+    per_step = {k: v / (new_tokens - 1) for k, v in clock.items()}  # means over the decode steps
+    return {"config": f"static:{bits}" + (", 8-bit head" if quantized_head else "") + (", int8 activations" if int8 else ""),
+            "step_ms": 1e3 * step, "linears_ms": 1e3 * per_step["linear"], "float_head_ms": 1e3 * per_step["head"],
+            "rest_ms": 1e3 * (step - per_step["linear"] - per_step["head"])}
+
+
 def report(checkpoint: str, out: Path, new_tokens: int, prompt_tokens: int, title: str, about: str) -> str:
     """Both bench runs; writes OUT.json and OUT.md and returns the markdown."""
     plain = bench(checkpoint, new_tokens, prompt_tokens)
     head = bench(checkpoint, new_tokens, prompt_tokens, "--quantized-head", "--no-baseline")
     both = bench(checkpoint, new_tokens, prompt_tokens, "--quantized-head", "--int8-activations", "--no-baseline")
     rows = plain["rows"] + head["rows"] + both["rows"]
-    data = {"checkpoint": checkpoint, "threads": plain["threads"], "rows": rows, "notes": plain["notes"]}
+    from transformers import AutoTokenizer
+
+    from fqcompile.cli import BENCH_TEXT
+
+    prompt = AutoTokenizer.from_pretrained(checkpoint)(BENCH_TEXT * 8)["input_ids"][:prompt_tokens]
+    manifest = json.loads((Path(checkpoint) / "fqcompile.json").read_text())
+    ends = (manifest["ladder"][0], manifest["ladder"][-1])
+    parts = [breakdown(checkpoint, b, qh, i8, new_tokens, prompt) for b in ends for qh, i8 in ((0, 0), (1, 1))]
+    data = {"checkpoint": checkpoint, "threads": plain["threads"], "rows": rows, "notes": plain["notes"],
+            "breakdown": parts}
     out.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
     from fqcompile.bench import table
 
-    manifest = json.loads((Path(checkpoint) / "fqcompile.json").read_text())
     notes = [f"- {n}" for n in plain["notes"]]
+    split = ["| config | decode step ms | quantized linears ms | float head ms | rest ms |", "|---|---|---|---|---|"]
+    split += [f"| {b['config']} | {b['step_ms']:.2f} | {b['linears_ms']:.2f} | {b['float_head_ms']:.2f} | "
+              f"{b['rest_ms']:.2f} |" for b in parts]
     text = "\n".join([
         f"# {title}", "",
         f"Measured {datetime.date.today()}, {data['threads']} threads, torch {torch.__version__}, batch 1, greedy, "
@@ -57,7 +120,11 @@ def report(checkpoint: str, out: Path, new_tokens: int, prompt_tokens: int, titl
         table(rows), "", *notes, "" if notes else "",
         "Controller share: the precision controller's hooks as a share of the decode time. Bits read/weight: "
         "the quantized layers' planes, scales and zeros per weight (the head is not counted). "
-        "\"8-bit head\": `--quantized-head`; \"int8 activations\": `--int8-activations`. Peak RSS: each row is a process of its own.", ""])
+        "\"8-bit head\": `--quantized-head`; \"int8 activations\": `--int8-activations`. Peak RSS: each row is a process of its own.", "",
+        "Where a decode step goes (slim engine, static precision, median step; a second pass times every "
+        "quantized-linear call, kernel plus its Python and dispatch, and a float head's matmul; \"rest\" is "
+        "everything else: norms, attention, residuals, embedding, sampling, Python):", "",
+        *split, ""])
     out.with_suffix(".md").write_text(text)
     return text
 

@@ -78,3 +78,19 @@ def test_entropy_matches_float64(scale):
     want = ops.entropy_reference(logits.double())
     got = ops.entropy(logits)
     assert got.shape == (3,) and float(((got - want) / want).abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 2 * 1536), (3, 2, 2 * 196), (5, 2 * 7)])
+def test_silu_mul_matches_float64(shape):
+    torch.manual_seed(3)
+    gate_up = torch.randn(shape) * 6  # both signs, and large |x| where e^-x under/overflows
+    got = ops.silu_mul(gate_up)
+    want = ops.silu_mul_reference(gate_up.double())
+    assert got.shape == (*shape[:-1], shape[-1] // 2) and rel(got, want) < 1e-6
+
+
+def test_entropy_ignores_minus_infinity():
+    logits = torch.randn(2, 100)
+    logits[0, :40] = float("-inf")  # e.g. masked vocabulary
+    got, want = ops.entropy(logits), ops.entropy_reference(logits.double())
+    assert torch.isfinite(got).all() and float(((got - want) / want).abs().max()) < 1e-5
