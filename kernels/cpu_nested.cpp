@@ -508,48 +508,79 @@ void row_dot_vnni(const uint8_t* __restrict r0, const uint8_t* __restrict r1, in
 }
 
 // The same for half rows that do not split into whole groups (e.g. 576 columns, group 128),
-// as row_dot_chunks walks them: columns in order, 32 at a time (half and the group size
-// multiples of 32), each chunk the low or the high nibbles of 32 bytes. 256-bit lanes, so
-// a group's sum is finished over 8 lanes: X_g / 8 = 2 * (X_g / 16).
+// as row_dot_chunks walks them: columns in order, each step the low or the high nibbles of
+// consecutive bytes: 64 columns where they lie on one side of the half row, else 32 (half
+// and the group size multiples of 32). A group's sum is finished over 8 lanes:
+// X_g / 8 = 2 * (X_g / 16).
 template <int B, int NP>
 void row_dot_vnni_chunks(const uint8_t* __restrict r0, const uint8_t* __restrict r1, int64_t half, int64_t in,
                          const Activations& a, const Quantized& xq, const Grid& grid, const float* sm,
                          const float* zc, float* __restrict yn, int64_t ldy) {
-  const __m256i m0f = _mm256_set1_epi8(0x0F), mf0 = _mm256_set1_epi8(static_cast<char>(0xF0));
-  const __m256i zero = _mm256_setzero_si256();
+  const __m512i m0f = _mm512_set1_epi8(0x0F), mf0 = _mm512_set1_epi8(static_cast<char>(0xF0));
+  auto codes = [&](auto load, auto srli, auto slli, auto band, auto tern, int64_t k) {
+    const bool high = k >= half;
+    const int64_t j = high ? k - half : k;
+    const auto v = load(r0 + j);
+    if constexpr (NP == 1) {
+      return band(high ? srli(v, 4) : v);
+    } else {
+      const auto w = load(r1 + j);
+      return high ? tern(v, srli(w, 4)) : tern(slli(v, 4), band(w));
+    }
+  };
+  auto load512 = [](const uint8_t* p) { return _mm512_loadu_si512(p); };
+  auto srli512 = [](__m512i v, int n) { return _mm512_srli_epi16(v, n); };
+  auto slli512 = [](__m512i v, int n) { return _mm512_slli_epi16(v, n); };
+  auto and512 = [&](__m512i v) { return _mm512_and_si512(v, m0f); };
+  auto tern512 = [&](__m512i hi, __m512i lo) { return _mm512_ternarylogic_epi32(mf0, hi, lo, 0xCA); };
+  const __m256i m0f8 = _mm256_set1_epi8(0x0F), mf08 = _mm256_set1_epi8(static_cast<char>(0xF0));
+  auto load256 = [](const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); };
+  auto srli256 = [](__m256i v, int n) { return _mm256_srli_epi16(v, n); };
+  auto slli256 = [](__m256i v, int n) { return _mm256_slli_epi16(v, n); };
+  auto and256 = [&](__m256i v) { return _mm256_and_si256(v, m0f8); };
+  auto tern256 = [&](__m256i hi, __m256i lo) { return _mm256_ternarylogic_epi32(mf08, hi, lo, 0xCA); };
   __m256 total[B];
   FQ_UNROLL
   for (int b = 0; b < B; ++b) total[b] = _mm256_setzero_ps();
   for (int64_t g = 0; g < grid.groups; ++g) {
     const int64_t k0 = g * grid.group_size, k1 = std::min(in, k0 + grid.group_size);
+    __m512 wide[B];
     __m256 acc[B];
     FQ_UNROLL
-    for (int b = 0; b < B; ++b) acc[b] = _mm256_setzero_ps();
-    for (int64_t k = k0; k < k1; k += 32) {
-      const bool high = k >= half;
-      const int64_t j = high ? k - half : k;
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r0 + j));
-      __m256i code;
-      if constexpr (NP == 1) {
-        code = _mm256_and_si256(high ? _mm256_srli_epi16(v, 4) : v, m0f);
+    for (int b = 0; b < B; ++b) {
+      wide[b] = _mm512_setzero_ps();
+      acc[b] = _mm256_setzero_ps();
+    }
+    for (int64_t k = k0; k < k1;) {
+      if (k + 64 <= k1 && (k >= half || k + 64 <= half)) {
+        const __m512i code = codes(load512, srli512, slli512, and512, tern512, k);
+        FQ_UNROLL
+        for (int b = 0; b < B; ++b) {
+          const __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), code, _mm512_loadu_si512(xq.q + b * xq.ld + k));
+          wide[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_loadu_ps(xq.lane_scale + b * (xq.ld / 4) + k / 4),
+                                    wide[b]);
+        }
+        k += 64;
       } else {
-        const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r1 + j));
-        code = high ? _mm256_ternarylogic_epi32(mf0, v, _mm256_srli_epi16(w, 4), 0xCA)
-                    : _mm256_ternarylogic_epi32(mf0, _mm256_slli_epi16(v, 4), _mm256_and_si256(w, m0f), 0xCA);
-      }
-      FQ_UNROLL
-      for (int b = 0; b < B; ++b) {
-        const __m256i d = _mm256_dpbusd_epi32(zero, code, _mm256_loadu_si256(
-                                                  reinterpret_cast<const __m256i*>(xq.q + b * xq.ld + k)));
-        acc[b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_loadu_ps(xq.lane_scale + b * (xq.ld / 4) + k / 4),
-                                 acc[b]);
+        const __m256i code = codes(load256, srli256, slli256, and256, tern256, k);
+        FQ_UNROLL
+        for (int b = 0; b < B; ++b) {
+          const __m256i d = _mm256_dpbusd_epi32(_mm256_setzero_si256(), code, _mm256_loadu_si256(
+                                                    reinterpret_cast<const __m256i*>(xq.q + b * xq.ld + k)));
+          acc[b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_loadu_ps(xq.lane_scale + b * (xq.ld / 4) + k / 4),
+                                   acc[b]);
+        }
+        k += 32;
       }
     }
     const __m256 s = _mm256_set1_ps(sm[g]);
     FQ_UNROLL
-    for (int b = 0; b < B; ++b)
-      total[b] = _mm256_fmadd_ps(s, _mm256_add_ps(acc[b], _mm256_set1_ps(-2.f * zc[g] * a.xq[b * grid.groups + g])),
+    for (int b = 0; b < B; ++b) {
+      const __m256 sum = _mm256_add_ps(acc[b], _mm256_add_ps(_mm512_castps512_ps256(wide[b]),
+                                                             _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(wide[b]), 1))));
+      total[b] = _mm256_fmadd_ps(s, _mm256_add_ps(sum, _mm256_set1_ps(-2.f * zc[g] * a.xq[b * grid.groups + g])),
                                  total[b]);
+    }
   }
   FQ_UNROLL
   for (int b = 0; b < B; ++b) {
