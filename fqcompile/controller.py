@@ -135,8 +135,8 @@ class Controller:
                 if len(set(plans)) == 1:
                     self._set(self.unit_bits[buckets[0]])
                 else:  # rows at different plans: per-row precision tensors where the rows disagree
-                    bits = self.plan.bits[torch.tensor(buckets)]  # [rows, units]
-                    self._set([col[0] if len(set(col)) == 1 else bits[:, u] for u, col in enumerate(zip(*bits.tolist()))])
+                    columns = zip(*(self.unit_bits[b] for b in buckets))  # per unit, each row's bits
+                    self._set([col[0] if len(set(col)) == 1 else torch.tensor(col) for col in columns])
                 self.applied = plans
             for b in buckets:
                 self.steps[b] += 1

@@ -30,7 +30,7 @@ class FlexLinear(nn.Module):
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
         self.precision = max(self.precisions)
         self.dense = None  # {bits: weight} while runtime.dense_weights() is active
-        self.int8_activations = False  # quantize inputs per group to int8 (kernels.flex_linear)
+        self.int8_activations = False  # quantize inputs to int8 in blocks (kernels.quantize_activations)
         self._calls = {}  # bits -> the kernel's arguments: a decode step calls ~200 layers
 
 

@@ -1,10 +1,12 @@
-"""The one kernel interface FlexLinear calls: (activations, planes, metadata, precision) -> output.
+"""The kernel interface: (activations, planes, metadata, precision) -> output.
 
 `flex_linear` reads only the planes that hold the top `precision` bits and runs the op
 fqcompile::nested_linear (kernels/ops.py), whose implementation depends on the device:
 the C++ CPU kernel (cpu_nested.cpp, compiled on first use), Triton on CUDA
 (triton_nested.py), or the torch reference (reference.py), with a one-line warning when
-a fast one cannot be had.
+a fast one cannot be had. `kernel_args` is the op's arguments for one precision:
+FlexLinear builds them once per precision and calls the op with them (a decode step makes
+~200 calls).
 
 Imports are absolute on purpose: with the repository root on sys.path (python -m from
 the checkout), transformers probes for the PyPI package `kernels` and imports this folder

@@ -107,7 +107,8 @@ at::Tensor attend(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor
   TORCH_CHECK(cos.sizes() == sin.sizes() && cos.numel() == b * t * d, "attend: cos/sin must be [B, T, D]");
   at::Tensor m;
   if (mask.has_value()) {
-    m = mask->to(at::kBool).expand({b, 1, t, length}).contiguous();
+    TORCH_CHECK(mask->scalar_type() == at::kBool, "attend: the mask must be bool (True = attend)");
+    m = mask->expand({b, 1, t, length}).contiguous();
   }
   const at::Tensor x = qkv.contiguous(), c = cos.contiguous(), s = sin.contiguous();
   const float *xp = x.data_ptr<float>(), *cp = c.data_ptr<float>(), *sp = s.data_ptr<float>();

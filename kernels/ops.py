@@ -64,12 +64,12 @@ def attend_reference(qkv, cos, sin, k_cache, v_cache, start, heads, mask=None):
     for the T positions, sin with its first half negated (so rotate_half(x) * sin_hf ==
     roll(x, D/2) * sin); k_cache, v_cache [B, KV, L, D]. RoPE goes on q and k, k and v
     into cache slots start .. start + T - 1, and every query head attends to slots
-    [0, start + T) where mask [B, 1, T, start + T] (bool) allows (all of them if None).
-    Returns [B, T, H * D].
+    [0, start + T) where mask [B, 1, T, start + T] (bool) allows (all of them if None;
+    every query must be allowed at least one slot). Returns [B, T, H * D].
     """
     b, t, _ = qkv.shape
     kv, d = k_cache.shape[1], k_cache.shape[-1]
-    qkv = qkv.view(b, t, heads + 2 * kv, d)
+    qkv = qkv.reshape(b, t, heads + 2 * kv, d)
     qk = qkv[:, :, :heads + kv]
     qk = torch.addcmul(qk * cos[:, :, None], qk.roll(d // 2, -1), sin[:, :, None])
     k_cache.narrow(2, start, t).copy_(qk[:, :, heads:].transpose(1, 2))
@@ -184,11 +184,15 @@ def _fast_float(x) -> bool:
 
 
 def rms_norm(x, weight, eps: float) -> torch.Tensor:
-    return _RMS(x, weight, eps) if _fast_float(x) else rms_norm_reference(x, weight, eps)
+    if _fast_float(x) and weight.dtype is torch.float32:
+        return _RMS(x, weight, eps)
+    return rms_norm_reference(x, weight, eps)
 
 
 def attend(qkv, cos, sin, k_cache, v_cache, start: int, heads: int, mask=None) -> torch.Tensor:
-    if _fast_float(qkv) and k_cache.dtype == torch.float32:
+    """See attend_reference; the C++ kernel takes float32 throughout, contiguous caches and a bool mask."""
+    if (_fast_float(qkv) and all(t.dtype is torch.float32 for t in (cos, sin, k_cache, v_cache))
+            and k_cache.is_contiguous() and v_cache.is_contiguous() and (mask is None or mask.dtype is torch.bool)):
         return _ATTEND(qkv, cos, sin, k_cache, v_cache, start, heads, mask)
     return attend_reference(qkv, cos, sin, k_cache, v_cache, start, heads, mask)
 

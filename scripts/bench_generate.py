@@ -87,7 +87,7 @@ def breakdown(checkpoint: str, bits: int, quantized_head: bool, int8: bool, new_
 
 
 def report(checkpoint: str, out: Path, new_tokens: int, prompt_tokens: int, title: str, about: str) -> str:
-    """Both bench runs; writes OUT.json and OUT.md and returns the markdown."""
+    """The three bench runs and the breakdown; writes OUT.json and OUT.md and returns the markdown."""
     plain = bench(checkpoint, new_tokens, prompt_tokens)
     head = bench(checkpoint, new_tokens, prompt_tokens, "--quantized-head", "--no-baseline")
     both = bench(checkpoint, new_tokens, prompt_tokens, "--quantized-head", "--int8-activations", "--no-baseline")
@@ -122,7 +122,8 @@ def report(checkpoint: str, out: Path, new_tokens: int, prompt_tokens: int, titl
         "the quantized layers' planes, scales and zeros per weight (the head is not counted). "
         "\"8-bit head\": `--quantized-head`; \"int8 activations\": `--int8-activations`. Peak RSS: each row is a process of its own.", "",
         "Where a decode step goes (slim engine, static precision, median step; a second pass times every "
-        "quantized-linear call, kernel plus its Python and dispatch, and a float head's matmul; \"rest\" is "
+        "quantized-linear call, kernel plus its Python and dispatch (an 8-bit head is one of them), and a float "
+        "head's matmul; \"rest\" is "
         "everything else: norms, attention, residuals, embedding, sampling, Python):", "",
         *split, ""])
     out.with_suffix(".md").write_text(text)

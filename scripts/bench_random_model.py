@@ -9,7 +9,7 @@ is the built-in tokenizer's 49,152 (TinyLlama's own tokenizer is not on this mac
 its 32,000 would make the head 2/3 the size). In --work, once: the model folder, a dynamic
 policy calibrated at 6 average bits (small settings: the policy's quality is meaningless
 on random weights, only its bit mix matters), and an RTN nested [4, 8] export with that
-policy. Then scripts/bench_generate.py's two runs on it.
+policy. Then scripts/bench_generate.py's report on it (three bench runs and the breakdown).
 """
 
 import argparse

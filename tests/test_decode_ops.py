@@ -1,5 +1,5 @@
-"""The decode step's glue ops (kernels/ops.py: rms_norm, attend): the C++ CPU kernels against
-the references computed in float64."""
+"""The decode step's glue ops (kernels/ops.py: rms_norm, attend, silu_mul, entropy): the C++ CPU
+kernels against the references computed in float64."""
 
 import pytest
 import torch
@@ -94,3 +94,16 @@ def test_entropy_ignores_minus_infinity():
     logits[0, :40] = float("-inf")  # e.g. masked vocabulary
     got, want = ops.entropy(logits), ops.entropy_reference(logits.double())
     assert torch.isfinite(got).all() and float(((got - want) / want).abs().max()) < 1e-5
+
+
+def test_attend_takes_the_reference_for_float_masks_and_other_dtypes():
+    torch.manual_seed(4)
+    qkv = torch.randn(1, 2, 4 * 8)
+    cos, sin = (x.float() for x in rope_tables(1, 2, 8, 0))
+    additive = torch.tensor([[0.0, float("-inf")], [0.0, 0.0]])[None, None]  # SDPA adds a float mask
+    caches = [torch.zeros(1, 1, 4, 8) for _ in range(4)]
+    got = ops.attend(qkv, cos, sin, caches[0], caches[1], 0, 2, additive)
+    want = ops.attend_reference(qkv, cos, sin, caches[2], caches[3], 0, 2, additive)
+    assert torch.equal(got, want)
+    half = ops.attend(qkv, cos.bfloat16(), sin.bfloat16(), *[torch.zeros(1, 1, 4, 8) for _ in range(2)], 0, 2)
+    assert half.shape == (1, 2, 16) and torch.isfinite(half).all()
