@@ -184,4 +184,4 @@ if __name__ == "__main__":  # one isolated row: python -m fqcompile.bench '{"job
         spec = json.loads(sys.argv[1])
         print(json.dumps(JOBS[spec["job"]](**spec["kwargs"])))
     except FqError as exc:
-        sys.exit(f"error: {exc}")
+        sys.exit(str(exc))  # isolated() passes this line on

@@ -316,6 +316,10 @@ def bench(
     if not policy and found.get("kind") == "dynamic":
         budget = (found.get("expected") or {}).get("avg_bits")
         specs += [f"static-mixed:{budget:g}", "dynamic"] if budget else ["dynamic"]
+    from .controller import resolve
+
+    for spec in specs:  # refuse a bad policy here, before any row runs
+        resolve(found, manifest, spec)
     from transformers import AutoTokenizer
 
     ids = AutoTokenizer.from_pretrained(folder)(BENCH_TEXT * 8)["input_ids"][:prompt_tokens]

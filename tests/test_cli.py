@@ -71,6 +71,12 @@ def test_bench_reports_every_policy_and_the_baseline(tiny_ckpt, tmp_path):
     assert "| static:4 | slim |" in out.stdout
 
 
+def test_bench_refuses_a_bad_policy_before_running(tiny_ckpt, tmp_path):
+    out = run("bench", tiny_ckpt, "--policy", "static:5", "--no-baseline", "--json", tmp_path / "b.json")
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == ["error: precision 5 is not in the ladder [4, 8]"]
+    assert not (tmp_path / "b.json").exists()
+
+
 def test_eval_json_on_local_text(tiny_dir, tiny_ckpt, tmp_path, austen):
     out = run("eval", tiny_ckpt, "--dataset", austen / "emma.txt", "--samples", "2", "--seq-len", "64",
               "--reference", tiny_dir, "--json", tmp_path / "e.json")
