@@ -24,9 +24,10 @@ from torch import nn
 from .errors import FqError
 from .flex_linear import FlexLinear
 from .formats.nested import Layout
-from .kernels.ops import attend, rms_norm, silu_mul
+from .kernels.ops import attend, backend, rms_norm, silu_mul
 
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+SLOTS = ("qkv", "o", "gate_up", "down")  # the projections of a layer, in kernels/cpu_stack.cpp's order
 
 
 def unsupported(model) -> str | None:
@@ -119,7 +120,11 @@ class Llama(nn.Module):
                 "qkv": Projections([att.q_proj, att.k_proj, att.v_proj]), "o": att.o_proj,
                 "gate_up": Projections([mlp.gate_proj, mlp.up_proj]), "down": mlp.down_proj,
             })
-        self.k_cache = self.v_cache = None
+        # Per stack slot (qkv, o, gate_up, down): the FlexLinear the kernel runs and the layers
+        # whose precision it follows (the parts of a fused one).
+        self.slots = [[(blk[name].fused, blk[name].parts) if name in ("qkv", "gate_up") else (blk[name], [blk[name]])
+                       for name in SLOTS] for blk in self.blocks]
+        self.k_cache = self.v_cache = self.stack = None
 
     def setup_cache(self, batch: int, length: int) -> None:
         """Preallocate the KV cache (and the RoPE tables) for `batch` rows of up to `length` tokens."""
@@ -132,6 +137,41 @@ class Llama(nn.Module):
         half = self.head_dim // 2
         # rotate_half(x) * sin == roll(x, half) * (sin with its first half negated), bit for bit
         self.cos, self.sin = cos[0], torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1)  # [length, head_dim]
+        self.stack = self._build_stack()
+
+    def _build_stack(self):
+        """The C++ stack (kernels/cpu_stack.cpp) over these tensors, or None where the per-op loop must run.
+
+        Built with every cache setup, from the layers' current kernel arguments, so it never
+        outlives a repoint or a .to().
+        """
+        if self.norm.dtype is not torch.float32 or not self.norm.is_cpu or backend(self.norm.device) != "cpu-cpp":
+            return None
+        stack = torch.classes.fqcompile.Stack(len(self.blocks), self.eps, self.heads)
+        for i, (blk, slots, (k, v)) in enumerate(zip(self.blocks, self.slots, self.caches)):
+            stack.set_norms(i, blk["in_norm"], blk["post_norm"])
+            stack.set_cache(i, k, v)
+            for s, (run, _) in enumerate(slots):
+                bias = run.bias.data if run.bias is not None else None
+                for bits in run.precisions:
+                    stack.set_linear(i, s, bits, *run._args(bits), bias)
+        return stack
+
+    def _plan(self):
+        """Every stack slot's (precision, int8 flag) as two lists, or None if some slot needs the per-op loop."""
+        bits, int8 = [], []
+        for slots in self.slots:
+            for _, parts in slots:
+                first = parts[0]
+                b, q = first.precision, first.int8_activations
+                if type(b) is not int or first.dense:
+                    return None
+                for p in parts[1:]:
+                    if type(p.precision) is not int or p.precision != b or p.int8_activations != q or p.dense:
+                        return None
+                bits.append(b)
+                int8.append(int(q))
+        return bits, int8
 
     @torch.inference_mode()
     def forward(self, input_ids, positions, start: int, mask=None, all_logits: bool = False) -> Output:
@@ -144,14 +184,23 @@ class Llama(nn.Module):
         b, t = input_ids.shape
         x = self.embed(input_ids)
         cos, sin = self.cos[positions], self.sin[positions]  # [B, T, D]
+        plan = self._plan() if self.stack is not None and x.dtype is torch.float32 else None
+        if plan is not None and (mask is None or mask.dtype is torch.bool):
+            x = self.stack.forward(x, cos, sin, start, *plan, mask)
+        else:
+            x = self._layers(x, cos, sin, start, mask)
+        x = rms_norm(x if all_logits else x[:, -1:], self.norm, self.eps)
+        return Output(self.head(x))
+
+    def _layers(self, x, cos, sin, start: int, mask):
+        """The per-op loop: what the C++ stack computes, for any dtype, device and precision mix."""
         for blk, (k_cache, v_cache) in zip(self.blocks, self.caches):
             qkv = blk["qkv"].forward(rms_norm(x, blk["in_norm"], self.eps))
             att = attend(qkv, cos, sin, k_cache, v_cache, start, self.heads, mask)
             x = x + blk["o"].forward(att)
             gate_up = blk["gate_up"].forward(rms_norm(x, blk["post_norm"], self.eps))
             x = x + blk["down"].forward(silu_mul(gate_up))
-        x = rms_norm(x if all_logits else x[:, -1:], self.norm, self.eps)
-        return Output(self.head(x))
+        return x
 
 
 def pick(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, gen: torch.Generator) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Build (once per machine, cached) and load the C++ CPU kernels (cpu_nested.cpp, cpu_decode.cpp).
+"""Build (once per machine, cached) and load the C++ CPU kernels (cpu_nested.cpp, cpu_decode.cpp, cpu_stack.cpp).
 
 torch's cpp_extension compiles the file with -march=native on first use, so the cache
 folder is keyed by this CPU's feature flags, the compiler, torch's version and the
@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-SOURCES = [Path(__file__).with_name(name) for name in ("cpu_nested.cpp", "cpu_decode.cpp")]
+SOURCES = [Path(__file__).with_name(name) for name in ("cpu_nested.cpp", "cpu_decode.cpp", "cpu_stack.cpp")]
+HEADERS = [Path(__file__).with_name("cpu_ops.h")]
 FLAGS = ["-O3", "-march=native", "-fopenmp"] + os.environ.get("FQCOMPILE_CXXFLAGS", "").split()
 
 
@@ -36,7 +37,7 @@ def build_dir() -> Path:
     # The source's path too: ninja's build file names it, so two checkouts sharing one
     # folder would rebuild each other's library on every first use.
     key = "\n".join([_cpu_flags(), compiler, " ".join(FLAGS), torch.__version__, sys.version,
-                     *(f"{path}\n{path.read_text()}" for path in SOURCES)])
+                     *(f"{path}\n{path.read_text()}" for path in SOURCES + HEADERS)])
     tag = hashlib.sha256(key.encode()).hexdigest()[:16]
     return cache_dir() / "kernels" / f"cpu-{tag}"
 

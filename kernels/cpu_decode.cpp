@@ -10,6 +10,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "cpu_ops.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -64,7 +66,9 @@ float exp_shifted(float* __restrict p, int64_t n, float top) {
   return total;
 }
 
-at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+}  // namespace
+
+at::Tensor fqcompile::rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat, "rms_norm: float32 only");
   const int64_t d = x.size(-1);
   TORCH_CHECK(weight.dim() == 1 && weight.size(0) == d, "rms_norm: weight must be [", d, "]");
@@ -83,6 +87,8 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   return y;
 }
 
+namespace {
+
 // out[i] = x[i] cos[i] + x[(i + D/2) % D] sin[i]; sin has its first half negated (llama.py).
 void rope(const float* __restrict x, const float* __restrict cos, const float* __restrict sin, int64_t d,
           float* __restrict out) {
@@ -92,7 +98,9 @@ void rope(const float* __restrict x, const float* __restrict cos, const float* _
 
 // qkv [B, T, (H + 2 KV) D]: RoPE on q and k, k and v into cache slots start .. start + T - 1,
 // then each query head attends to cache slots [0, start + T) (where mask allows).
-at::Tensor attend(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_cache,
+}  // namespace
+
+at::Tensor fqcompile::attend(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_cache,
                   at::Tensor& v_cache, int64_t start, int64_t heads, const c10::optional<at::Tensor>& mask) {
   TORCH_CHECK(qkv.scalar_type() == at::kFloat && k_cache.scalar_type() == at::kFloat &&
                   v_cache.scalar_type() == at::kFloat && cos.scalar_type() == at::kFloat &&
@@ -159,7 +167,7 @@ at::Tensor attend(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor
 
 
 // silu(gate) * up over a fused gate/up projection's output [..., 2I] -> [..., I].
-at::Tensor silu_mul(const at::Tensor& gate_up) {
+at::Tensor fqcompile::silu_mul(const at::Tensor& gate_up) {
   TORCH_CHECK(gate_up.scalar_type() == at::kFloat && gate_up.size(-1) % 2 == 0, "silu_mul: float32 [..., 2I]");
   const at::Tensor x = gate_up.contiguous();
   const int64_t inner = x.size(-1) / 2, rows = inner ? x.numel() / (2 * inner) : 0;
@@ -189,6 +197,8 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
 
 // Entropy (nats) of softmax(logits) per row: log Z - sum p (l - m), in one pass after the max.
 // The precision controller's signal, every decode step, over a whole vocabulary.
+namespace {
+
 at::Tensor entropy(const at::Tensor& logits) {
   TORCH_CHECK(logits.scalar_type() == at::kFloat && logits.dim() >= 1, "entropy: float32 only");
   const at::Tensor l = logits.contiguous();
@@ -230,8 +240,8 @@ at::Tensor entropy(const at::Tensor& logits) {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fqcompile, CPU, m) {
-  m.impl("rms_norm", &rms_norm);
-  m.impl("attend", &attend);
+  m.impl("rms_norm", &fqcompile::rms_norm);
+  m.impl("attend", &fqcompile::attend);
   m.impl("entropy", &entropy);
-  m.impl("silu_mul", &silu_mul);
+  m.impl("silu_mul", &fqcompile::silu_mul);
 }

@@ -17,6 +17,8 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "cpu_ops.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -737,7 +739,9 @@ void quantize_activations(const float* x, int64_t m, int64_t in, int8_t* q, int6
     }
 }
 
-at::Tensor nested_linear(const at::Tensor& x, at::TensorList planes, at::IntArrayRef widths,
+}  // namespace
+
+at::Tensor fqcompile::nested_linear(const at::Tensor& x, at::TensorList planes, at::IntArrayRef widths,
                          const at::Tensor& scale, const at::Tensor& zero, int64_t low, int64_t group_size,
                          bool int8_activations) {
   TORCH_CHECK(!planes.empty() && planes.size() == widths.size(), "nested_linear: one width per plane");
@@ -826,6 +830,4 @@ at::Tensor nested_linear(const at::Tensor& x, at::TensorList planes, at::IntArra
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(fqcompile, CPU, m) { m.impl("nested_linear", &nested_linear); }
+TORCH_LIBRARY_IMPL(fqcompile, CPU, m) { m.impl("nested_linear", &fqcompile::nested_linear); }

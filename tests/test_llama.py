@@ -103,3 +103,65 @@ def test_quantized_head_runs_at_8_bits_on_both_engines(tiny_ckpt):
     with torch.inference_mode():
         exact, rounded = plain.model(ids).logits, quant.model(ids).logits
     assert float((exact - rounded).norm() / exact.norm()) < 0.01
+
+
+def greedy_logits(dec, rows, steps, pad):
+    seen = []
+    llama.generate(dec, rows, steps, stop_ids=[], pad=pad, on_logits=lambda s, lg: seen.append(lg.clone()))
+    return torch.stack(seen)
+
+
+def test_cpp_stack_is_the_per_op_loop_bit_for_bit(tiny_ckpt, monkeypatch):
+    """The one-call C++ stack (kernels/cpu_stack.cpp) against the per-op loop, on a mixed plan.
+
+    Layer 0 at 4 bits with int8 activations on its attention, layer 1 at 8 bits; padded
+    prompts (a bool mask every step).
+    """
+    loaded = fqcompile.load(tiny_ckpt)
+    blocks = loaded.model.model.layers
+    for name, layer in blocks[0].named_modules():
+        if hasattr(layer, "set_precision"):
+            layer.set_precision(4)
+            layer.int8_activations = name.startswith("self_attn")
+    tok = loaded.tokenizer
+    rows = [tok(p)["input_ids"] for p in PROMPTS]
+    dec = llama.Llama(loaded.model)
+    fast = greedy_logits(dec, rows, 12, tok.eos_token_id)
+    assert dec.stack is not None and dec._plan()[0][:8] == [4, 4, 4, 4, 8, 8, 8, 8]
+    monkeypatch.setattr(llama.Llama, "_build_stack", lambda self: None)
+    slow = greedy_logits(dec, rows, 12, tok.eos_token_id)
+    assert torch.equal(fast, slow)
+
+
+def test_plan_falls_back_when_fused_parts_disagree(tiny_ckpt):
+    loaded = fqcompile.load(tiny_ckpt)
+    dec = llama.Llama(loaded.model)
+    assert dec._plan() is not None
+    loaded.model.model.layers[1].self_attn.k_proj.set_precision(4)  # q and v stay at 8
+    assert dec._plan() is None
+    tok = loaded.tokenizer
+    rows = [tok(PROMPTS[0])["input_ids"]]
+    assert len(llama.generate(dec, rows, 4, stop_ids=[], pad=tok.eos_token_id)[0]) == 4
+
+
+def test_qwen2_with_qkv_bias_agrees_with_hugging_face(tmp_path, smol_dir):
+    """Qwen2 puts a bias on q/k/v: the fused projection carries it, on the stack and in HF."""
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(7)
+    tok = AutoTokenizer.from_pretrained(smol_dir)
+    model = Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.5)  # non-zero: a dropped bias must show
+    model.save_pretrained(tmp_path / "qwen")
+    tok.save_pretrained(tmp_path / "qwen")
+    ckpt = fqcompile.export(str(tmp_path / "qwen"), tmp_path / "ckpt", ladder=(4, 8), group_size=32, progress=False)
+    loaded = fqcompile.load(ckpt)
+    assert loaded.model.model.layers[0].self_attn.q_proj.bias is not None
+    for bits in (4, 8):
+        assert check_agreement(loaded, bits, steps=8) <= 1e-4

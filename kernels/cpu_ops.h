@@ -1,0 +1,17 @@
+// The CPU kernels that more than one source file calls directly (not through the
+// dispatcher): cpu_stack.cpp runs a whole decoder stack with them in one call.
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace fqcompile {
+
+at::Tensor nested_linear(const at::Tensor& x, at::TensorList planes, at::IntArrayRef widths,
+                         const at::Tensor& scale, const at::Tensor& zero, int64_t low, int64_t group_size,
+                         bool int8_activations);
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
+at::Tensor attend(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_cache,
+                  at::Tensor& v_cache, int64_t start, int64_t heads, const c10::optional<at::Tensor>& mask);
+at::Tensor silu_mul(const at::Tensor& gate_up);
+
+}  // namespace fqcompile

@@ -1,0 +1,120 @@
+// fqcompile.Stack: a Llama-family decoder stack run in one call (fqcompile/llama.py's CPU path).
+//
+// A decode step of a small model is ~10 ops a layer, and each op called from Python costs
+// a few microseconds of dispatch: on SmolLM2 (30 layers) that was a sixth of the step.
+// This class holds every layer's tensors (norms, KV cache and the kernel arguments of each
+// projection at each resident precision), and forward runs the whole stack over the same
+// kernels the ops use (cpu_ops.h), so its output is the per-op loop's, bit for bit. The
+// precision of every projection is an argument of each call: the controller still decides
+// it per step.
+
+#include <torch/custom_class.h>
+#include <torch/library.h>
+
+#include <array>
+#include <map>
+#include <vector>
+
+#include "cpu_ops.h"
+
+namespace {
+
+struct Linear {
+  std::vector<at::Tensor> planes;
+  std::vector<int64_t> widths;
+  at::Tensor scale, zero;
+  int64_t low = 0, group_size = 0;
+  c10::optional<at::Tensor> bias;
+
+  at::Tensor operator()(const at::Tensor& x, bool int8_activations) const {
+    at::Tensor y = fqcompile::nested_linear(x, planes, widths, scale, zero, low, group_size, int8_activations);
+    if (bias) y.add_(*bias);
+    return y;
+  }
+};
+
+// x += y for two contiguous float32 tensors of one shape (at::add_ is a dispatch for ~600 floats).
+void add_into(at::Tensor& x, const at::Tensor& y) {
+  float* xp = x.data_ptr<float>();
+  const float* yp = y.data_ptr<float>();
+  const int64_t n = x.numel();
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) xp[i] += yp[i];
+}
+
+constexpr int64_t kSlots = 4;  // per layer: fused q/k/v, o, fused gate/up, down
+
+struct Layer {
+  at::Tensor in_norm, post_norm, k_cache, v_cache;
+  std::array<std::map<int64_t, Linear>, kSlots> linear;  // precision -> kernel arguments
+};
+
+struct Stack : torch::CustomClassHolder {
+  std::vector<Layer> layers;
+  double eps;
+  int64_t heads;
+
+  Stack(int64_t n_layers, double eps, int64_t heads) : layers(n_layers), eps(eps), heads(heads) {}
+
+  Layer& layer(int64_t i) {
+    TORCH_CHECK(i >= 0 && i < static_cast<int64_t>(layers.size()), "Stack: no layer ", i);
+    return layers[i];
+  }
+
+  void set_norms(int64_t i, const at::Tensor& in_norm, const at::Tensor& post_norm) {
+    TORCH_CHECK(in_norm.scalar_type() == at::kFloat && post_norm.scalar_type() == at::kFloat, "Stack: float32 norms");
+    layer(i).in_norm = in_norm.contiguous();
+    layer(i).post_norm = post_norm.contiguous();
+  }
+
+  void set_cache(int64_t i, const at::Tensor& k_cache, const at::Tensor& v_cache) {
+    layer(i).k_cache = k_cache;  // views of llama.py's cache: written in place
+    layer(i).v_cache = v_cache;
+  }
+
+  void set_linear(int64_t i, int64_t slot, int64_t bits, std::vector<at::Tensor> planes, std::vector<int64_t> widths,
+                  const at::Tensor& scale, const at::Tensor& zero, int64_t low, int64_t group_size,
+                  const c10::optional<at::Tensor>& bias) {
+    TORCH_CHECK(slot >= 0 && slot < kSlots, "Stack: slot ", slot);
+    layer(i).linear[slot][bits] = Linear{std::move(planes), std::move(widths), scale, zero, low, group_size, bias};
+  }
+
+  const Linear& linear(const Layer& l, int64_t slot, int64_t bits) const {
+    const auto found = l.linear[slot].find(bits);
+    TORCH_CHECK(found != l.linear[slot].end(), "Stack: no kernel arguments for ", bits, " bits in slot ", slot);
+    return found->second;
+  }
+
+  // x [B, T, hidden] (embedded tokens) -> the last layer's output. plan and int8: kSlots
+  // entries a layer, the precision and the int8-activation flag of each projection.
+  at::Tensor forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, int64_t start,
+                     const std::vector<int64_t>& plan, const std::vector<int64_t>& int8,
+                     const c10::optional<at::Tensor>& mask) {
+    const size_t n = layers.size() * kSlots;
+    TORCH_CHECK(plan.size() == n && int8.size() == n, "Stack: the plan needs ", n, " entries");
+    TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 3, "Stack: x must be float32 [B, T, hidden]");
+    at::Tensor h = x.contiguous().clone();
+    for (size_t i = 0; i < layers.size(); ++i) {
+      Layer& l = layers[i];
+      const int64_t* bits = plan.data() + i * kSlots;
+      const int64_t* q = int8.data() + i * kSlots;
+      const at::Tensor qkv = linear(l, 0, bits[0])(fqcompile::rms_norm(h, l.in_norm, eps), q[0]);
+      const at::Tensor att = fqcompile::attend(qkv, cos, sin, l.k_cache, l.v_cache, start, heads, mask);
+      add_into(h, linear(l, 1, bits[1])(att, q[1]));
+      const at::Tensor gate_up = linear(l, 2, bits[2])(fqcompile::rms_norm(h, l.post_norm, eps), q[2]);
+      add_into(h, linear(l, 3, bits[3])(fqcompile::silu_mul(gate_up), q[3]));
+    }
+    return h;
+  }
+};
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fqcompile, m) {
+  m.class_<Stack>("Stack")
+      .def(torch::init<int64_t, double, int64_t>())
+      .def("set_norms", &Stack::set_norms)
+      .def("set_cache", &Stack::set_cache)
+      .def("set_linear", &Stack::set_linear)
+      .def("forward", &Stack::forward);
+}
