@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include <array>
+#include <chrono>
 #include <map>
 #include <vector>
 
@@ -53,6 +54,8 @@ struct Stack : torch::CustomClassHolder {
   std::vector<Layer> layers;
   double eps;
   int64_t heads;
+  bool timing = false;                 // set_timing: clock the projections and attention (benchmarks)
+  double linear_s = 0, attend_s = 0;  // seconds since the last timings()
 
   Stack(int64_t n_layers, double eps, int64_t heads) : layers(n_layers), eps(eps), heads(heads) {}
 
@@ -85,6 +88,30 @@ struct Stack : torch::CustomClassHolder {
     return found->second;
   }
 
+  void set_timing(bool on) { timing = on; }
+
+  // [seconds in the projections' kernels, seconds in attention] since the last call; resets them.
+  std::vector<double> timings() {
+    std::vector<double> out{linear_s, attend_s};
+    linear_s = attend_s = 0;
+    return out;
+  }
+
+  // fn(), its seconds added to *total while timing is on.
+  template <typename Fn>
+  at::Tensor clocked(double* total, Fn&& fn) {
+    if (!timing) return fn();
+    const auto start = std::chrono::steady_clock::now();
+    at::Tensor out = fn();
+    *total += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    return out;
+  }
+
+  at::Tensor project(const Layer& l, int64_t slot, int64_t bits, const at::Tensor& x, int64_t int8) {
+    const Linear& run = linear(l, slot, bits);
+    return clocked(&linear_s, [&] { return run(x, int8 != 0); });
+  }
+
   // x [B, T, hidden] (embedded tokens) -> the last layer's output. plan and int8: kSlots
   // entries a layer, the precision and the int8-activation flag of each projection.
   at::Tensor forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, int64_t start,
@@ -98,11 +125,13 @@ struct Stack : torch::CustomClassHolder {
       Layer& l = layers[i];
       const int64_t* bits = plan.data() + i * kSlots;
       const int64_t* q = int8.data() + i * kSlots;
-      const at::Tensor qkv = linear(l, 0, bits[0])(fqcompile::rms_norm(h, l.in_norm, eps), q[0]);
-      const at::Tensor att = fqcompile::attend(qkv, cos, sin, l.k_cache, l.v_cache, start, heads, mask);
-      add_into(h, linear(l, 1, bits[1])(att, q[1]));
-      const at::Tensor gate_up = linear(l, 2, bits[2])(fqcompile::rms_norm(h, l.post_norm, eps), q[2]);
-      add_into(h, linear(l, 3, bits[3])(fqcompile::silu_mul(gate_up), q[3]));
+      const at::Tensor qkv = project(l, 0, bits[0], fqcompile::rms_norm(h, l.in_norm, eps), q[0]);
+      const at::Tensor att = clocked(&attend_s, [&] {
+        return fqcompile::attend(qkv, cos, sin, l.k_cache, l.v_cache, start, heads, mask);
+      });
+      add_into(h, project(l, 1, bits[1], att, q[1]));
+      const at::Tensor gate_up = project(l, 2, bits[2], fqcompile::rms_norm(h, l.post_norm, eps), q[2]);
+      add_into(h, project(l, 3, bits[3], fqcompile::silu_mul(gate_up), q[3]));
     }
     return h;
   }
@@ -116,5 +145,7 @@ TORCH_LIBRARY_FRAGMENT(fqcompile, m) {
       .def("set_norms", &Stack::set_norms)
       .def("set_cache", &Stack::set_cache)
       .def("set_linear", &Stack::set_linear)
-      .def("forward", &Stack::forward);
+      .def("forward", &Stack::forward)
+      .def("set_timing", &Stack::set_timing)
+      .def("timings", &Stack::timings);
 }

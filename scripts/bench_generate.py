@@ -36,8 +36,10 @@ def bench(checkpoint: str, new_tokens: int, prompt_tokens: int, *extra: str) -> 
 
 
 def breakdown(checkpoint: str, bits: int, quantized_head: bool, int8: bool, new_tokens: int, prompt: list[int]) -> dict:
-    """Where a slim-engine decode step goes at a static precision: median step time, then a
-    second pass with every quantized linear (and a float head) timed."""
+    """Where a slim-engine decode step goes at a static precision: the median step; the same
+    with the per-op Python loop instead of the one-call C++ stack; then a pass with the
+    stack's projections and attention clocked inside C++, the quantized head's calls and a
+    float head's matmul timed from Python."""
     from fqcompile import llama, runtime
     from fqcompile.flex_linear import FlexLinear
 
@@ -45,11 +47,13 @@ def breakdown(checkpoint: str, bits: int, quantized_head: bool, int8: bool, new_
     runtime.set_precision(loaded.model, bits)
     runtime.set_int8_activations(loaded.model, int8)
     dec = runtime.decoder(loaded)
-    clock, marks = {"linear": 0.0, "head": 0.0}, []
+    clock, marks = {"linear": 0.0, "head": 0.0, "attend": 0.0}, []
 
     def mark(step, _logits):
         if step == 0:  # the prefill is over: count decode steps only
-            clock.update(linear=0.0, head=0.0)
+            clock.update(linear=0.0, head=0.0, attend=0.0)
+            if dec.stack is not None:
+                dec.stack.timings()  # resets the stack's clocks (built anew by each generate)
         marks.append(time.perf_counter())
 
     def steps() -> float:
@@ -68,22 +72,42 @@ def breakdown(checkpoint: str, bits: int, quantized_head: bool, int8: bool, new_
 
     steps()  # warm-up
     step = steps()
+    build = llama.Llama._build_stack
+    llama.Llama._build_stack = lambda self: None
+    try:
+        loop_step = steps()
+    finally:
+        llama.Llama._build_stack = build
     run, began, hooks = FlexLinear.run, {}, []
-    FlexLinear.run = timed(run, "linear")
+    FlexLinear.run = timed(run, "linear")  # the quantized head (and every projection if there is no stack)
     if not isinstance(dec.head, FlexLinear):  # a float head is an nn.Linear: time it by hooks
         hooks = [dec.head.register_forward_pre_hook(lambda m, a: began.update(t=time.perf_counter())),
                  dec.head.register_forward_hook(lambda m, a, o: clock.update(head=clock["head"] + time.perf_counter()
                                                                              - began["t"]))]
+
+    def build_timed(self):
+        stack = build(self)
+        if stack is not None:
+            stack.set_timing(True)
+        return stack
+
+    llama.Llama._build_stack = build_timed
     try:
         steps()
+        if dec.stack is not None:
+            linear_s, attend_s = dec.stack.timings()
+            clock["linear"] += linear_s
+            clock["attend"] += attend_s
     finally:
         FlexLinear.run = run
+        llama.Llama._build_stack = build
         for h in hooks:
             h.remove()
     per_step = {k: v / (new_tokens - 1) for k, v in clock.items()}  # means over the decode steps
     return {"config": f"static:{bits}" + (", 8-bit head" if quantized_head else "") + (", int8 activations" if int8 else ""),
-            "step_ms": 1e3 * step, "linears_ms": 1e3 * per_step["linear"], "float_head_ms": 1e3 * per_step["head"],
-            "rest_ms": 1e3 * (step - per_step["linear"] - per_step["head"])}
+            "step_ms": 1e3 * step, "per_op_loop_step_ms": 1e3 * loop_step, "linears_ms": 1e3 * per_step["linear"],
+            "attention_ms": 1e3 * per_step["attend"], "float_head_ms": 1e3 * per_step["head"],
+            "rest_ms": 1e3 * (step - per_step["linear"] - per_step["head"] - per_step["attend"])}
 
 
 def report(checkpoint: str, out: Path, new_tokens: int, prompt_tokens: int, title: str, about: str) -> str:
@@ -106,9 +130,10 @@ def report(checkpoint: str, out: Path, new_tokens: int, prompt_tokens: int, titl
     from fqcompile.bench import table
 
     notes = [f"- {n}" for n in plain["notes"]]
-    split = ["| config | decode step ms | quantized linears ms | float head ms | rest ms |", "|---|---|---|---|---|"]
-    split += [f"| {b['config']} | {b['step_ms']:.2f} | {b['linears_ms']:.2f} | {b['float_head_ms']:.2f} | "
-              f"{b['rest_ms']:.2f} |" for b in parts]
+    split = ["| config | decode step ms | per-op loop step ms | quantized linears ms | attention ms | float head ms "
+             "| rest ms |", "|---|---|---|---|---|---|---|"]
+    split += [f"| {b['config']} | {b['step_ms']:.2f} | {b['per_op_loop_step_ms']:.2f} | {b['linears_ms']:.2f} | "
+              f"{b['attention_ms']:.2f} | {b['float_head_ms']:.2f} | {b['rest_ms']:.2f} |" for b in parts]
     text = "\n".join([
         f"# {title}", "",
         f"Measured {datetime.date.today()}, {data['threads']} threads, torch {torch.__version__}, batch 1, greedy, "
@@ -121,10 +146,11 @@ def report(checkpoint: str, out: Path, new_tokens: int, prompt_tokens: int, titl
         "Controller share: the precision controller's hooks as a share of the decode time. Bits read/weight: "
         "the quantized layers' planes, scales and zeros per weight (the head is not counted). "
         "\"8-bit head\": `--quantized-head`; \"int8 activations\": `--int8-activations`. Peak RSS: each row is a process of its own.", "",
-        "Where a decode step goes (slim engine, static precision, median step; a second pass times every "
-        "quantized-linear call, kernel plus its Python and dispatch (an 8-bit head is one of them), and a float "
-        "head's matmul; \"rest\" is "
-        "everything else: norms, attention, residuals, embedding, sampling, Python):", "",
+        "Where a decode step goes (slim engine, static precision, median step). \"Per-op loop\": the same "
+        "step with the layers run op by op from Python instead of in one C++ call (kernels/cpu_stack.cpp). "
+        "A further pass clocks, inside the C++ stack, the projections' kernels and attention, and from "
+        "Python the 8-bit head's calls (counted with the linears) and a float head's matmul; \"rest\" is "
+        "everything else: norms, residuals, embedding, the final norm, sampling, Python:", "",
         *split, ""])
     out.with_suffix(".md").write_text(text)
     return text
