@@ -96,9 +96,41 @@ void rope(const float* __restrict x, const float* __restrict cos, const float* _
   for (int64_t i = 0; i < d; ++i) out[i] = x[i] * cos[i] + x[i < half ? i + half : i - half] * sin[i];
 }
 
+// out[0, d) = sum_j w[j] v_j over n rows v_j at v + j * stride: the softmax-weighted values.
+void weighted_sum(const float* __restrict w, const float* __restrict v, int64_t n, int64_t stride, int64_t d,
+                  float* __restrict out) {
+  int64_t e = 0;
+#if defined(__AVX512F__)
+  // 64 columns at a time in four registers (a memory accumulator would cost a store per key).
+  for (; e + 64 <= d; e += 64) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t j = 0; j < n; ++j) {
+      const __m512 wj = _mm512_set1_ps(w[j]);
+      const float* row = v + j * stride + e;
+      a0 = _mm512_fmadd_ps(wj, _mm512_loadu_ps(row), a0);
+      a1 = _mm512_fmadd_ps(wj, _mm512_loadu_ps(row + 16), a1);
+      a2 = _mm512_fmadd_ps(wj, _mm512_loadu_ps(row + 32), a2);
+      a3 = _mm512_fmadd_ps(wj, _mm512_loadu_ps(row + 48), a3);
+    }
+    _mm512_storeu_ps(out + e, a0);
+    _mm512_storeu_ps(out + e + 16, a1);
+    _mm512_storeu_ps(out + e + 32, a2);
+    _mm512_storeu_ps(out + e + 48, a3);
+  }
+#endif
+  if (e == d) return;
+  std::fill(out + e, out + d, 0.f);
+  for (int64_t j = 0; j < n; ++j) {
+    const float* row = v + j * stride;
+#pragma omp simd
+    for (int64_t i = e; i < d; ++i) out[i] += w[j] * row[i];
+  }
+}
+
+}  // namespace
+
 // qkv [B, T, (H + 2 KV) D]: RoPE on q and k, k and v into cache slots start .. start + T - 1,
 // then each query head attends to cache slots [0, start + T) (where mask allows).
-}  // namespace
 
 at::Tensor fqcompile::attend(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_cache,
                   at::Tensor& v_cache, int64_t start, int64_t heads, const c10::optional<at::Tensor>& mask) {
@@ -151,14 +183,8 @@ at::Tensor fqcompile::attend(const at::Tensor& qkv, const at::Tensor& cos, const
           top = std::max(top, p[j]);
         }
         const float total = exp_shifted(p.data(), length, top);
-        float* out = yp + pos * heads * d + h * d;
-        std::fill_n(out, d, 0.f);
-        for (int64_t j = 0; j < length; ++j) {
-          const float w = p[j] / total;
-          const float* v = slot(vp, bi, g, j);
-#pragma omp simd
-          for (int64_t e = 0; e < d; ++e) out[e] += w * v[e];
-        }
+        for (int64_t j = 0; j < length; ++j) p[j] /= total;
+        weighted_sum(p.data(), slot(vp, bi, g, 0), length, d, d, yp + pos * heads * d + h * d);
       }
     }
   });

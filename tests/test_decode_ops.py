@@ -42,11 +42,13 @@ def rope_tables(b, t, d, start):
     return angle.cos(), sin
 
 
-@pytest.mark.parametrize("b,t,heads,kv,start,masked", [(1, 1, 9, 3, 37, False), (2, 5, 4, 2, 3, True),
-                                                        (3, 1, 4, 4, 0, False), (2, 4, 6, 2, 0, True)])
-def test_attend_matches_float64(b, t, heads, kv, start, masked):
+# head sizes: 16 (scalar value sums), 64 (vector), 80 (vector plus a scalar tail)
+@pytest.mark.parametrize("b,t,heads,kv,start,masked,d", [(1, 1, 9, 3, 37, False, 64), (2, 5, 4, 2, 3, True, 16),
+                                                          (3, 1, 4, 4, 0, False, 80), (2, 4, 6, 2, 0, True, 64),
+                                                          (1, 1, 4, 2, 40, False, 16)])
+def test_attend_matches_float64(b, t, heads, kv, start, masked, d):
     torch.manual_seed(1)
-    d, cap = 16, 48
+    cap = 48
     qkv = torch.randn(b, t, (heads + 2 * kv) * d)
     cos, sin = (x.float() for x in rope_tables(b, t, d, start))
     k_cache, v_cache = torch.randn(b, kv, cap, d), torch.randn(b, kv, cap, d)  # stale slots must be overwritten
