@@ -5,7 +5,10 @@ embeddings, norms, head and Hugging Face's rotary embedding (so every RoPE scali
 means what it means there). What it drops is the framework around them: per layer a decode
 step is RMSNorm, one fused q/k/v call, one `attend` (RoPE, the KV-cache write and attention
 over the preallocated cache), the o call, RMSNorm, one fused gate/up call, `silu_mul` and
-the down call: each one op (kernels/ops.py; C++ on the CPU), about ten dispatches a layer.
+the down call: each one op (kernels/ops.py). On the CPU in float32 the whole stack of layers
+is one call instead (fqcompile.Stack, kernels/cpu_stack.cpp: the same kernels without ~300
+dispatches a step, a quarter of a small model's step); its plan, each projection's
+precision, is read from the layers at every step, so the controller works unchanged.
 Fusion concatenates the layers' planes once and turns the separate layers' planes into row
 views of the fused ones, so memory does not grow and the controller still switches every
 layer by name; a fused call is used whenever its parts run at the same precision.

@@ -11,6 +11,7 @@ import os
 import platform
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ import torch
 SOURCES = [Path(__file__).with_name(name) for name in ("cpu_nested.cpp", "cpu_decode.cpp", "cpu_stack.cpp")]
 HEADERS = [Path(__file__).with_name("cpu_ops.h")]
 FLAGS = ["-O3", "-march=native", "-fopenmp"] + os.environ.get("FQCOMPILE_CXXFLAGS", "").split()
+STALE_DAYS = 30  # other builds unused this long are removed when a new one is made
 
 
 def _cpu_flags() -> str:
@@ -73,3 +75,18 @@ def load() -> None:
         name="fqcompile_cpu", sources=[str(path) for path in SOURCES], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
         build_directory=str(folder), is_python_module=False, verbose=False,
     )
+    os.utime(folder)  # marks it in use, for prune() in other checkouts and versions
+    if first:
+        prune(folder)
+
+
+def prune(keep: Path) -> None:
+    """Remove the other builds beside `keep` that no load has touched for STALE_DAYS.
+
+    Each source edit, torch or compiler upgrade makes a new build folder; without this they
+    pile up (~1 MB each). A build still in use by another checkout is touched at every load.
+    """
+    cutoff = time.time() - STALE_DAYS * 86400
+    for other in keep.parent.glob("cpu-*"):
+        if other != keep and other.is_dir() and other.stat().st_mtime < cutoff:
+            shutil.rmtree(other, ignore_errors=True)

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -164,3 +165,18 @@ def test_quantize_activations_rounds_within_half_a_step():
     live = step > 0
     on_grid = xhat[live] / step[live]
     assert (on_grid.round() - on_grid).abs().max() < 1e-3 and on_grid.abs().max() <= 127 + 1e-3
+
+
+def test_prune_removes_only_long_unused_builds(tmp_path):
+    from fqcompile.kernels import cpu
+
+    keep, recent, old, other = (tmp_path / n for n in ("cpu-new", "cpu-recent", "cpu-old", "models"))
+    for folder in (keep, recent, old, other):
+        folder.mkdir()
+        (folder / "lib.so").write_bytes(b"\x7fELF")
+    past = time.time() - (cpu.STALE_DAYS + 1) * 86400
+    for folder in (keep, old, other):
+        os.utime(folder, (past, past))
+    cpu.prune(keep)
+    assert keep.is_dir() and recent.is_dir() and other.is_dir()  # itself, a build in use, not a build
+    assert not old.exists()
