@@ -54,8 +54,8 @@ struct Stack : torch::CustomClassHolder {
   std::vector<Layer> layers;
   double eps;
   int64_t heads;
-  bool timing = false;                 // set_timing: clock the projections and attention (benchmarks)
-  double linear_s = 0, attend_s = 0;  // seconds since the last timings()
+  bool timing = false;  // set_timing: clock the projections, attention and whole calls (benchmarks)
+  double linear_s = 0, attend_s = 0, forward_s = 0;  // seconds since the last timings()
 
   Stack(int64_t n_layers, double eps, int64_t heads) : layers(n_layers), eps(eps), heads(heads) {}
 
@@ -90,10 +90,10 @@ struct Stack : torch::CustomClassHolder {
 
   void set_timing(bool on) { timing = on; }
 
-  // [seconds in the projections' kernels, seconds in attention] since the last call; resets them.
+  // Seconds in [the projections' kernels, attention, forward as a whole] since the last call; resets them.
   std::vector<double> timings() {
-    std::vector<double> out{linear_s, attend_s};
-    linear_s = attend_s = 0;
+    std::vector<double> out{linear_s, attend_s, forward_s};
+    linear_s = attend_s = forward_s = 0;
     return out;
   }
 
@@ -117,6 +117,12 @@ struct Stack : torch::CustomClassHolder {
   at::Tensor forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, int64_t start,
                      const std::vector<int64_t>& plan, const std::vector<int64_t>& int8,
                      const c10::optional<at::Tensor>& mask) {
+    return clocked(&forward_s, [&] { return run(x, cos, sin, start, plan, int8, mask); });
+  }
+
+  at::Tensor run(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, int64_t start,
+                 const std::vector<int64_t>& plan, const std::vector<int64_t>& int8,
+                 const c10::optional<at::Tensor>& mask) {
     const size_t n = layers.size() * kSlots;
     TORCH_CHECK(plan.size() == n && int8.size() == n, "Stack: the plan needs ", n, " entries");
     TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 3, "Stack: x must be float32 [B, T, hidden]");

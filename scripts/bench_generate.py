@@ -38,8 +38,8 @@ def bench(checkpoint: str, new_tokens: int, prompt_tokens: int, *extra: str) -> 
 def breakdown(checkpoint: str, bits: int, quantized_head: bool, int8: bool, new_tokens: int, prompt: list[int]) -> dict:
     """Where a slim-engine decode step goes at a static precision: the median step; the same
     with the per-op Python loop instead of the one-call C++ stack; then a pass with the
-    stack's projections and attention clocked inside C++, the quantized head's calls and a
-    float head's matmul timed from Python."""
+    stack's projections, attention and whole calls clocked inside C++, the quantized head's
+    calls and a float head's matmul timed from Python (means per step, so they add up)."""
     from fqcompile import llama, runtime
     from fqcompile.flex_linear import FlexLinear
 
@@ -47,20 +47,21 @@ def breakdown(checkpoint: str, bits: int, quantized_head: bool, int8: bool, new_
     runtime.set_precision(loaded.model, bits)
     runtime.set_int8_activations(loaded.model, int8)
     dec = runtime.decoder(loaded)
-    clock, marks = {"linear": 0.0, "head": 0.0, "attend": 0.0}, []
+    clock, marks = {"linear": 0.0, "head": 0.0, "attend": 0.0, "stack": 0.0, "stack_linear": 0.0}, []
 
     def mark(step, _logits):
         if step == 0:  # the prefill is over: count decode steps only
-            clock.update(linear=0.0, head=0.0, attend=0.0)
+            clock.update(linear=0.0, head=0.0, attend=0.0, stack=0.0, stack_linear=0.0)
             if dec.stack is not None:
                 dec.stack.timings()  # resets the stack's clocks (built anew by each generate)
         marks.append(time.perf_counter())
 
-    def steps() -> float:
+    def steps(mean: bool = False) -> float:
+        """The median decode step (or the mean, to match the clocks' sums)."""
         marks.clear()
         llama.generate(dec, [prompt], new_tokens, stop_ids=[], pad=0, on_logits=mark)
         gaps = sorted(b - a for a, b in zip(marks, marks[1:]))
-        return gaps[len(gaps) // 2]
+        return sum(gaps) / len(gaps) if mean else gaps[len(gaps) // 2]
 
     def timed(fn, key):
         def call(*args, **kwargs):
@@ -93,21 +94,21 @@ def breakdown(checkpoint: str, bits: int, quantized_head: bool, int8: bool, new_
 
     llama.Llama._build_stack = build_timed
     try:
-        steps()
+        timed_step = steps(mean=True)
         if dec.stack is not None:
-            linear_s, attend_s = dec.stack.timings()
-            clock["linear"] += linear_s
-            clock["attend"] += attend_s
+            clock["stack_linear"], clock["attend"], clock["stack"] = dec.stack.timings()
     finally:
         FlexLinear.run = run
         llama.Llama._build_stack = build
         for h in hooks:
             h.remove()
-    per_step = {k: v / (new_tokens - 1) for k, v in clock.items()}  # means over the decode steps
+    ms = {k: 1e3 * v / (new_tokens - 1) for k, v in clock.items()}  # means over the decode steps
+    glue = ms["stack"] - ms["stack_linear"] - ms["attend"] if ms["stack"] else 0.0  # norms, SwiGLU, residuals
     return {"config": f"static:{bits}" + (", 8-bit head" if quantized_head else "") + (", int8 activations" if int8 else ""),
-            "step_ms": 1e3 * step, "per_op_loop_step_ms": 1e3 * loop_step, "linears_ms": 1e3 * per_step["linear"],
-            "attention_ms": 1e3 * per_step["attend"], "float_head_ms": 1e3 * per_step["head"],
-            "rest_ms": 1e3 * (step - per_step["linear"] - per_step["head"] - per_step["attend"])}
+            "step_ms": 1e3 * step, "per_op_loop_step_ms": 1e3 * loop_step, "timed_step_ms": 1e3 * timed_step,
+            "linears_ms": ms["linear"] + ms["stack_linear"], "attention_ms": ms["attend"], "glue_ms": glue,
+            "float_head_ms": ms["head"],
+            "outside_ms": 1e3 * timed_step - ms["linear"] - ms["stack_linear"] - ms["attend"] - glue - ms["head"]}
 
 
 def report(checkpoint: str, out: Path, new_tokens: int, prompt_tokens: int, title: str, about: str) -> str:
@@ -130,10 +131,11 @@ def report(checkpoint: str, out: Path, new_tokens: int, prompt_tokens: int, titl
     from fqcompile.bench import table
 
     notes = [f"- {n}" for n in plain["notes"]]
-    split = ["| config | decode step ms | per-op loop step ms | quantized linears ms | attention ms | float head ms "
-             "| rest ms |", "|---|---|---|---|---|---|---|"]
-    split += [f"| {b['config']} | {b['step_ms']:.2f} | {b['per_op_loop_step_ms']:.2f} | {b['linears_ms']:.2f} | "
-              f"{b['attention_ms']:.2f} | {b['float_head_ms']:.2f} | {b['rest_ms']:.2f} |" for b in parts]
+    split = ["| config | decode step ms | per-op loop step ms | timed step ms | quantized linears ms | attention ms "
+             "| norms, SwiGLU, residuals ms | float head ms | outside the layers ms |", "|---|---|---|---|---|---|---|---|---|"]
+    split += [f"| {b['config']} | {b['step_ms']:.2f} | {b['per_op_loop_step_ms']:.2f} | {b['timed_step_ms']:.2f} | "
+              f"{b['linears_ms']:.2f} | {b['attention_ms']:.2f} | {b['glue_ms']:.2f} | {b['float_head_ms']:.2f} | "
+              f"{b['outside_ms']:.2f} |" for b in parts]
     text = "\n".join([
         f"# {title}", "",
         f"Measured {datetime.date.today()}, {data['threads']} threads, torch {torch.__version__}, batch 1, greedy, "
@@ -146,11 +148,12 @@ def report(checkpoint: str, out: Path, new_tokens: int, prompt_tokens: int, titl
         "Controller share: the precision controller's hooks as a share of the decode time. Bits read/weight: "
         "the quantized layers' planes, scales and zeros per weight (the head is not counted). "
         "\"8-bit head\": `--quantized-head`; \"int8 activations\": `--int8-activations`. Peak RSS: each row is a process of its own.", "",
-        "Where a decode step goes (slim engine, static precision, median step). \"Per-op loop\": the same "
-        "step with the layers run op by op from Python instead of in one C++ call (kernels/cpu_stack.cpp). "
-        "A further pass clocks, inside the C++ stack, the projections' kernels and attention, and from "
-        "Python the 8-bit head's calls (counted with the linears) and a float head's matmul; \"rest\" is "
-        "everything else: norms, residuals, embedding, the final norm, sampling, Python:", "",
+        "Where a decode step goes (slim engine, static precision). \"Decode step\": the median step; "
+        "\"per-op loop\": the same with the layers run op by op from Python instead of in one C++ call "
+        "(kernels/cpu_stack.cpp). A third pass (\"timed step\", its mean step) clocks, inside the C++ stack, "
+        "the projections' kernels, attention and the rest of the layers (norms, SwiGLU, residual adds), and "
+        "from Python the 8-bit head's calls (counted with the linears) and a float head's matmul; \"outside "
+        "the layers\" is the remainder: embedding, the final norm, sampling, the controller, Python:", "",
         *split, ""])
     out.with_suffix(".md").write_text(text)
     return text
