@@ -34,7 +34,7 @@ def run_policy(loaded, spec: str, ids: list[int], new_tokens: int, engine: str) 
     """Time one policy on a loaded checkpoint: prefill of `ids`, then `new_tokens` greedy decode steps."""
     from . import llama
 
-    name, _ = choose_engine(loaded, engine)
+    name, _ = choose_engine(loaded, engine, length=len(ids) + new_tokens)
     plan = resolve(loaded.policy, loaded.manifest, spec)
     controller = Controller(loaded.model, loaded.manifest, plan)
     tok = loaded.tokenizer

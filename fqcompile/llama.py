@@ -33,8 +33,18 @@ SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 SLOTS = ("qkv", "o", "gate_up", "down")  # the projections of a layer, in kernels/cpu_stack.cpp's order
 
 
-def unsupported(model) -> str | None:
-    """Why `model` cannot run on this decoder (None if it can)."""
+def window(cfg) -> int | None:
+    """The model's sliding attention window in tokens, or None if it attends to everything."""
+    if getattr(cfg, "use_sliding_window", True) is False:  # Qwen2 keeps a window size it does not use
+        return None
+    return getattr(cfg, "sliding_window", None) or None
+
+
+def unsupported(model, length: int = 0) -> str | None:
+    """Why `model` cannot run on this decoder for sequences of `length` tokens (None if it can).
+
+    A sliding window is no obstacle while the sequence fits in it: attention is then full.
+    """
     cfg = model.config
     name = type(model).__name__
     if name not in SUPPORTED:
@@ -44,8 +54,8 @@ def unsupported(model) -> str | None:
         return "dynamic RoPE scaling (its frequencies depend on the sequence length)"
     if getattr(cfg, "hidden_act", "silu") != "silu":
         return f"activation {cfg.hidden_act}"
-    if getattr(cfg, "use_sliding_window", False) or getattr(cfg, "sliding_window", None):
-        return "sliding-window attention"
+    if window(cfg) is not None and length > window(cfg):
+        return f"sliding-window attention beyond its window ({length} tokens, window {window(cfg)})"
     layers = model.model.layers
     if not all(isinstance(getattr(blk.self_attn, p), FlexLinear) for blk in layers for p in ("q_proj", "k_proj", "v_proj", "o_proj")):
         return "attention projections that are not quantized"
@@ -110,6 +120,7 @@ class Llama(nn.Module):
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
         self.eps = cfg.rms_norm_eps
+        self.window = window(cfg)
         inner = model.model
         self.embed = inner.embed_tokens
         self.rotary = inner.rotary_emb
@@ -131,6 +142,9 @@ class Llama(nn.Module):
 
     def setup_cache(self, batch: int, length: int) -> None:
         """Preallocate the KV cache (and the RoPE tables) for `batch` rows of up to `length` tokens."""
+        if self.window is not None and length > self.window:
+            raise FqError(f"the slim decoder does not support sliding-window attention beyond its window "
+                          f"({length} tokens, window {self.window}); use --engine hf")
         dtype = self.norm.dtype
         shape = (len(self.blocks), batch, self.kv_heads, length, self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=dtype)

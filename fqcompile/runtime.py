@@ -201,7 +201,7 @@ def generate(
     tok = loaded.tokenizer
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     rows = [_prompt_ids(tok, p, chat) for p in prompts]
-    name, why = choose_engine(loaded, engine, stop_strings)
+    name, why = choose_engine(loaded, engine, stop_strings, max(map(len, rows)) + max_new_tokens)
     if name == "slim":
         return _generate_slim(loaded, prompt, rows, max_new_tokens, temperature, top_p, top_k, seed, streamer,
                               controller)
@@ -248,15 +248,15 @@ def _result(prompt, texts, count, seconds, engine, why, controller) -> dict:
     return result
 
 
-def choose_engine(loaded: Loaded, engine: str = "auto", stop_strings=None) -> tuple[str, str]:
-    """("slim" or "hf", why) for generating from `loaded`."""
+def choose_engine(loaded: Loaded, engine: str = "auto", stop_strings=None, length: int = 0) -> tuple[str, str]:
+    """("slim" or "hf", why) for generating sequences of up to `length` tokens from `loaded`."""
     from . import llama
 
     if engine not in ("auto", "slim", "hf"):
         raise FqError(f"unknown engine '{engine}' (auto, slim or hf)")
     if engine == "hf":
         return "hf", "asked for"
-    why = llama.unsupported(loaded.model) or ("stop strings" if stop_strings else None)
+    why = llama.unsupported(loaded.model, length) or ("stop strings" if stop_strings else None)
     if why is None:
         return "slim", "Llama-family model"
     if engine == "slim":

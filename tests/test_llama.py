@@ -165,3 +165,30 @@ def test_qwen2_with_qkv_bias_agrees_with_hugging_face(tmp_path, smol_dir):
     assert loaded.model.model.layers[0].self_attn.q_proj.bias is not None
     for bits in (4, 8):
         assert check_agreement(loaded, bits, steps=8) <= 1e-4
+
+
+def test_sliding_window_model_runs_slim_while_the_sequence_fits(tmp_path, smol_dir):
+    """Mistral with a 24-token window: within it attention is full, so slim agrees with HF; beyond, auto picks HF."""
+    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
+
+    from fqcompile import runtime
+
+    torch.manual_seed(3)
+    tok = AutoTokenizer.from_pretrained(smol_dir)
+    model = MistralForCausalLM(MistralConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, sliding_window=24, max_position_embeddings=256, tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
+    model.save_pretrained(tmp_path / "mistral")
+    tok.save_pretrained(tmp_path / "mistral")
+    ckpt = fqcompile.export(str(tmp_path / "mistral"), tmp_path / "ckpt", ladder=(4, 8), group_size=32, progress=False)
+    loaded = fqcompile.load(ckpt)
+    longest = max(len(tok(p)["input_ids"]) for p in PROMPTS)
+    assert check_agreement(loaded, 4, steps=24 - longest) <= 1e-4
+    assert runtime.choose_engine(loaded, "auto", length=24)[0] == "slim"
+    name, why = runtime.choose_engine(loaded, "auto", length=25)
+    assert name == "hf" and "window 24" in why
+    with pytest.raises(FqError, match="window"):
+        runtime.choose_engine(loaded, "slim", length=25)
+    out = runtime.generate(loaded, PROMPTS[0], max_new_tokens=30)
+    assert out["engine"] == "hf" and out["new_tokens"] > 0
