@@ -12,6 +12,7 @@ and Q4_0.
 
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -166,6 +167,18 @@ def isolated(job: str, **kwargs) -> dict:
         lines = done.stderr.strip().splitlines()
         raise FqError(f"{job} run failed: {lines[-1] if lines else 'no message'}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def median_row(runs: list[dict]) -> dict:
+    """One row from repeated runs of a job: the median speeds and shares, the largest peak memory."""
+    row = dict(runs[0])
+    for key in ("decode_tokens_per_s", "prefill_tokens_per_s", "avg_bits_read", "controller_share"):
+        values = [r[key] for r in runs if r[key] is not None]
+        row[key] = statistics.median(values) if values else None
+    row["peak_rss_mib"] = max(r["peak_rss_mib"] for r in runs)
+    row["runs"] = len(runs)
+    row["decode_tokens_per_s_runs"] = [r["decode_tokens_per_s"] for r in runs]
+    return row
 
 
 def table(rows: list[dict]) -> str:

@@ -299,12 +299,14 @@ def bench(
     baseline: bool = typer.Option(True, "--baseline/--no-baseline",
                                   help="also time the source model in bf16 through Hugging Face generate, and "
                                   "llama.cpp at Q8_0 and Q4_0 if llama-cpp-python is installed"),
+    repeats: int = typer.Option(1, min=1, help="run every row this many times, the rows in turn, and report "
+                                "medians (on a shared, noisy machine)"),
     json_path: Path = typer.Option(None, "--json", help=JSON_HELP),
 ):
     """Decode and prefill tokens/s per policy, side by side in one run (each row in its own process)."""
     import tempfile
 
-    from .bench import LLAMA_CPP_TYPES, isolated, source_gguf, table
+    from .bench import LLAMA_CPP_TYPES, isolated, median_row, source_gguf, table
     from .formats import checkpoint as ckpt
     from .runtime import read_policy
 
@@ -341,20 +343,28 @@ def bench(
                 notes.append(f"no llama.cpp rows: {why}")
             jobs += [("llama.cpp", dict(gguf=str(gguf), kind=k, ids=ids, new_tokens=new_tokens,
                                         threads=torch_threads(), work=work)) for k in LLAMA_CPP_TYPES if gguf]
-        rows = []
-        for job, kwargs in jobs:
-            try:
-                rows.append(isolated(job, **kwargs))
-            except FqError as exc:
-                if job == "policy":
-                    raise
-                notes.append(str(exc))
-                continue
-            print(f"{rows[-1]['policy']}: {rows[-1]['decode_tokens_per_s']:.1f} tokens/s decode", file=sys.stderr)
+        runs = [[] for _ in jobs]  # per job, its rows; None once a baseline failed
+        for rep in range(repeats):
+            for i, (job, kwargs) in enumerate(jobs):
+                if runs[i] is None:
+                    continue
+                try:
+                    row = isolated(job, **kwargs)
+                except FqError as exc:
+                    if job == "policy":
+                        raise
+                    notes.append(str(exc))
+                    runs[i] = None
+                    continue
+                runs[i].append(row)
+                which = f" (run {rep + 1} of {repeats})" if repeats > 1 else ""
+                print(f"{row['policy']}: {row['decode_tokens_per_s']:.1f} tokens/s decode{which}", file=sys.stderr)
+        rows = [median_row(r) for r in runs if r]
     for note in notes:
         print(note, file=sys.stderr)
     print(table(rows))
-    write_json(json_path, {"checkpoint": str(folder), "threads": torch_threads(), "rows": rows, "notes": notes})
+    write_json(json_path, {"checkpoint": str(folder), "threads": torch_threads(), "repeats": repeats, "rows": rows,
+                           "notes": notes})
 
 
 def torch_threads() -> int:

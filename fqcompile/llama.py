@@ -7,7 +7,7 @@ step is RMSNorm, one fused q/k/v call, one `attend` (RoPE, the KV-cache write an
 over the preallocated cache), the o call, RMSNorm, one fused gate/up call, `silu_mul` and
 the down call: each one op (kernels/ops.py). On the CPU in float32 the whole stack of layers
 is one call instead (fqcompile.Stack, kernels/cpu_stack.cpp: the same kernels without ~300
-dispatches a step, a quarter of a small model's step); its plan, each projection's
+dispatches a step, about a third of a small model's step); its plan, each projection's
 precision, is read from the layers at every step, so the controller works unchanged.
 Fusion concatenates the layers' planes once and turns the separate layers' planes into row
 views of the fused ones, so memory does not grow and the controller still switches every
@@ -155,6 +155,10 @@ class Llama(nn.Module):
         # rotate_half(x) * sin == roll(x, half) * (sin with its first half negated), bit for bit
         self.cos, self.sin = cos[0], torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1)  # [length, head_dim]
         self.stack = self._build_stack()
+
+    def _apply(self, fn, *args, **kwargs):  # .to() / .float(): the stack holds the old tensors until the next setup
+        self.stack = None
+        return super()._apply(fn, *args, **kwargs)
 
     def _build_stack(self):
         """The C++ stack (kernels/cpu_stack.cpp) over these tensors, or None where the per-op loop must run.

@@ -1,6 +1,6 @@
 """Generation speed per policy in one run, written to docs/bench-generate.{md,json}.
 
-    python scripts/bench_generate.py CKPT [--new-tokens 128] [--prompt-tokens 64] [--out PREFIX]
+    python scripts/bench_generate.py CKPT [--new-tokens 128] [--prompt-tokens 64] [--repeats 3] [--out PREFIX]
 
 Runs `fqcompile bench` (fqcompile/bench.py) three times: every policy as exported (float
 head, float activations) plus the baselines (Hugging Face generate in bf16; llama.cpp at
@@ -24,11 +24,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def bench(checkpoint: str, new_tokens: int, prompt_tokens: int, *extra: str) -> dict:
+def bench(checkpoint: str, new_tokens: int, prompt_tokens: int, repeats: int, *extra: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "bench.json"
         cmd = [sys.executable, "-m", "fqcompile.cli", "bench", checkpoint, "--new-tokens", str(new_tokens),
-               "--prompt-tokens", str(prompt_tokens), "--json", str(out), *extra]
+               "--prompt-tokens", str(prompt_tokens), "--repeats", str(repeats), "--json", str(out), *extra]
         run = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         if run.returncode:
             sys.exit(run.stderr.strip().splitlines()[-1] if run.stderr.strip() else "fqcompile bench failed")
@@ -95,15 +95,17 @@ def breakdown(checkpoint: str, bits: int, quantized_head: bool, int8: bool, new_
     llama.Llama._build_stack = build_timed
     try:
         timed_step = steps(mean=True)
-        if dec.stack is not None:
+        if dec.stack is not None:  # (checked below)
             clock["stack_linear"], clock["attend"], clock["stack"] = dec.stack.timings()
     finally:
         FlexLinear.run = run
         llama.Llama._build_stack = build
         for h in hooks:
             h.remove()
+    if dec.stack is None:
+        sys.exit("the breakdown needs the C++ stack (CPU kernels, float32)")
     ms = {k: 1e3 * v / (new_tokens - 1) for k, v in clock.items()}  # means over the decode steps
-    glue = ms["stack"] - ms["stack_linear"] - ms["attend"] if ms["stack"] else 0.0  # norms, SwiGLU, residuals
+    glue = ms["stack"] - ms["stack_linear"] - ms["attend"]  # norms, SwiGLU, residuals
     return {"config": f"static:{bits}" + (", 8-bit head" if quantized_head else "") + (", int8 activations" if int8 else ""),
             "step_ms": 1e3 * step, "per_op_loop_step_ms": 1e3 * loop_step, "timed_step_ms": 1e3 * timed_step,
             "linears_ms": ms["linear"] + ms["stack_linear"], "attention_ms": ms["attend"], "glue_ms": glue,
@@ -111,11 +113,13 @@ def breakdown(checkpoint: str, bits: int, quantized_head: bool, int8: bool, new_
             "outside_ms": 1e3 * timed_step - ms["linear"] - ms["stack_linear"] - ms["attend"] - glue - ms["head"]}
 
 
-def report(checkpoint: str, out: Path, new_tokens: int, prompt_tokens: int, title: str, about: str) -> str:
+def report(checkpoint: str, out: Path, new_tokens: int, prompt_tokens: int, title: str, about: str,
+           repeats: int = 3) -> str:
     """The three bench runs and the breakdown; writes OUT.json and OUT.md and returns the markdown."""
-    plain = bench(checkpoint, new_tokens, prompt_tokens)
-    head = bench(checkpoint, new_tokens, prompt_tokens, "--quantized-head", "--no-baseline")
-    both = bench(checkpoint, new_tokens, prompt_tokens, "--quantized-head", "--int8-activations", "--no-baseline")
+    plain = bench(checkpoint, new_tokens, prompt_tokens, repeats)
+    head = bench(checkpoint, new_tokens, prompt_tokens, repeats, "--quantized-head", "--no-baseline")
+    both = bench(checkpoint, new_tokens, prompt_tokens, repeats, "--quantized-head", "--int8-activations",
+                 "--no-baseline")
     rows = plain["rows"] + head["rows"] + both["rows"]
     from transformers import AutoTokenizer
 
@@ -125,7 +129,7 @@ def report(checkpoint: str, out: Path, new_tokens: int, prompt_tokens: int, titl
     manifest = json.loads((Path(checkpoint) / "fqcompile.json").read_text())
     ends = (manifest["ladder"][0], manifest["ladder"][-1])
     parts = [breakdown(checkpoint, b, qh, i8, new_tokens, prompt) for b in ends for qh, i8 in ((0, 0), (1, 1))]
-    data = {"checkpoint": checkpoint, "threads": plain["threads"], "rows": rows, "notes": plain["notes"],
+    data = {"checkpoint": checkpoint, "threads": plain["threads"], "repeats": repeats, "rows": rows, "notes": plain["notes"],
             "breakdown": parts}
     out.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
     from fqcompile.bench import table
@@ -139,7 +143,9 @@ def report(checkpoint: str, out: Path, new_tokens: int, prompt_tokens: int, titl
     text = "\n".join([
         f"# {title}", "",
         f"Measured {datetime.date.today()}, {data['threads']} threads, torch {torch.__version__}, batch 1, greedy, "
-        f"{prompt_tokens}-token prompt, {new_tokens} new tokens (stop tokens ignored). Command:", "",
+        f"{prompt_tokens}-token prompt, {new_tokens} new tokens (stop tokens ignored); "
+        + (f"every row run {repeats} times, the rows in turn, medians shown. " if repeats > 1 else "one run a row. ")
+        + "Command:", "",
         f"    python {' '.join(sys.argv)}", "",
         about,
         f"Checkpoint: {manifest['source']['model']}, {manifest['quantizer']['method']} nested "
@@ -164,9 +170,11 @@ def main() -> None:
     ap.add_argument("checkpoint")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--prompt-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3, help="runs of every row, in turn; medians reported")
     ap.add_argument("--out", default=str(ROOT / "docs" / "bench-generate"))
     args = ap.parse_args()
-    print(report(args.checkpoint, Path(args.out), args.new_tokens, args.prompt_tokens, "Generation benchmark", ""))
+    print(report(args.checkpoint, Path(args.out), args.new_tokens, args.prompt_tokens, "Generation benchmark", "",
+                 args.repeats))
 
 
 if __name__ == "__main__":

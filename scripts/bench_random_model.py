@@ -1,6 +1,6 @@
 """Generation speed on a random-weight model of TinyLlama-1.1B's shape: docs/bench-random.{md,json}.
 
-    python scripts/bench_random_model.py [--work out/tinyllama-random] [--new-tokens 128]
+    python scripts/bench_random_model.py [--work out/tinyllama-random] [--new-tokens 128] [--repeats 1]
 
 Speed does not depend on the weights' values, so the model is a LlamaForCausalLM with
 TinyLlama-1.1B's shape (22 layers, hidden 2048, MLP 5632, 32 query / 4 KV heads) and
@@ -57,6 +57,7 @@ def main() -> None:
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "austen"))
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--prompt-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=1, help="runs of every row, in turn (each takes ~10-20 s)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "bench-random"))
     args = ap.parse_args()
     work = Path(args.work)
@@ -71,7 +72,7 @@ def main() -> None:
     about = ("A random-weight model of TinyLlama-1.1B's shape (scripts/bench_random_model.py: 22 layers, hidden 2048, "
              "MLP 5632, 32 query / 4 KV heads, vocabulary 49,152). ")
     print(report(str(ckpt), Path(args.out), args.new_tokens, args.prompt_tokens,
-                 "Generation benchmark: TinyLlama-1.1B shape, random weights", about))
+                 "Generation benchmark: TinyLlama-1.1B shape, random weights", about, args.repeats))
 
 
 if __name__ == "__main__":

@@ -71,6 +71,17 @@ def test_bench_reports_every_policy_and_the_baseline(tiny_ckpt, tmp_path):
     assert "| static:4 | slim |" in out.stdout
 
 
+def test_bench_repeats_report_medians(tiny_ckpt, tmp_path):
+    out = run("bench", tiny_ckpt, "--policy", "static:4", "--new-tokens", "4", "--prompt-tokens", "8", "--no-baseline",
+              "--repeats", "3", "--json", tmp_path / "b.json")
+    assert out.returncode == 0, out.stderr
+    data = json.loads((tmp_path / "b.json").read_text())
+    (row,) = data["rows"]
+    assert data["repeats"] == 3 and row["runs"] == 3 and len(row["decode_tokens_per_s_runs"]) == 3
+    assert row["decode_tokens_per_s"] == sorted(row["decode_tokens_per_s_runs"])[1]
+    assert out.stderr.count("(run ") == 3
+
+
 def test_bench_refuses_a_bad_policy_before_running(tiny_ckpt, tmp_path):
     out = run("bench", tiny_ckpt, "--policy", "static:5", "--no-baseline", "--json", tmp_path / "b.json")
     assert out.returncode == 2 and out.stderr.strip().splitlines() == ["error: precision 5 is not in the ladder [4, 8]"]

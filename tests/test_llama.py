@@ -192,3 +192,16 @@ def test_sliding_window_model_runs_slim_while_the_sequence_fits(tmp_path, smol_d
         runtime.choose_engine(loaded, "slim", length=25)
     out = runtime.generate(loaded, PROMPTS[0], max_new_tokens=30)
     assert out["engine"] == "hf" and out["new_tokens"] > 0
+
+
+def test_stack_refuses_a_projection_of_the_wrong_size(tiny_ckpt):
+    """The stack calls its kernels directly: a mismatched projection must raise, not write out of bounds."""
+    loaded = fqcompile.load(tiny_ckpt)
+    dec = llama.Llama(loaded.model)
+    dec.setup_cache(1, 8)
+    qkv = dec.blocks[0]["qkv"].fused  # wider than the hidden size
+    dec.stack.set_linear(0, 1, 8, *qkv._args(8), None)  # ... put where the o projection goes
+    with pytest.raises(RuntimeError, match="does not match the hidden state"):
+        dec(torch.tensor([[1, 2]]), torch.tensor([[0, 1]]), 0)
+    dec.to(torch.float32)
+    assert dec.stack is None  # a .to() drops the stack until the next cache setup
