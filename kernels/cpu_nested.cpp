@@ -23,6 +23,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__) || defined(__AVX2__)
@@ -514,14 +515,15 @@ void row_dot_vnni(const uint8_t* __restrict r0, const uint8_t* __restrict r1, in
 // consecutive bytes: 64 columns where they lie on one side of the half row, else 32 (half
 // and the group size multiples of 32). A group's sum is finished over 8 lanes:
 // X_g / 8 = 2 * (X_g / 16).
-template <int B, int NP>
+template <int B, int NP, int R = 1>
 void row_dot_vnni_chunks(const uint8_t* __restrict r0, const uint8_t* __restrict r1, int64_t half, int64_t in,
                          const Activations& a, const Quantized& xq, const Grid& grid, const float* sm,
                          const float* zc, float* __restrict yn, int64_t ldy) {
+  // R adjacent rows at once (row r at r0 + r * half, its parameters at sm + r * groups).
   const __m512i m0f = _mm512_set1_epi8(0x0F), mf0 = _mm512_set1_epi8(static_cast<char>(0xF0));
-  auto codes = [&](auto load, auto srli, auto slli, auto band, auto tern, int64_t k) {
+  auto codes = [&](auto load, auto srli, auto slli, auto band, auto tern, int64_t k, int r) {
     const bool high = k >= half;
-    const int64_t j = high ? k - half : k;
+    const int64_t j = (high ? k - half : k) + r * half;
     const auto v = load(r0 + j);
     if constexpr (NP == 1) {
       return band(high ? srli(v, 4) : v);
@@ -541,54 +543,72 @@ void row_dot_vnni_chunks(const uint8_t* __restrict r0, const uint8_t* __restrict
   auto slli256 = [](__m256i v, int n) { return _mm256_slli_epi16(v, n); };
   auto and256 = [&](__m256i v) { return _mm256_and_si256(v, m0f8); };
   auto tern256 = [&](__m256i hi, __m256i lo) { return _mm256_ternarylogic_epi32(mf08, hi, lo, 0xCA); };
-  __m256 total[B];
+  __m256 total[R][B];
   FQ_UNROLL
-  for (int b = 0; b < B; ++b) total[b] = _mm256_setzero_ps();
+  for (int r = 0; r < R; ++r)
+    FQ_UNROLL
+    for (int b = 0; b < B; ++b) total[r][b] = _mm256_setzero_ps();
   for (int64_t g = 0; g < grid.groups; ++g) {
     const int64_t k0 = g * grid.group_size, k1 = std::min(in, k0 + grid.group_size);
-    __m512 wide[B];
-    __m256 acc[B];
+    __m512 wide[R][B];
+    __m256 acc[R][B];
     FQ_UNROLL
-    for (int b = 0; b < B; ++b) {
-      wide[b] = _mm512_setzero_ps();
-      acc[b] = _mm256_setzero_ps();
-    }
+    for (int r = 0; r < R; ++r)
+      FQ_UNROLL
+      for (int b = 0; b < B; ++b) {
+        wide[r][b] = _mm512_setzero_ps();
+        acc[r][b] = _mm256_setzero_ps();
+      }
     for (int64_t k = k0; k < k1;) {
       if (k + 64 <= k1 && (k >= half || k + 64 <= half)) {
-        const __m512i code = codes(load512, srli512, slli512, and512, tern512, k);
         FQ_UNROLL
         for (int b = 0; b < B; ++b) {
-          const __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), code, _mm512_loadu_si512(xq.q + b * xq.ld + k));
-          wide[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_loadu_ps(xq.lane_scale + b * (xq.ld / 4) + k / 4),
-                                    wide[b]);
+          const __m512i q = _mm512_loadu_si512(xq.q + b * xq.ld + k);
+          const __m512 ls = _mm512_loadu_ps(xq.lane_scale + b * (xq.ld / 4) + k / 4);
+          FQ_UNROLL
+          for (int r = 0; r < R; ++r) {
+            const __m512i code = codes(load512, srli512, slli512, and512, tern512, k, r);
+            const __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), code, q);
+            wide[r][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), ls, wide[r][b]);
+          }
         }
         k += 64;
       } else {
-        const __m256i code = codes(load256, srli256, slli256, and256, tern256, k);
         FQ_UNROLL
         for (int b = 0; b < B; ++b) {
-          const __m256i d = _mm256_dpbusd_epi32(_mm256_setzero_si256(), code, _mm256_loadu_si256(
-                                                    reinterpret_cast<const __m256i*>(xq.q + b * xq.ld + k)));
-          acc[b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_loadu_ps(xq.lane_scale + b * (xq.ld / 4) + k / 4),
-                                   acc[b]);
+          const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq.q + b * xq.ld + k));
+          const __m256 ls = _mm256_loadu_ps(xq.lane_scale + b * (xq.ld / 4) + k / 4);
+          FQ_UNROLL
+          for (int r = 0; r < R; ++r) {
+            const __m256i code = codes(load256, srli256, slli256, and256, tern256, k, r);
+            const __m256i d = _mm256_dpbusd_epi32(_mm256_setzero_si256(), code, q);
+            acc[r][b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), ls, acc[r][b]);
+          }
         }
         k += 32;
       }
     }
-    const __m256 s = _mm256_set1_ps(sm[g]);
     FQ_UNROLL
-    for (int b = 0; b < B; ++b) {
-      const __m256 sum = _mm256_add_ps(acc[b], _mm256_add_ps(_mm512_castps512_ps256(wide[b]),
-                                                             _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(wide[b]), 1))));
-      total[b] = _mm256_fmadd_ps(s, _mm256_add_ps(sum, _mm256_set1_ps(-2.f * zc[g] * a.xq[b * grid.groups + g])),
-                                 total[b]);
+    for (int r = 0; r < R; ++r) {
+      const float* smr = sm + r * grid.groups;
+      const float* zcr = zc + r * grid.groups;
+      const __m256 s = _mm256_set1_ps(smr[g]);
+      FQ_UNROLL
+      for (int b = 0; b < B; ++b) {
+        const __m256 sum = _mm256_add_ps(acc[r][b], _mm256_add_ps(_mm512_castps512_ps256(wide[r][b]),
+                                                                  _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(wide[r][b]), 1))));
+        total[r][b] = _mm256_fmadd_ps(s, _mm256_add_ps(sum, _mm256_set1_ps(-2.f * zcr[g] * a.xq[b * grid.groups + g])),
+                                      total[r][b]);
+      }
     }
   }
   FQ_UNROLL
-  for (int b = 0; b < B; ++b) {
-    const __m128 h = _mm_add_ps(_mm256_castps256_ps128(total[b]), _mm256_extractf128_ps(total[b], 1));
-    yn[b * ldy] = _mm_cvtss_f32(_mm_hadd_ps(_mm_hadd_ps(h, h), h));
-  }
+  for (int r = 0; r < R; ++r)
+    FQ_UNROLL
+    for (int b = 0; b < B; ++b) {
+      const __m128 h = _mm_add_ps(_mm256_castps256_ps128(total[r][b]), _mm256_extractf128_ps(total[r][b], 1));
+      yn[r + b * ldy] = _mm_cvtss_f32(_mm_hadd_ps(_mm_hadd_ps(h, h), h));
+    }
 }
 #endif
 
@@ -643,10 +663,28 @@ void gemv(const Planes& planes, const Grid& grid, const Activations& a, const Qu
 #if defined(FQ_VNNI)
       if (chunks32 && xq) {
         const uint8_t* r0 = planes.data[0] + n * half;
-        if (np == 1)
-          row_dot_vnni_chunks<B, 1>(r0, nullptr, half, in, a, *xq, grid, sm, zc, y + n, out);
-        else
-          row_dot_vnni_chunks<B, 2>(r0, planes.data[1] + n * half, half, in, a, *xq, grid, sm, zc, y + n, out);
+        const uint8_t* r1 = np == 2 ? planes.data[1] + n * half : nullptr;
+        auto run = [&](auto rows) {
+          constexpr int R = decltype(rows)::value;
+          if (np == 1)
+            row_dot_vnni_chunks<B, 1, R>(r0, nullptr, half, in, a, *xq, grid, sm, zc, y + n, out);
+          else
+            row_dot_vnni_chunks<B, 2, R>(r0, r1, half, in, a, *xq, grid, sm, zc, y + n, out);
+          n += R - 1;
+        };
+        // At decode, four (or two) rows of one parameter block at once: they share the
+        // activation loads and the loop, much of a row's cost when it has only 576 weights.
+        if constexpr (B == 1) {
+          if (i + 3 < block) {
+            run(std::integral_constant<int, 4>{});
+            continue;
+          }
+          if (i + 1 < block) {
+            run(std::integral_constant<int, 2>{});
+            continue;
+          }
+        }
+        run(std::integral_constant<int, 1>{});
         continue;
       }
 #endif

@@ -14,8 +14,9 @@ from fqcompile.kernels import backend, flex_linear
 
 LADDERS = [(4, 8), (2, 3, 4, 6, 8), (3, 8), (8,), (4,)]
 # 4096 and 1536: the wide nibble path (half a row is whole groups); 576 with group 128 and
-# 200, 61: the general path (groups straddle the halves, rows not a multiple of 8).
-SHAPES = [((96, 4096), 128), ((70, 1536), 64), ((33, 576), 128), ((40, 200), 64), ((17, 61), 32)]
+# 200, 61: the general path (groups straddle the halves, rows not a multiple of 8). 33 and 22
+# rows of 576: the 576-wide decode path takes rows 4, 2 and 1 at a time (blocks of 16 per thread).
+SHAPES = [((96, 4096), 128), ((70, 1536), 64), ((33, 576), 128), ((22, 576), 128), ((40, 200), 64), ((17, 61), 32)]
 BATCHES = (1, 2, 3, 5, 8, 9, 33)  # up to 8: per-row dot products; above: dequantized tiles + matmul
 
 
