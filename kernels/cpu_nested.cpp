@@ -612,6 +612,98 @@ void row_dot_vnni_chunks(const uint8_t* __restrict r0, const uint8_t* __restrict
 }
 #endif
 
+#if defined(FQ_SIMD) && defined(__AVX2__) && !defined(__AVX512F__)
+#define FQ_I8 1
+// Int8-activation mode on nibble planes with AVX2 (VW = 8). No 4-way dot instruction, so
+// maddubs (u8 x s8 pairs into s16) then madd (s16 pairs into s32) stand in for VNNI's
+// dpbusd, giving the same lanes of 4 columns of one activation block. maddubs saturates its
+// s16 sums: safe for codes up to 15 (2 x 15 x 127), not 255, so at 8 bits (NP = 2) each
+// plane's nibbles go in alone and madd weights the top plane's by 16.
+template <int NP>
+inline __m256i dot_i8(__m256i top, __m256i bottom, __m256i q) {
+  if constexpr (NP == 1) return _mm256_madd_epi16(_mm256_maddubs_epi16(top, q), _mm256_set1_epi16(1));
+  return _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(top, q), _mm256_set1_epi16(16)),
+                          _mm256_madd_epi16(_mm256_maddubs_epi16(bottom, q), _mm256_set1_epi16(1)));
+}
+
+inline __m256i nibbles32(const uint8_t* p, bool high) {  // the low or the high nibbles of 32 bytes
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm256_and_si256(high ? _mm256_srli_epi16(v, 4) : v, _mm256_set1_epi8(0x0F));
+}
+
+// Half rows of whole groups: one load of each plane feeds group g of the first half and
+// group g + gh of the second (as row_dot_nibbles).
+template <int B, int NP>
+void row_dot_i8(const uint8_t* __restrict r0, const uint8_t* __restrict r1, int64_t half, const Activations& a,
+                const Quantized& xq, const Grid& grid, const float* sm, const float* zc, float* __restrict yn,
+                int64_t ldy) {
+  const int64_t gh = half / grid.group_size;
+  vf total[B];
+  FQ_UNROLL
+  for (int b = 0; b < B; ++b) total[b] = vzero();
+  for (int64_t g = 0; g < gh; ++g) {
+    vf a0[B], a1[B];
+    FQ_UNROLL
+    for (int b = 0; b < B; ++b) a0[b] = a1[b] = vzero();
+    for (int64_t j = g * grid.group_size; j < (g + 1) * grid.group_size; j += 32) {
+      _mm_prefetch(reinterpret_cast<const char*>(r0 + j + kPrefetch), FQ_HINT);
+      const __m256i top0 = nibbles32(r0 + j, false), top1 = nibbles32(r0 + j, true);
+      __m256i bottom0 = top0, bottom1 = top1;
+      if constexpr (NP == 2) {
+        _mm_prefetch(reinterpret_cast<const char*>(r1 + j + kPrefetch), FQ_HINT);
+        bottom0 = nibbles32(r1 + j, false);
+        bottom1 = nibbles32(r1 + j, true);
+      }
+      FQ_UNROLL
+      for (int b = 0; b < B; ++b) {
+        const int8_t* q = xq.q + b * xq.ld;
+        const float* ls = xq.lane_scale + b * (xq.ld / 4);
+        const __m256i d0 = dot_i8<NP>(top0, bottom0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + j)));
+        const __m256i d1 = dot_i8<NP>(top1, bottom1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + half + j)));
+        a0[b] = vfma(_mm256_cvtepi32_ps(d0), vload(ls + j / 4), a0[b]);
+        a1[b] = vfma(_mm256_cvtepi32_ps(d1), vload(ls + (half + j) / 4), a1[b]);
+      }
+    }
+    finish_group<B>(a0, a, grid.groups, g, sm[g], zc[g], total);
+    finish_group<B>(a1, a, grid.groups, g + gh, sm[g + gh], zc[g + gh], total);
+  }
+  FQ_UNROLL
+  for (int b = 0; b < B; ++b) yn[b * ldy] = vsum(total[b]);
+}
+
+// Half rows that do not split into whole groups (576 columns, group 128): columns in order,
+// 32 at a time, each step the low or the high nibbles of 32 bytes (half and the group size
+// multiples of 32, so a step never straddles a group or the middle of the row).
+template <int B, int NP>
+void row_dot_i8_chunks(const uint8_t* __restrict r0, const uint8_t* __restrict r1, int64_t half, int64_t in,
+                       const Activations& a, const Quantized& xq, const Grid& grid, const float* sm,
+                       const float* zc, float* __restrict yn, int64_t ldy) {
+  vf total[B];
+  FQ_UNROLL
+  for (int b = 0; b < B; ++b) total[b] = vzero();
+  for (int64_t g = 0; g < grid.groups; ++g) {
+    const int64_t k1 = std::min(in, (g + 1) * grid.group_size);
+    vf acc[B];
+    FQ_UNROLL
+    for (int b = 0; b < B; ++b) acc[b] = vzero();
+    for (int64_t k = g * grid.group_size; k < k1; k += 32) {
+      const bool high = k >= half;
+      const int64_t j = high ? k - half : k;
+      const __m256i top = nibbles32(r0 + j, high);
+      const __m256i bottom = NP == 2 ? nibbles32(r1 + j, high) : top;
+      FQ_UNROLL
+      for (int b = 0; b < B; ++b) {
+        const __m256i d = dot_i8<NP>(top, bottom, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq.q + b * xq.ld + k)));
+        acc[b] = vfma(_mm256_cvtepi32_ps(d), vload(xq.lane_scale + b * (xq.ld / 4) + k / 4), acc[b]);
+      }
+    }
+    finish_group<B>(acc, a, grid.groups, g, sm[g], zc[g], total);
+  }
+  FQ_UNROLL
+  for (int b = 0; b < B; ++b) yn[b * ldy] = vsum(total[b]);
+}
+#endif
+
 template <int B>
 void gemv(const Planes& planes, const Grid& grid, const Activations& a, const Quantized* xq, int64_t in, int64_t out,
           float* y) {
@@ -636,6 +728,10 @@ void gemv(const Planes& planes, const Grid& grid, const Activations& a, const Qu
   constexpr bool magic = false;
 #endif
   const float mult = magic ? 16.f : 1.f, shift = magic ? 16.f : 0.f;
+#if defined(FQ_I8)
+  bool i8 = xq && np <= 2 && in == planes.padded_in && half % 32 == 0 && grid.group_size % 32 == 0;
+  for (int64_t w : planes.widths) i8 = i8 && w == 4;
+#endif
   constexpr int64_t kRows = 16;  // rows whose slice parameters are computed together
   at::parallel_for(0, out, kRows, [&](int64_t begin, int64_t end) {
     std::vector<float> params(2 * grid.groups * kRows);
@@ -706,6 +802,20 @@ void gemv(const Planes& planes, const Grid& grid, const Activations& a, const Qu
         continue;
       }
 #endif
+#if defined(FQ_I8)
+      if (i8) {
+        const uint8_t* r0 = planes.data[0] + n * half;
+        const uint8_t* r1 = np == 2 ? planes.data[1] + n * half : nullptr;
+        if (nibbles && grid.group_size % 32 == 0) {
+          if (np == 1) row_dot_i8<B, 1>(r0, r1, half, a, *xq, grid, sm, zc, y + n, out);
+          else row_dot_i8<B, 2>(r0, r1, half, a, *xq, grid, sm, zc, y + n, out);
+        } else {
+          if (np == 1) row_dot_i8_chunks<B, 1>(r0, r1, half, in, a, *xq, grid, sm, zc, y + n, out);
+          else row_dot_i8_chunks<B, 2>(r0, r1, half, in, a, *xq, grid, sm, zc, y + n, out);
+        }
+        continue;
+      }
+#endif
       if (nibbles) {
         const uint8_t* r0 = planes.data[0] + n * half;
         if (np == 1)
@@ -763,6 +873,31 @@ void quantize_activations(const float* x, int64_t m, int64_t in, int8_t* q, int6
         for (int64_t i = k0 / 4; i < k0 / 4 + kActBlock / 4; ++i) lane_scale[b * (ld / 4) + i] = s;
         continue;
       }
+#elif defined(__AVX2__)
+      if (k1 - k0 == 16) {  // the same in two 8-lane halves
+        const __m256 sign = _mm256_set1_ps(-0.f);
+        const __m256 v0 = _mm256_loadu_ps(row + k0), v1 = _mm256_loadu_ps(row + k0 + 8);
+        const __m256 m = _mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1));
+        __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        h = _mm_max_ss(h, _mm_movehdup_ps(h));
+        float s = _mm_cvtss_f32(h) / 127.f;
+        if (!(s > 0.f)) s = 1.f;
+        const __m256 vs = _mm256_set1_ps(s), lo = _mm256_set1_ps(-127.f), hi = _mm256_set1_ps(127.f);
+        auto round = [&](__m256 v) {
+          const __m256 r = _mm256_round_ps(_mm256_div_ps(v, vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+          return _mm256_min_ps(_mm256_max_ps(r, lo), hi);
+        };
+        const __m256 r0 = round(v0), r1 = round(v1);
+        const __m256i i0 = _mm256_cvtps_epi32(r0), i1 = _mm256_cvtps_epi32(r1);
+        const __m128i w0 = _mm_packs_epi32(_mm256_castsi256_si128(i0), _mm256_extracti128_si256(i0, 1));
+        const __m128i w1 = _mm_packs_epi32(_mm256_castsi256_si128(i1), _mm256_extracti128_si256(i1, 1));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(q + b * ld + k0), _mm_packs_epi16(w0, w1));
+        _mm256_storeu_ps(xhat + b * in + k0, _mm256_mul_ps(r0, vs));
+        _mm256_storeu_ps(xhat + b * in + k0 + 8, _mm256_mul_ps(r1, vs));
+        for (int64_t i = k0 / 4; i < k0 / 4 + kActBlock / 4; ++i) lane_scale[b * (ld / 4) + i] = s;
+        continue;
+      }
 #endif
       float amax = 0.f;
       for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::fabs(row[k]));
@@ -816,8 +951,8 @@ at::Tensor fqcompile::nested_linear(const at::Tensor& x, at::TensorList planes, 
   at::Tensor y = at::empty({m, out}, x2.options());
   if (m == 0) return y.view(shape).to(x.scalar_type());  // (shape is only needed here and at the end)
 
-  // Int8-activation mode: every path computes W x^ for the group-quantized x^; where VNNI
-  // is available, decode-sized batches use the integer codes directly.
+  // Int8-activation mode: every path computes W x^ for the group-quantized x^; decode-sized
+  // batches use the integer codes directly with AVX-512 VNNI, or on nibble planes with AVX2.
   at::Tensor q, lane_scale;
   Quantized quantized{};
   if (int8_activations) {
@@ -830,7 +965,7 @@ at::Tensor fqcompile::nested_linear(const at::Tensor& x, at::TensorList planes, 
     quantized = Quantized{q.data_ptr<int8_t>(), ld, lane_scale.data_ptr<float>()};
     x2 = xhat;
   }
-#if defined(FQ_VNNI)
+#if defined(FQ_VNNI) || defined(FQ_I8)
   const Quantized* xq = int8_activations ? &quantized : nullptr;
 #else
   const Quantized* xq = nullptr;
