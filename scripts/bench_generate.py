@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from bench_kernels import cpu_name
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -142,7 +144,7 @@ def report(checkpoint: str, out: Path, new_tokens: int, prompt_tokens: int, titl
               f"{b['outside_ms']:.2f} |" for b in parts]
     text = "\n".join([
         f"# {title}", "",
-        f"Measured {datetime.date.today()}, {data['threads']} threads, torch {torch.__version__}, batch 1, greedy, "
+        f"Measured {datetime.date.today()} on {cpu_name()}, {data['threads']} threads, torch {torch.__version__}, batch 1, greedy, "
         f"{prompt_tokens}-token prompt, {new_tokens} new tokens (stop tokens ignored); "
         + (f"every row run {repeats} times, the rows in turn, medians shown. " if repeats > 1 else "one run a row. ")
         + "Command:", "",

@@ -40,13 +40,19 @@ GROUP = 128
 
 
 def cpu_name() -> str:
+    """The CPU's model name and the widest instruction set the kernels use on it (they differ most by that)."""
+    name, flags = platform.processor() or platform.machine(), set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    isa = next((label for flag, label in (("avx512_vnni", "AVX-512 VNNI"), ("avx512f", "AVX-512"), ("avx2", "AVX2"))
+                if flag in flags), None)
+    return f"{name} ({isa})" if isa else name
 
 
 def stream_gbs(gib: float = 1.0, runs: int = 9) -> float:
