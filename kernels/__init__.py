@@ -24,9 +24,9 @@ def flex_linear(x: torch.Tensor, planes, meta, precision: int, int8_activations:
 
     planes: uint8 plane tensors, most significant first (at least those needed for b);
     meta: a `formats.nested.Layout` plus `scale` (fp16 [N, G]) and `zero` (uint8 [N, G])
-    as `(layout, scale, zero)`. int8_activations: quantize x per weight group to int8
-    first (`reference.quantize_activations`); faster on CPUs with AVX-512 VNNI, at a
-    small accuracy cost (docs/kernels.md).
+    as `(layout, scale, zero)`. int8_activations: quantize x to int8 per block of 16
+    columns first (`reference.quantize_activations`); faster on CPUs with AVX-512 VNNI or
+    AVX2, at a small accuracy cost (docs/kernels.md).
     """
     return nested_linear(x, *kernel_args(planes, meta, precision), int8_activations)
 

@@ -83,7 +83,7 @@ def test_torch_compile_traces_the_op():
 CHECK = """
 import torch
 from fqcompile.formats.nested import Layout, pack_planes, quantize_rtn
-from fqcompile.kernels import backend, flex_linear, reference_linear
+from fqcompile.kernels import backend, flex_linear, quantize_activations, reference_linear
 worst = 0.0
 for shape, group in [((64, 2048), 128), ((48, 1536), 64), ((33, 576), 128), ((17, 61), 32)]:
     for ladder in [(4, 8), (2, 3, 4, 6, 8)]:
@@ -97,6 +97,10 @@ for shape, group in [((64, 2048), 128), ((48, 1536), 64), ((33, 576), 128), ((17
                 y = flex_linear(x, planes, (layout, scale, zero), bits)
                 y = flex_linear(x, planes, (layout, scale, zero), bits)
                 ref = reference_linear(x.double(), planes, (layout, scale, zero), bits)
+                worst = max(worst, ((y.double() - ref).norm() / ref.norm()).item())
+                # the int8-activation mode's paths (VNNI, AVX2 or none) compute W x^ exactly too
+                y = flex_linear(x, planes, (layout, scale, zero), bits, int8_activations=True)
+                ref = reference_linear(quantize_activations(x).double(), planes, (layout, scale, zero), bits)
                 worst = max(worst, ((y.double() - ref).norm() / ref.norm()).item())
 print(backend(torch.device("cpu")), worst)
 """
@@ -115,7 +119,7 @@ def run_check(tmp_path, **env):
 @pytest.mark.parametrize("flags", ["-mno-avx512f", "-mno-avx512vbmi", "-mno-avx -mno-f16c -mno-fma"],
                          ids=["avx2", "avx512-no-vbmi", "portable"])
 def test_instruction_set_variants(tmp_path, flags):
-    """The AVX2 and portable builds (what machines without AVX-512 VBMI compile) are exact too."""
+    """The AVX2 and portable builds (what machines without AVX-512 VBMI compile) are exact too, int8 mode included."""
     name, worst, _ = run_check(tmp_path, FQCOMPILE_CXXFLAGS=flags)
     assert name == "cpu-cpp" and worst <= 1e-5
 
