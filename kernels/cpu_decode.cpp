@@ -19,8 +19,11 @@
 #include <utility>
 #include <vector>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
+#endif
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+#define FQ_AVX2 1  // 8-lane versions of the AVX-512 loops below (the exp-heavy ones: ~10x the scalar loop)
 #endif
 
 namespace {
@@ -47,6 +50,35 @@ inline __m512 exp_neg(__m512 x) {
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
   return _mm512_maskz_scalef_ps(live, _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f)), n);
 }
+#elif defined(FQ_AVX2)
+// The same on 8 lanes; no scalef, so 2^n is built in the exponent bits (n >= -126: normal).
+inline __m256 exp_neg(__m256 x) {
+  const __m256 floor = _mm256_set1_ps(-87.f);
+  const __m256 live = _mm256_cmp_ps(x, floor, _CMP_GE_OQ);
+  const __m256 t = _mm256_mul_ps(_mm256_max_ps(x, floor), _mm256_set1_ps(1.44269504f));
+  const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 f = _mm256_mul_ps(_mm256_sub_ps(t, n), _mm256_set1_ps(0.69314718f));
+  __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(1.f / 720), f, _mm256_set1_ps(1.f / 120));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f / 24));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f / 6));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_and_ps(live, _mm256_mul_ps(p, _mm256_castsi256_ps(bits)));
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+inline float hmax(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+}
 #endif
 
 // p[j] = e^(p[j] - top) for j < n (every p[j] <= top); returns their sum.
@@ -62,6 +94,15 @@ float exp_shifted(float* __restrict p, int64_t n, float top) {
     acc = _mm512_add_ps(acc, e);
   }
   total = _mm512_reduce_add_ps(acc);
+#elif defined(FQ_AVX2)
+  __m256 acc = _mm256_setzero_ps();
+  const __m256 vtop = _mm256_set1_ps(top);
+  for (; j + 8 <= n; j += 8) {
+    const __m256 e = exp_neg(_mm256_sub_ps(_mm256_loadu_ps(p + j), vtop));
+    _mm256_storeu_ps(p + j, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  total = hsum(acc);
 #endif
   for (; j < n; ++j) total += (p[j] = std::exp(p[j] - top));
   return total;
@@ -216,6 +257,14 @@ at::Tensor fqcompile::silu_mul(const at::Tensor& gate_up) {
       const __m512 sig = _mm512_div_ps(_mm512_mask_blend_ps(neg, one, e), _mm512_add_ps(one, e));
       _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_mul_ps(v, sig), _mm512_loadu_ps(u + i)));
     }
+#elif defined(FQ_AVX2)
+    const __m256 one = _mm256_set1_ps(1.f), zero = _mm256_setzero_ps();
+    for (; i + 8 <= inner; i += 8) {
+      const __m256 v = _mm256_loadu_ps(g + i);
+      const __m256 e = exp_neg(_mm256_or_ps(v, _mm256_set1_ps(-0.f)));  // e^-|x|
+      const __m256 sig = _mm256_div_ps(_mm256_blendv_ps(one, e, _mm256_cmp_ps(v, zero, _CMP_LT_OQ)), _mm256_add_ps(one, e));
+      _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_mul_ps(v, sig), _mm256_loadu_ps(u + i)));
+    }
 #endif
     for (; i < inner; ++i) out[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
   }
@@ -239,6 +288,15 @@ float span_max(const float* __restrict x, int64_t n) {
     d = _mm512_max_ps(d, _mm512_loadu_ps(x + i + 48));
   }
   m = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(a, b), _mm512_max_ps(c, d)));
+#elif defined(FQ_AVX2)
+  __m256 a = _mm256_set1_ps(m), b = a, c = a, d = a;
+  for (; i + 32 <= n; i += 32) {
+    a = _mm256_max_ps(a, _mm256_loadu_ps(x + i));
+    b = _mm256_max_ps(b, _mm256_loadu_ps(x + i + 8));
+    c = _mm256_max_ps(c, _mm256_loadu_ps(x + i + 16));
+    d = _mm256_max_ps(d, _mm256_loadu_ps(x + i + 24));
+  }
+  m = hmax(_mm256_max_ps(_mm256_max_ps(a, b), _mm256_max_ps(c, d)));
 #endif
   for (; i < n; ++i) m = std::max(m, x[i]);
   return m;
@@ -261,6 +319,19 @@ std::pair<double, double> span_sums(const float* __restrict x, int64_t n, float 
   }
   z = _mm512_reduce_add_ps(_mm512_add_ps(vz, wz));
   zl = _mm512_reduce_add_ps(_mm512_add_ps(vzl, wzl));
+#elif defined(FQ_AVX2)
+  __m256 vz = _mm256_setzero_ps(), vzl = vz, wz = vz, wzl = vz;
+  const __m256 vm = _mm256_set1_ps(m), floor = _mm256_set1_ps(-87.f);
+  for (; i + 16 <= n; i += 16) {
+    const __m256 d0 = _mm256_sub_ps(_mm256_loadu_ps(x + i), vm), d1 = _mm256_sub_ps(_mm256_loadu_ps(x + i + 8), vm);
+    const __m256 e0 = exp_neg(d0), e1 = exp_neg(d1);
+    vz = _mm256_add_ps(vz, e0);
+    wz = _mm256_add_ps(wz, e1);
+    vzl = _mm256_fmadd_ps(e0, _mm256_max_ps(d0, floor), vzl);
+    wzl = _mm256_fmadd_ps(e1, _mm256_max_ps(d1, floor), wzl);
+  }
+  z = hsum(_mm256_add_ps(vz, wz));
+  zl = hsum(_mm256_add_ps(vzl, wzl));
 #endif
   for (; i < n; ++i) {
     const float d = x[i] - m, e = std::exp(d);

@@ -79,7 +79,10 @@ def test_entropy_matches_float64(scale):
     logits[1, :100] = -1e4  # probabilities that underflow to zero
     want = ops.entropy_reference(logits.double())
     got = ops.entropy(logits)
-    assert got.shape == (3,) and float(((got - want) / want).abs().max()) < 1e-5
+    # relative 1e-5, plus 2e-7 nats: a float32 sum of e^(x - max) near 1 carries ~1e-7
+    # absolute error into log Z, which dominates when the entropy itself is ~0.01 nats
+    # (the controller's thresholds are tenths of a nat)
+    assert got.shape == (3,) and bool(((got - want).abs() <= 1e-5 * want + 2e-7).all()), (got, want)
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 2 * 1536), (3, 2, 2 * 196), (5, 2 * 7)])
