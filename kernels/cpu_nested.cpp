@@ -632,9 +632,8 @@ inline __m256i nibbles32(const uint8_t* p, bool high) {  // the low or the high 
 }
 
 // R adjacent rows at once (row r at r0 + r * half, its parameters at sm + r * groups, its
-// output at yn + r): with one row, each group's sum is one chain of dependent FMAs and the
-// kernel waits on their latency (~3x under its instruction throughput); R rows are R
-// independent chains that also share the activation loads.
+// output at yn + r): R independent chains of FMAs that share the activation loads
+// (measured: up to 10% on 576-wide rows, nothing measurable on wide ones).
 //
 // Half rows of whole groups: one load of each plane feeds group g of the first half and
 // group g + gh of the second (as row_dot_nibbles).
