@@ -736,6 +736,17 @@ void row_dot_i8_chunks(const uint8_t* __restrict r0, const uint8_t* __restrict r
 }
 #endif
 
+// Row i of a parameter block of `block` rows: run(R) on rows i .. i + R - 1, R up to `most`
+// (4 or 2) at batch 1 while the block has them, else 1; run advances the row index by R - 1.
+template <int B, class Run>
+inline void by_rows(int64_t i, int64_t block, int most, Run&& run) {
+  if constexpr (B == 1) {
+    if (most >= 4 && i + 3 < block) return run(std::integral_constant<int, 4>{});
+    if (most >= 2 && i + 1 < block) return run(std::integral_constant<int, 2>{});
+  }
+  run(std::integral_constant<int, 1>{});
+}
+
 template <int B>
 void gemv(const Planes& planes, const Grid& grid, const Activations& a, const Quantized* xq, int64_t in, int64_t out,
           float* y) {
@@ -801,19 +812,9 @@ void gemv(const Planes& planes, const Grid& grid, const Activations& a, const Qu
             row_dot_vnni_chunks<B, 2, R>(r0, r1, half, in, a, *xq, grid, sm, zc, y + n, out);
           n += R - 1;
         };
-        // At decode, four (or two) rows of one parameter block at once: they share the
-        // activation loads and the loop, much of a row's cost when it has only 576 weights.
-        if constexpr (B == 1) {
-          if (i + 3 < block) {
-            run(std::integral_constant<int, 4>{});
-            continue;
-          }
-          if (i + 1 < block) {
-            run(std::integral_constant<int, 2>{});
-            continue;
-          }
-        }
-        run(std::integral_constant<int, 1>{});
+        // At decode, four rows at once: they share the activation loads and the loop, much
+        // of a row's cost when it has only 576 weights.
+        by_rows<B>(i, block, 4, run);
         continue;
       }
 #endif
@@ -850,19 +851,9 @@ void gemv(const Planes& planes, const Grid& grid, const Activations& a, const Qu
           }
           n += R - 1;
         };
-        // At decode, four (or two) rows of one parameter block at once (see row_dot_i8); two
-        // in the wide layout, whose two accumulators per row would spill at four.
-        if constexpr (B == 1) {
-          if (i + 3 < block && !wide_i8) {
-            run(std::integral_constant<int, 4>{});
-            continue;
-          }
-          if (i + 1 < block) {
-            run(std::integral_constant<int, 2>{});
-            continue;
-          }
-        }
-        run(std::integral_constant<int, 1>{});
+        // At decode, four rows at once (see row_dot_i8); two in the wide layout, whose two
+        // accumulators per row would spill at four.
+        by_rows<B>(i, block, wide_i8 ? 2 : 4, run);
         continue;
       }
 #endif
