@@ -638,106 +638,67 @@ inline __m256i nibbles32(const uint8_t* p, bool high) {  // the low or the high 
 }
 
 // R adjacent rows at once (row r at r0 + r * half, its parameters at sm + r * groups, its
-// output at yn + r): R independent chains of FMAs that share the activation loads
-// (measured: up to 10% on 576-wide rows, nothing measurable on wide ones).
+// output at yn + r): R independent chains of FMAs that share the activation loads.
 //
-// Half rows of whole groups: one load of each plane feeds group g of the first half and
-// group g + gh of the second (as row_dot_nibbles).
+// One load of each plane feeds column j (low nibbles) and column half + j (high nibbles), 32
+// bytes a step, as row_dot_nibbles walks a row. Each half has its accumulators, finished at
+// its own group ends: half and the group size are multiples of 32, so a step never
+// straddles one, but a group may span the middle of the row (576 columns, group 128: columns
+// 256 .. 383 are the last 32 bytes' low nibbles and the first 96 bytes' high nibbles). Such
+// a group is finished once from each half; its zero-point term goes in with the second.
 template <int B, int NP, int R = 1>
 void row_dot_i8(const uint8_t* __restrict r0, const uint8_t* __restrict r1, int64_t half, const Activations& a,
                 const Quantized& xq, const Grid& grid, const float* sm, const float* zc, float* __restrict yn,
                 int64_t ldy) {
-  const int64_t gh = half / grid.group_size;
-  vf total[R][B];
+  const int64_t size = grid.group_size, groups = grid.groups;
+  vf total[R][B], a0[R][B], a1[R][B];
   FQ_UNROLL
   for (int r = 0; r < R; ++r)
     FQ_UNROLL
-    for (int b = 0; b < B; ++b) total[r][b] = vzero();
-  for (int64_t g = 0; g < gh; ++g) {
-    vf a0[R][B], a1[R][B];
-    FQ_UNROLL
-    for (int r = 0; r < R; ++r)
-      FQ_UNROLL
-      for (int b = 0; b < B; ++b) a0[r][b] = a1[r][b] = vzero();
-    for (int64_t j = g * grid.group_size; j < (g + 1) * grid.group_size; j += 32) {
-      FQ_UNROLL
-      for (int b = 0; b < B; ++b) {
-        const __m256i q0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq.q + b * xq.ld + j));
-        const __m256i q1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq.q + b * xq.ld + half + j));
-        const vf s0 = vload(xq.lane_scale + b * (xq.ld / 4) + j / 4);
-        const vf s1 = vload(xq.lane_scale + b * (xq.ld / 4) + (half + j) / 4);
-        FQ_UNROLL
-        for (int r = 0; r < R; ++r) {
-          const uint8_t* p0 = r0 + r * half + j;
-          if (b == 0) _mm_prefetch(reinterpret_cast<const char*>(p0 + kPrefetch), FQ_HINT);
-          const __m256i top0 = nibbles32(p0, false), top1 = nibbles32(p0, true);
-          __m256i bottom0 = top0, bottom1 = top1;
-          if constexpr (NP == 2) {
-            const uint8_t* p1 = r1 + r * half + j;
-            if (b == 0) _mm_prefetch(reinterpret_cast<const char*>(p1 + kPrefetch), FQ_HINT);
-            bottom0 = nibbles32(p1, false);
-            bottom1 = nibbles32(p1, true);
-          }
-          a0[r][b] = vfma(_mm256_cvtepi32_ps(dot_i8<NP>(top0, bottom0, q0)), s0, a0[r][b]);
-          a1[r][b] = vfma(_mm256_cvtepi32_ps(dot_i8<NP>(top1, bottom1, q1)), s1, a1[r][b]);
-        }
-      }
-    }
+    for (int b = 0; b < B; ++b) total[r][b] = a0[r][b] = a1[r][b] = vzero();
+  // Finish half accumulators acc as group g (with or without the zero-point term), then clear them.
+  auto finish = [&](vf (&acc)[R][B], int64_t g, bool zero_term) {
     FQ_UNROLL
     for (int r = 0; r < R; ++r) {
-      const float* smr = sm + r * grid.groups;
-      const float* zcr = zc + r * grid.groups;
-      finish_group<B>(a0[r], a, grid.groups, g, smr[g], zcr[g], total[r]);
-      finish_group<B>(a1[r], a, grid.groups, g + gh, smr[g + gh], zcr[g + gh], total[r]);
-    }
-  }
-  FQ_UNROLL
-  for (int r = 0; r < R; ++r)
-    FQ_UNROLL
-    for (int b = 0; b < B; ++b) yn[r + b * ldy] = vsum(total[r][b]);
-}
-
-// Half rows that do not split into whole groups (576 columns, group 128): columns in order,
-// 32 at a time, each step the low or the high nibbles of 32 bytes (half and the group size
-// multiples of 32, so a step never straddles a group or the middle of the row).
-template <int B, int NP, int R = 1>
-void row_dot_i8_chunks(const uint8_t* __restrict r0, const uint8_t* __restrict r1, int64_t half, int64_t in,
-                       const Activations& a, const Quantized& xq, const Grid& grid, const float* sm,
-                       const float* zc, float* __restrict yn, int64_t ldy) {
-  vf total[R][B];
-  FQ_UNROLL
-  for (int r = 0; r < R; ++r)
-    FQ_UNROLL
-    for (int b = 0; b < B; ++b) total[r][b] = vzero();
-  for (int64_t g = 0; g < grid.groups; ++g) {
-    const int64_t k1 = std::min(in, (g + 1) * grid.group_size);
-    vf acc[R][B];
-    FQ_UNROLL
-    for (int r = 0; r < R; ++r)
+      finish_group<B>(acc[r], a, groups, g, sm[r * groups + g], zero_term ? zc[r * groups + g] : 0.f, total[r]);
       FQ_UNROLL
       for (int b = 0; b < B; ++b) acc[r][b] = vzero();
-    for (int64_t k = g * grid.group_size; k < k1; k += 32) {
-      const bool high = k >= half;
-      const int64_t j = high ? k - half : k;
+    }
+  };
+  // The current group of each half and the step (in bytes) where it ends: no division per step.
+  int64_t g0 = 0, g1 = half / size;
+  int64_t end0 = std::min(size, half), end1 = std::min((g1 + 1) * size - half, half);
+  for (int64_t j = 0; j < half; j += 32) {
+    FQ_UNROLL
+    for (int b = 0; b < B; ++b) {
+      const __m256i q0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq.q + b * xq.ld + j));
+      const __m256i q1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq.q + b * xq.ld + half + j));
+      const vf s0 = vload(xq.lane_scale + b * (xq.ld / 4) + j / 4);
+      const vf s1 = vload(xq.lane_scale + b * (xq.ld / 4) + (half + j) / 4);
       FQ_UNROLL
-      for (int b = 0; b < B; ++b) {
-        const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq.q + b * xq.ld + k));
-        const vf s = vload(xq.lane_scale + b * (xq.ld / 4) + k / 4);
-        FQ_UNROLL
-        for (int r = 0; r < R; ++r) {
-          if (b == 0 && !high) {  // each byte is read twice (low, then high nibbles): fetch it once
-            _mm_prefetch(reinterpret_cast<const char*>(r0 + r * half + j + kPrefetch), FQ_HINT);
-            if constexpr (NP == 2) _mm_prefetch(reinterpret_cast<const char*>(r1 + r * half + j + kPrefetch), FQ_HINT);
-          }
-          const __m256i top = nibbles32(r0 + r * half + j, high);
-          const __m256i bottom = NP == 2 ? nibbles32(r1 + r * half + j, high) : top;
-          acc[r][b] = vfma(_mm256_cvtepi32_ps(dot_i8<NP>(top, bottom, q)), s, acc[r][b]);
+      for (int r = 0; r < R; ++r) {
+        const uint8_t* p0 = r0 + r * half + j;
+        if (b == 0) _mm_prefetch(reinterpret_cast<const char*>(p0 + kPrefetch), FQ_HINT);
+        const __m256i top0 = nibbles32(p0, false), top1 = nibbles32(p0, true);
+        __m256i bottom0 = top0, bottom1 = top1;
+        if constexpr (NP == 2) {
+          const uint8_t* p1 = r1 + r * half + j;
+          if (b == 0) _mm_prefetch(reinterpret_cast<const char*>(p1 + kPrefetch), FQ_HINT);
+          bottom0 = nibbles32(p1, false);
+          bottom1 = nibbles32(p1, true);
         }
+        a0[r][b] = vfma(_mm256_cvtepi32_ps(dot_i8<NP>(top0, bottom0, q0)), s0, a0[r][b]);
+        a1[r][b] = vfma(_mm256_cvtepi32_ps(dot_i8<NP>(top1, bottom1, q1)), s1, a1[r][b]);
       }
     }
-    FQ_UNROLL
-    for (int r = 0; r < R; ++r) finish_group<B>(acc[r], a, grid.groups, g, sm[r * grid.groups + g],
-                                                zc[r * grid.groups + g], total[r]);
+    if (j + 32 == end0) {  // a group of the first half ends (or the half does, maybe inside one)
+      finish(a0, g0++, end0 % size == 0);
+      end0 = std::min(end0 + size, half);
+    }
+    if (j + 32 == end1) {
+      finish(a1, g1++, true);
+      end1 = std::min(end1 + size, half);
+    }
   }
   FQ_UNROLL
   for (int r = 0; r < R; ++r)
@@ -784,7 +745,6 @@ void gemv(const Planes& planes, const Grid& grid, const Activations& a, const Qu
 #if defined(FQ_I8)
   bool i8 = xq && np <= 2 && in == planes.padded_in && half % 32 == 0 && grid.group_size % 32 == 0;
   for (int64_t w : planes.widths) i8 = i8 && w == 4;
-  const bool wide_i8 = i8 && nibbles && grid.group_size % 32 == 0;
 #endif
   constexpr int64_t kRows = 16;  // rows whose slice parameters are computed together
   at::parallel_for(0, out, kRows, [&](int64_t begin, int64_t end) {
@@ -852,18 +812,13 @@ void gemv(const Planes& planes, const Grid& grid, const Activations& a, const Qu
         const uint8_t* r1 = np == 2 ? planes.data[1] + n * half : nullptr;
         auto run = [&](auto rows) {
           constexpr int R = decltype(rows)::value;
-          if (wide_i8) {
-            if (np == 1) row_dot_i8<B, 1, R>(r0, r1, half, a, *xq, grid, sm, zc, y + n, out);
-            else row_dot_i8<B, 2, R>(r0, r1, half, a, *xq, grid, sm, zc, y + n, out);
-          } else {
-            if (np == 1) row_dot_i8_chunks<B, 1, R>(r0, r1, half, in, a, *xq, grid, sm, zc, y + n, out);
-            else row_dot_i8_chunks<B, 2, R>(r0, r1, half, in, a, *xq, grid, sm, zc, y + n, out);
-          }
+          if (np == 1) row_dot_i8<B, 1, R>(r0, r1, half, a, *xq, grid, sm, zc, y + n, out);
+          else row_dot_i8<B, 2, R>(r0, r1, half, a, *xq, grid, sm, zc, y + n, out);
           n += R - 1;
         };
-        // At decode, four rows at once (see row_dot_i8); two in the wide layout, whose two
-        // accumulators per row would spill at four.
-        by_rows<B>(i, block, wide_i8 ? 2 : 4, run);
+        // At decode, four rows at once; two for 4-bit rows of whole half-row groups (measured:
+        // four rows were 5% slower there, 11-16% faster on 576-wide rows and at 8 bits).
+        by_rows<B>(i, block, np == 1 && half % grid.group_size == 0 ? 2 : 4, run);
         continue;
       }
 #endif
