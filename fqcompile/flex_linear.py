@@ -8,6 +8,22 @@ from .errors import FqError
 from .formats.nested import Layout
 from .kernels import kernel_args, nested_linear, quantize_activations
 
+# Bumped whenever a layer's precision, int8 flag or dense weights change: the slim decoder
+# reuses its per-step plan until then (reading ~200 layers' settings cost ~0.25 ms a step).
+changes = 0
+
+
+def _watched(name: str) -> property:
+    """An attribute that counts its assignments in `changes` (object.__setattr__ included)."""
+    key = "_" + name
+
+    def assign(self, value):
+        global changes
+        changes += 1
+        self.__dict__[key] = value
+
+    return property(lambda self: self.__dict__[key], assign)
+
 
 class FlexLinear(nn.Module):
     """y = x W_b^T + bias, W_b the b-bit slice of the nested weights (b = self.precision).
@@ -15,6 +31,10 @@ class FlexLinear(nn.Module):
     Holds only the planes it was given: a layer loaded for at most 4 bits of an [4, 8]
     ladder has the top plane resident and refuses precision 8.
     """
+
+    precision = _watched("precision")
+    int8_activations = _watched("int8_activations")
+    dense = _watched("dense")
 
     def __init__(self, layout: Layout, planes, scale: torch.Tensor, zero: torch.Tensor, bias=None):
         super().__init__()

@@ -78,6 +78,9 @@ def test_sampling_is_seeded_and_respects_top_k():
         t = llama.pick(logits, 1.5, 5, 0.9, torch.Generator().manual_seed(_))
         assert all(t[r] in top5[r] for r in range(4))
     assert torch.equal(llama.pick(logits, 0.0, 0, 1.0, None), logits.argmax(-1))
+    logits[1, 7] = logits[1, 3] = logits[1].max() + 1  # a tie: the first maximum, as argmax
+    assert llama.pick(logits, 0.0, 0, 1.0, None)[1] == 3
+    assert torch.equal(llama.pick(logits.double(), 0.0, 0, 1.0, None), logits.argmax(-1))
 
 
 def test_refuses_unsupported_models(tiny_dir):
@@ -131,6 +134,23 @@ def test_cpp_stack_is_the_per_op_loop_bit_for_bit(tiny_ckpt, monkeypatch):
     monkeypatch.setattr(llama.Llama, "_build_stack", lambda self: None)
     slow = greedy_logits(dec, rows, 12, tok.eos_token_id)
     assert torch.equal(fast, slow)
+
+
+def test_cached_plan_follows_every_way_of_switching(tiny_ckpt):
+    """The plan is reused between steps: any change to a layer's settings must reach it."""
+    loaded = fqcompile.load(tiny_ckpt)
+    dec = llama.Llama(loaded.model)
+    o_proj = loaded.model.model.layers[0].self_attn.o_proj
+    assert dec._plan()[0][1] == 8 and dec._plan()[1][1] == 0
+    object.__setattr__(o_proj, "precision", 4)  # as the controller sets it (no nn.Module checks)
+    assert dec._plan()[0][1] == 4
+    o_proj.int8_activations = True
+    assert dec._plan()[1][1] == 1
+    fqcompile.set_precision(loaded.model, 8)
+    assert dec._plan()[0][1] == 8
+    with fqcompile.runtime.dense_weights(loaded.model):
+        assert dec._plan() is None  # dense weights run through the per-op loop
+    assert dec._plan() is not None
 
 
 def test_plan_falls_back_when_fused_parts_disagree(tiny_ckpt):
