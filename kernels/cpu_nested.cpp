@@ -748,17 +748,21 @@ void gemv(const Planes& planes, const Grid& grid, const Activations& a, const Qu
 #endif
   constexpr int64_t kRows = 16;  // rows whose slice parameters are computed together
   at::parallel_for(0, out, kRows, [&](int64_t begin, int64_t end) {
-    std::vector<float> params(2 * grid.groups * kRows);
-    std::vector<uint8_t> codes(nibbles ? 0 : planes.padded_in);
+    thread_local std::vector<float> params;  // per thread, reused from call to call
+    thread_local std::vector<uint8_t> codes;
+    params.resize(2 * grid.groups * kRows);
+    codes.resize(nibbles ? 0 : planes.padded_in);
+    float* const pbuf = params.data();
+    uint8_t* const cbuf = codes.data();
     int64_t block = 0;  // rows in the current parameter block
     for (int64_t n = begin; n < end; ++n) {
       const int64_t i = (n - begin) % kRows;
       if (i == 0) {
         block = std::min(kRows, end - n);
-        row_params(grid, n, mult, shift, params.data(), params.data() + grid.groups * block, block);
+        row_params(grid, n, mult, shift, pbuf, pbuf + grid.groups * block, block);
       }
-      const float* sm = params.data() + i * grid.groups;
-      const float* zc = params.data() + (block + i) * grid.groups;
+      const float* sm = pbuf + i * grid.groups;
+      const float* zc = pbuf + (block + i) * grid.groups;
 #if defined(FQ_SIMD)
 #if defined(FQ_VNNI)
       if (wide && xq) {
@@ -831,8 +835,8 @@ void gemv(const Planes& planes, const Grid& grid, const Activations& a, const Qu
         continue;
       }
 #endif
-      unpack_row(planes, n, codes.data());
-      row_dot<B, U>(codes.data(), a, in, grid, sm, zc, y + n, out);
+      unpack_row(planes, n, cbuf);
+      row_dot<B, U>(cbuf, a, in, grid, sm, zc, y + n, out);
     }
   });
 }
@@ -959,29 +963,48 @@ at::Tensor fqcompile::nested_linear(const at::Tensor& x, at::TensorList planes, 
 
   // Int8-activation mode: every path computes W x^ for the group-quantized x^; decode-sized
   // batches use the integer codes directly with AVX-512 VNNI, or on nibble planes with AVX2.
-  at::Tensor q, lane_scale;
-  Quantized quantized{};
-  if (int8_activations) {
-    at::Tensor xhat = at::empty_like(x2);
-    const int64_t ld = (p.padded_in + kActBlock - 1) / kActBlock * kActBlock;
-    q = at::zeros({m, ld}, x2.options().dtype(at::kChar));
-    lane_scale = at::empty({m, ld / 4}, x2.options());
-    quantize_activations(x2.data_ptr<float>(), m, in, q.data_ptr<int8_t>(), ld, lane_scale.data_ptr<float>(),
-                         xhat.data_ptr<float>());
-    quantized = Quantized{q.data_ptr<int8_t>(), ld, lane_scale.data_ptr<float>()};
-    x2 = xhat;
-  }
-#if defined(FQ_VNNI) || defined(FQ_I8)
-  const Quantized* xq = int8_activations ? &quantized : nullptr;
-#else
-  const Quantized* xq = nullptr;
-#endif
-
-  if (m <= kMaxGemvBatch) {
-    // Per-group activation sums (over the vector width), shared by every output row.
-    std::vector<float> xsum(m * groups);
+  const int64_t ld = (p.padded_in + kActBlock - 1) / kActBlock * kActBlock;
+  if (m > kMaxGemvBatch) {
+    if (int8_activations) {  // only x^ is used here
+      at::Tensor xhat = at::empty_like(x2), q = at::empty({m, ld}, x2.options().dtype(at::kChar));
+      at::Tensor lane_scale = at::empty({m, ld / 4}, x2.options());
+      quantize_activations(x2.data_ptr<float>(), m, in, q.data_ptr<int8_t>(), ld, lane_scale.data_ptr<float>(),
+                           xhat.data_ptr<float>());
+      x2 = xhat;
+    }
+    // Tiles of ~4 MiB of float weights: dequantized once, multiplied while still in cache.
+    const int64_t rows = std::max<int64_t>(64, (int64_t{1} << 20) / std::max<int64_t>(in, 1) / 64 * 64);
+    at::Tensor tile = at::empty({std::min(rows, out), in}, x2.options());
+    for (int64_t n0 = 0; n0 < out; n0 += rows) {
+      const int64_t n1 = std::min(out, n0 + rows);
+      at::Tensor w = tile.narrow(0, 0, n1 - n0);
+      dequantize_rows(p, grid, in, n0, n1, w.data_ptr<float>());
+      y.narrow(1, n0, n1 - n0).copy_(at::mm(x2, w.t()));
+    }
+  } else {
+    // Decode-sized batches keep their scratch (group sums; x^, its codes and scales) in
+    // per-thread buffers reused from call to call: allocating it as tensors was a good
+    // part of the ~6 us a call cost beyond reading its weights.
+    thread_local std::vector<float> scratch;
+    thread_local std::vector<int8_t> codes;
+    scratch.resize(m * groups + (int8_activations ? m * (in + ld / 4) : 0));
+    float* xs = scratch.data();
     const float* xp = x2.data_ptr<float>();
-    float* xs = xsum.data();
+    Quantized quantized{};
+    if (int8_activations) {
+      codes.assign(m * ld, 0);  // zero past in_features
+      float* xhat = xs + m * groups;
+      float* lane_scale = xhat + m * in;
+      quantize_activations(xp, m, in, codes.data(), ld, lane_scale, xhat);
+      quantized = Quantized{codes.data(), ld, lane_scale};
+      xp = xhat;
+    }
+#if defined(FQ_VNNI) || defined(FQ_I8)
+    const Quantized* xq = int8_activations ? &quantized : nullptr;
+#else
+    const Quantized* xq = nullptr;
+#endif
+    // Per-group activation sums (over the vector width), shared by every output row.
     for (int64_t b = 0; b < m; ++b)
       for (int64_t g = 0; g < groups; ++g) {
         const float* row = xp + b * in;
@@ -994,16 +1017,6 @@ at::Tensor fqcompile::nested_linear(const at::Tensor& x, at::TensorList planes, 
         xs[b * groups + g] = sum / VW;
       }
     kGemv[m - 1](p, grid, Activations{xp, in, xs}, xq, in, out, y.data_ptr<float>());
-  } else {
-    // Tiles of ~4 MiB of float weights: dequantized once, multiplied while still in cache.
-    const int64_t rows = std::max<int64_t>(64, (int64_t{1} << 20) / std::max<int64_t>(in, 1) / 64 * 64);
-    at::Tensor tile = at::empty({std::min(rows, out), in}, x2.options());
-    for (int64_t n0 = 0; n0 < out; n0 += rows) {
-      const int64_t n1 = std::min(out, n0 + rows);
-      at::Tensor w = tile.narrow(0, 0, n1 - n0);
-      dequantize_rows(p, grid, in, n0, n1, w.data_ptr<float>());
-      y.narrow(1, n0, n1 - n0).copy_(at::mm(x2, w.t()));
-    }
   }
   if (x.dim() != 2) y = y.view(shape);
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
