@@ -6,7 +6,7 @@ from torch import nn
 
 from .errors import FqError
 from .formats.nested import Layout
-from .kernels import kernel_args, nested_linear, quantize_activations
+from .kernels import MAX_PACKED_BATCH, kernel_args, nested_linear, pack_rows, packed_linear, quantize_activations
 
 # Bumped whenever a layer's precision, int8 flag or dense weights change: the slim decoder
 # reuses its per-step plan until then (reading ~200 layers' settings cost ~0.25 ms a step).
@@ -52,6 +52,7 @@ class FlexLinear(nn.Module):
         self.dense = None  # {bits: weight} while runtime.dense_weights() is active
         self.int8_activations = False  # quantize inputs to int8 in blocks (kernels.quantize_activations)
         self._calls = {}  # bits -> the kernel's arguments: a decode step calls ~200 layers
+        self._packs = {}  # bits -> pack_rows' tensors (or []), made on the first int8-activation call
 
 
     @property
@@ -67,10 +68,10 @@ class FlexLinear(nn.Module):
         for i, plane in enumerate(planes):
             setattr(self, f"plane{i}", plane)
         self.scale, self.zero = scale, zero
-        self._calls = {}
+        self._calls, self._packs = {}, {}
 
-    def _apply(self, fn, *args, **kwargs):  # .to() / .float() replace the buffers the cache holds
-        self._calls = {}
+    def _apply(self, fn, *args, **kwargs):  # .to() / .float() replace the buffers the caches hold
+        self._calls, self._packs = {}, {}
         return super()._apply(fn, *args, **kwargs)
 
     def set_precision(self, bits) -> None:
@@ -103,8 +104,19 @@ class FlexLinear(nn.Module):
 
     def run(self, x: torch.Tensor, bits: int, int8_activations: bool = False) -> torch.Tensor:
         """The kernel at one precision for every row (what forward does for an int precision)."""
-        y = nested_linear(x, *self._args(bits), int8_activations)
+        if int8_activations and x.numel() <= MAX_PACKED_BATCH * self.in_features and self.packed(bits):
+            y = packed_linear(x, self._packs[bits], self.out_features, self.layout.ladder[0], self.layout.group_size)
+        else:
+            y = nested_linear(x, *self._args(bits), int8_activations)
         return y if self.bias is None else y + self.bias
+
+    def packed(self, bits: int) -> list:
+        """The planes of `bits` packed by rows for the CPU int8-activation decode kernel, or [] where it
+        does not apply (kernels.pack_rows). Made once, on first use: a copy of the top plane."""
+        packs = self._packs.get(bits)
+        if packs is None:
+            packs = self._packs[bits] = pack_rows(*self._args(bits)[:4], self.in_features, self.layout.group_size)
+        return packs
 
     def _args(self, bits: int) -> tuple:
         call = self._calls.get(bits)

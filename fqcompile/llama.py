@@ -174,10 +174,11 @@ class Llama(nn.Module):
         for i, (blk, slots, (k, v)) in enumerate(zip(self.blocks, self.slots, self.caches)):
             stack.set_norms(i, blk["in_norm"], blk["post_norm"])
             stack.set_cache(i, k, v)
-            for s, (run, _) in enumerate(slots):
+            for s, (run, parts) in enumerate(slots):
                 bias = run.bias.data if run.bias is not None else None
                 for bits in run.precisions:
-                    stack.set_linear(i, s, bits, *run._args(bits), bias)
+                    packed = run.packed(bits) if parts[0].int8_activations else []
+                    stack.set_linear(i, s, bits, *run._args(bits), bias, packed)
         return stack
 
     def _plan(self):

@@ -15,7 +15,7 @@ under that name; absolute imports keep that harmless.
 
 import torch
 
-from fqcompile.kernels.ops import backend, nested_linear
+from fqcompile.kernels.ops import MAX_PACKED_BATCH, backend, nested_linear, pack_rows, packed_linear
 from fqcompile.kernels.reference import quantize_activations, reference_linear
 
 
@@ -38,4 +38,5 @@ def kernel_args(planes, meta, precision: int) -> tuple:
     return list(planes[:n]), list(layout.widths[:n]), scale, zero, layout.ladder[0], layout.group_size
 
 
-__all__ = ["backend", "flex_linear", "kernel_args", "quantize_activations", "reference_linear"]
+__all__ = ["MAX_PACKED_BATCH", "backend", "flex_linear", "kernel_args", "nested_linear", "pack_rows", "packed_linear",
+           "quantize_activations", "reference_linear"]

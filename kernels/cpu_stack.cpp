@@ -26,9 +26,13 @@ struct Linear {
   at::Tensor scale, zero;
   int64_t low = 0, group_size = 0;
   c10::optional<at::Tensor> bias;
+  std::vector<at::Tensor> packed;  // pack_rows' tensors, if the int8 decode kernel reads them
 
   at::Tensor operator()(const at::Tensor& x, bool int8_activations) const {
-    at::Tensor y = fqcompile::nested_linear(x, planes, widths, scale, zero, low, group_size, int8_activations);
+    // FlexLinear.run's choice: the packed rows for an int8 decode step they serve
+    at::Tensor y = int8_activations && !packed.empty() && x.numel() <= fqcompile::kMaxPackedBatch * x.size(-1)
+                       ? fqcompile::packed_linear(x, packed, scale.size(0), low, group_size)
+                       : fqcompile::nested_linear(x, planes, widths, scale, zero, low, group_size, int8_activations);
     if (bias) y.add_(*bias);
     return y;
   }
@@ -79,9 +83,10 @@ struct Stack : torch::CustomClassHolder {
 
   void set_linear(int64_t i, int64_t slot, int64_t bits, std::vector<at::Tensor> planes, std::vector<int64_t> widths,
                   const at::Tensor& scale, const at::Tensor& zero, int64_t low, int64_t group_size,
-                  const c10::optional<at::Tensor>& bias) {
+                  const c10::optional<at::Tensor>& bias, std::vector<at::Tensor> packed) {
     TORCH_CHECK(slot >= 0 && slot < kSlots, "Stack: slot ", slot);
-    layer(i).linear[slot][bits] = Linear{std::move(planes), std::move(widths), scale, zero, low, group_size, bias};
+    layer(i).linear[slot][bits] =
+        Linear{std::move(planes), std::move(widths), scale, zero, low, group_size, bias, std::move(packed)};
   }
 
   const Linear& linear(const Layer& l, int64_t slot, int64_t bits) const {

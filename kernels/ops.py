@@ -161,6 +161,7 @@ def backend(device: torch.device) -> str:
 
 
 _OP = torch.ops.fqcompile.nested_linear.default  # resolved once: a decode step makes ~200 calls
+_PACKED = None  # torch.ops.fqcompile.packed_linear, once the C++ kernels define it (pack_rows ran)
 
 
 def _impl(x) -> str:
@@ -173,6 +174,26 @@ def nested_linear(x, planes, widths, scale, zero, low: int, group_size: int,
     if _impl(x) == "reference":
         return reference(x, planes, widths, scale, zero, low, group_size, int8_activations)
     return _OP(x, planes, widths, scale, zero, low, group_size, int8_activations)
+
+
+MAX_PACKED_BATCH = 4  # kernels/cpu_ops.h kMaxPackedBatch
+
+
+def pack_rows(planes, widths, scale, zero, in_features: int, group_size: int) -> list:
+    """The top plane packed 8 rows at a time for the CPU int8-activation decode kernel, or []
+    where that kernel does not apply (not one 4-bit plane, not the C++ CPU kernels, or a
+    build whose int8 kernels read the nested planes directly: see docs/kernels.md)."""
+    if list(widths) != [4] or not planes[0].is_cpu or backend(planes[0].device) != "cpu-cpp":
+        return []
+    return torch.ops.fqcompile.pack_rows(planes[0], scale, zero, in_features, group_size)
+
+
+def packed_linear(x, packed, out_features: int, low: int, group_size: int) -> torch.Tensor:
+    """W x^ (int8 activations) over pack_rows' tensors: what nested_linear computes, for up to MAX_PACKED_BATCH rows."""
+    global _PACKED
+    if _PACKED is None:
+        _PACKED = torch.ops.fqcompile.packed_linear.default
+    return _PACKED(x, packed, out_features, low, group_size)
 
 
 _RMS, _ATTEND, _ENTROPY, _SILU_MUL = (torch.ops.fqcompile.rms_norm.default, torch.ops.fqcompile.attend.default,

@@ -83,7 +83,7 @@ def test_torch_compile_traces_the_op():
 CHECK = """
 import torch
 from fqcompile.formats.nested import Layout, pack_planes, quantize_rtn
-from fqcompile.kernels import backend, flex_linear, quantize_activations, reference_linear
+from fqcompile.kernels import backend, flex_linear, kernel_args, pack_rows, packed_linear, quantize_activations, reference_linear
 worst = 0.0
 for shape, group in [((64, 2048), 128), ((48, 1536), 64), ((33, 576), 128), ((17, 61), 32)]:
     for ladder in [(4, 8), (2, 3, 4, 6, 8)]:
@@ -102,6 +102,10 @@ for shape, group in [((64, 2048), 128), ((48, 1536), 64), ((33, 576), 128), ((17
                 y = flex_linear(x, planes, (layout, scale, zero), bits, int8_activations=True)
                 ref = reference_linear(quantize_activations(x).double(), planes, (layout, scale, zero), bits)
                 worst = max(worst, ((y.double() - ref).norm() / ref.norm()).item())
+                packed = pack_rows(*kernel_args(planes, (layout, scale, zero), bits)[:4], shape[1], group)
+                if packed and m <= 4:  # the AVX2 build's packed decode kernel
+                    y = packed_linear(x, packed, shape[0], ladder[0], group)
+                    worst = max(worst, ((y.double() - ref).norm() / ref.norm()).item())
 print(backend(torch.device("cpu")), worst)
 """
 
@@ -155,6 +159,53 @@ def test_int8_activation_mode_computes_w_times_quantized_x(shape, group, ladder,
             assert (y - want).norm() <= 1e-5 * want.norm(), (m, bits)
             exact = x.double() @ w64.T
             assert 1e-4 * exact.norm() < (y - exact).norm() < 3e-2 * exact.norm()  # approximate, not broken
+
+
+def packs_here() -> bool:
+    """Whether this machine's build has the packed int8 decode kernel (AVX2 without AVX-512)."""
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    return " avx2" in flags and " avx512f" not in flags
+
+
+@pytest.mark.parametrize("shape,group", SHAPES[:4] + [((203, 80), 16), ((37, 96), 32)])
+def test_packed_rows_compute_w_times_quantized_x(shape, group, oracle_weight):
+    """pack_rows + packed_linear (the AVX2 int8 decode path) against float64, on batches of 1-4 rows."""
+    from fqcompile.kernels import kernel_args, pack_rows, packed_linear, quantize_activations
+
+    layout, codes, scale, zero, planes = make(shape, group, (4, 8), seed=3)
+    packed = pack_rows(*kernel_args(planes, (layout, scale, zero), 4)[:4], shape[1], group)
+    assert bool(packed) == packs_here()
+    if not packed:
+        pytest.skip("this build's int8 kernels read the nested planes directly")
+    assert pack_rows(*kernel_args(planes, (layout, scale, zero), 8)[:4], shape[1], group) == []  # two planes
+    w64 = oracle_weight(codes, scale, zero, (4, 8), 4, group)
+    gen = torch.Generator().manual_seed(11)
+    for m in (1, 2, 3, 4):
+        for offset in (0.0, 2.0):
+            x = torch.randn(1, m, shape[1], generator=gen) + offset
+            y = packed_linear(x, packed, shape[0], 4, group)
+            assert y.shape == (1, m, shape[0]) and y.dtype == torch.float32
+            want = quantize_activations(x).double() @ w64.T
+            assert ((y.double() - want).norm() / want.norm()).item() <= 1e-5, (m, offset)
+
+
+@pytest.mark.skipif(not packs_here(), reason="the packed kernel is built for AVX2 machines without AVX-512")
+def test_packed_rows_refuse_what_they_cannot_serve():
+    from fqcompile.kernels import kernel_args, pack_rows, packed_linear
+
+    layout, _, scale, zero, planes = make((24, 256), 64, (4, 8))
+    args = kernel_args(planes, (layout, scale, zero), 4)[:4]
+    packed = pack_rows(*args, 256, 64)
+    with pytest.raises(RuntimeError, match="at most 4 rows"):
+        packed_linear(torch.randn(5, 256), packed, 24, 4, 64)
+    with pytest.raises(RuntimeError, match="input of 128 columns"):
+        packed_linear(torch.randn(1, 128), packed, 24, 4, 64)
+    with pytest.raises(RuntimeError, match="expected pack_rows' tensors for 32 rows"):
+        packed_linear(torch.randn(1, 256), packed, 32, 4, 64)
+    with pytest.raises(RuntimeError, match="scale .* must be contiguous"):
+        pack_rows(args[0], args[1], scale[:, :2], zero, 256, 64)
+    odd = make((24, 200), 40, (4, 8))  # 200 columns: not whole activation blocks of 16
+    assert pack_rows(*kernel_args(odd[4], odd[:1] + odd[2:4], 4)[:4], 200, 40) == []
 
 
 def test_quantize_activations_rounds_within_half_a_step():

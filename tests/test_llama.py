@@ -220,7 +220,7 @@ def test_stack_refuses_a_projection_of_the_wrong_size(tiny_ckpt):
     dec = llama.Llama(loaded.model)
     dec.setup_cache(1, 8)
     qkv = dec.blocks[0]["qkv"].fused  # wider than the hidden size
-    dec.stack.set_linear(0, 1, 8, *qkv._args(8), None)  # ... put where the o projection goes
+    dec.stack.set_linear(0, 1, 8, *qkv._args(8), None, [])  # ... put where the o projection goes
     with pytest.raises(RuntimeError, match="does not match the hidden state"):
         dec(torch.tensor([[1, 2]]), torch.tensor([[0, 1]]), 0)
     dec.to(torch.float32)
