@@ -17,7 +17,7 @@ import torch
 
 from .calibration import policy as pol
 from .errors import FqError
-from .flex_linear import FlexLinear
+from .flex_linear import FlexLinear, set_precisions
 from .formats import checkpoint as ckpt
 from .kernels.ops import entropy
 
@@ -122,13 +122,13 @@ class Controller:
         if ids is None:
             ids = kwargs["inputs_embeds"]
         rows, new = ids.shape[0], ids.shape[1]
-        if self.signal is None or new > 1 or self.signal.shape[0] != rows:
+        if self.signal is None or new > 1 or len(self.signal) != rows:
             self.signal = None
             self._set([self.plan.prefill] * len(self.layers))
             self.applied = None
         else:
             # Plain Python over a few rows: a dozen tiny tensor ops would cost ~100 us a step.
-            buckets = [bisect.bisect_right(self.edge_list, s) for s in self.signal.tolist()]
+            buckets = [bisect.bisect_right(self.edge_list, s) for s in self.signal]
             plans = [self.plan_ids[b] for b in buckets]
             # Setting ~200 layers costs more than the rest of the hook: only when the plan changes.
             if plans != self.applied:
@@ -145,19 +145,17 @@ class Controller:
     def _after(self, _model, _args, output):
         start = time.perf_counter()
         if not self.edge_list:  # one bucket (static plans): the signal's value is never read
-            self.signal = torch.zeros(output.logits.shape[0])
+            self.signal = [0.0] * output.logits.shape[0]
             self.overhead += time.perf_counter() - start
             return
-        h = entropy(output.logits[:, -1].float())
+        h = entropy(output.logits[:, -1].float()).tolist()  # per row, in plain Python: a few rows
         s = self.plan.smoothing
-        self.signal = h if self.signal is None or not s else s * self.signal + (1 - s) * h
+        self.signal = h if self.signal is None or not s else [s * a + (1 - s) * b for a, b in zip(self.signal, h)]
         self.overhead += time.perf_counter() - start
 
     def _set(self, per_unit) -> None:
         for layers, bits in zip(self.layers, per_unit):
-            for layer in layers:
-                # a plain attribute: object.__setattr__ skips nn.Module's ~2 us of checks, x ~200 layers
-                object.__setattr__(layer, "precision", bits)
+            set_precisions(layers, bits)
 
     def stats(self, verbose: bool = False) -> dict:
         """Decode steps only (the prompt runs at the prefill precision)."""

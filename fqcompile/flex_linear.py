@@ -25,6 +25,15 @@ def _watched(name: str) -> property:
     return property(lambda self: self.__dict__[key], assign)
 
 
+def set_precisions(layers, bits) -> None:
+    """Set the precision of many layers at once, unchecked (the controller's per-step switch:
+    ~25 ns a layer, against ~0.5 us through the attribute and ~2 us through nn.Module)."""
+    global changes
+    changes += 1
+    for layer in layers:
+        layer.__dict__["_precision"] = bits
+
+
 class FlexLinear(nn.Module):
     """y = x W_b^T + bias, W_b the b-bit slice of the nested weights (b = self.precision).
 

@@ -34,7 +34,7 @@ def test_decisions_follow_the_policy_for_crafted_entropies(loaded):
     ids = torch.tensor([[1, 5, 9], [1, 7, 3], [1, 2, 2], [1, 4, 4]])
     model(ids)  # a prompt: prefill precision everywhere
     assert all(layer.precision == 8 for unit in units for layer in unit)
-    controller.signal = torch.tensor([0.5, 1.5, 2.5, 1.0])  # 1.0 is an edge: it belongs to the middle bucket
+    controller.signal = [0.5, 1.5, 2.5, 1.0]  # 1.0 is an edge: it belongs to the middle bucket
     model(ids[:, -1:])
     for layer in units[0]:
         assert layer.precision.tolist() == [4, 4, 8, 4]
@@ -45,7 +45,22 @@ def test_decisions_follow_the_policy_for_crafted_entropies(loaded):
     assert sum(stats["share"].values()) == pytest.approx(1.0)
     assert stats["share"]["4"] == pytest.approx(4 / 8)  # 3 + 1 of 8 row-unit decisions
     # the signal after a step is each row's entropy of its own next-token distribution
-    assert controller.signal.shape == (4,) and (controller.signal > 0).all()
+    assert len(controller.signal) == 4 and all(s > 0 for s in controller.signal)
+    controller.close()
+
+
+def test_smoothed_signal_is_an_ema_of_each_rows_entropy(loaded):
+    plan = crafted(loaded.manifest)
+    plan.smoothing = 0.75
+    controller = Controller(loaded.model, loaded.manifest, plan)
+    ids = torch.tensor([[1, 5, 9], [1, 7, 3]])
+    logits = loaded.model(ids).logits[:, -1]  # the prompt: the signal starts as the entropy itself
+    entropy = -(logits.log_softmax(-1).exp() * logits.log_softmax(-1)).sum(-1)
+    assert controller.signal == pytest.approx(entropy.tolist(), rel=1e-4)
+    previous = controller.signal
+    logits = loaded.model(ids[:, -1:]).logits[:, -1]
+    entropy = -(logits.log_softmax(-1).exp() * logits.log_softmax(-1)).sum(-1)
+    assert controller.signal == pytest.approx([0.75 * p + 0.25 * h for p, h in zip(previous, entropy.tolist())], rel=1e-4)
     controller.close()
 
 
@@ -53,7 +68,7 @@ def test_uniform_rows_use_one_precision_and_stats_add_up(loaded):
     controller = Controller(loaded.model, loaded.manifest, crafted(loaded.manifest))
     ids = torch.tensor([[1, 5, 9]])
     loaded.model(ids)
-    controller.signal = torch.tensor([0.1])
+    controller.signal = [0.1]
     loaded.model(ids[:, -1:])
     assert all(layer.precision == 4 for unit in controller.layers for layer in unit)
     stats = controller.stats()

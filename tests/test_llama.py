@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fqcompile
-from fqcompile import llama
+from fqcompile import flex_linear, llama
 from fqcompile.errors import FqError
 
 PROMPTS = ["It is a truth universally acknowledged", "Emma Woodhouse, handsome,", "The"]
@@ -142,8 +142,11 @@ def test_cached_plan_follows_every_way_of_switching(tiny_ckpt):
     dec = llama.Llama(loaded.model)
     o_proj = loaded.model.model.layers[0].self_attn.o_proj
     assert dec._plan()[0][1] == 8 and dec._plan()[1][1] == 0
-    object.__setattr__(o_proj, "precision", 4)  # as the controller sets it (no nn.Module checks)
+    object.__setattr__(o_proj, "precision", 4)  # no nn.Module checks
     assert dec._plan()[0][1] == 4
+    flex_linear.set_precisions([o_proj], 8)  # as the controller sets it
+    assert dec._plan()[0][1] == 8
+    o_proj.set_precision(4)
     o_proj.int8_activations = True
     assert dec._plan()[1][1] == 1
     fqcompile.set_precision(loaded.model, 8)
