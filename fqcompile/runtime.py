@@ -123,13 +123,19 @@ def quantize_head(model, group_size: int) -> None:
     built-in model's fp32 head is 113 MB, its 4-bit body 53 MB). 8 bits cost the built-in
     model +0.03% perplexity, 4 bits +18% (docs/bench-generate.md), so 8 it is. A tied
     embedding keeps the float weight. Both engines use the same head; the controller leaves it alone.
+    The codes are RTN at 8 bits either way; as one plane they are not nested under 4-bit ones
+    (the head never runs at 4), which if anything makes them a little closer to the weights.
     """
     bits = 8
     from .formats.nested import Layout, pack_planes, quantize_rtn
+    from .kernels import packs_rows
 
     head = model.get_output_embeddings()
     w = head.weight.detach()
-    layout = Layout(w.shape[0], w.shape[1], group_size, (4, bits))  # two nibble planes: the fast kernel path
+    # One 8-bit plane where the CPU's packed int8 decode kernel reads it (AVX2 builds), else
+    # two nibble planes (what the other kernels read fastest, AVX-512 VNNI's included).
+    ladder = (bits,) if head.weight.is_cpu and packs_rows() else (4, bits)
+    layout = Layout(w.shape[0], w.shape[1], group_size, ladder)
     parts = []
     for block in w.split(4096):  # whole-head temporaries would double a small model's peak memory
         codes, scale, zero = quantize_rtn(block, group_size, layout.ladder)

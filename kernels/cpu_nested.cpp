@@ -924,19 +924,26 @@ void quantize_activations(const float* x, int64_t m, int64_t in, int8_t* q, int6
 
 
 #if defined(FQ_I8)
-// ---- The top 4-bit plane packed by rows, for the AVX2 int8-activation decode path ------
-// In the nibble planes each output row is a run of bytes, so a kernel's vector lanes are
+// ---- A slice's one plane packed by rows, for the AVX2 int8-activation decode path ------
+// In the nested planes each output row is a run of bytes, so a kernel's vector lanes are
 // columns: every 32 weights cost a maddubs, a madd, a conversion and a scaling FMA per
 // row, and each row's groups are finished one at a time. pack_rows lays 8 rows side by
-// side instead, lanes = rows: for each 8 columns k .. k + 7, 32 bytes, lane r holding row
-// r's codes of columns k .. k + 3 (low nibbles) and k + 4 .. k + 7 (high nibbles). One
-// broadcast of 4 activation codes then serves 8 rows, a 16-column activation block's four
-// maddubs add up in 16 bits (4 x 2 x 15 x 127 < 2^15) before one madd, conversion and
-// FMA, and a group is finished for 8 rows at once. ~2x faster on 576-column rows.
+// side instead, lanes = rows, 16 columns (one activation block) at a time:
+// - a 4-bit plane (the top nibble plane: 4 bits of a [4, 8] ladder): two 32-byte vectors
+//   for columns k .. k + 7 and k + 8 .. k + 15, lane r of the first holding row r's codes of
+//   k .. k + 3 (low nibbles) and k + 4 .. k + 7 (high nibbles);
+// - an 8-bit plane (the 8-bit head): four vectors, lane r of the i-th holding row r's codes
+//   of columns k + 4i .. k + 4i + 3.
+// One broadcast of 4 activation codes then serves 8 rows, a block needs one conversion and
+// one scaling FMA, and a group is finished for 8 rows at once. Nibbles: the block's four
+// maddubs add up in 16 bits (4 x 2 x 15 x 127 < 2^15) before one madd. Bytes: maddubs wants
+// one side unsigned and would saturate on codes up to 255, so the codes go in centred,
+// w = c - 128 (a xor), as |w| against q with w's sign (a pair sums to at most 2 x 128 x
+// 127 < 2^15), each maddubs through its own madd; the zero point takes the 128 back.
 constexpr int64_t kPackRows = 8;
 
 struct Packed {
-  const uint8_t* codes;       // [blocks, in / 8, 32]
+  const uint8_t* codes;       // [blocks, in / 16, 16 * width]: per 8 rows and activation block
   const c10::Half* scale;     // [blocks, groups, 8]
   const uint8_t* zero;        // [blocks, groups, 8]
   int64_t in, groups, group_size;
@@ -944,12 +951,15 @@ struct Packed {
 };
 
 // Rows 8 nb .. 8 nb + 7 for B rows of activations: y[b * ldy + r] (r < rows).
-template <int B>
+template <int B, int W>
 void packed_block(const Packed& w, int64_t nb, const Quantized& xq, const float* xs, float* y, int64_t ldy,
                   int64_t rows) {
-  const __m256i m0f = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  constexpr int64_t kBlockBytes = 16 * W;  // 8 rows x 16 columns
+  const __m256i m0f = _mm256_set1_epi8(0x0F), flip = _mm256_set1_epi8(static_cast<char>(0x80));
+  const __m256i ones = _mm256_set1_epi16(1);
   const __m256 inv = _mm256_set1_ps(1.f / w.cells), cells = _mm256_set1_ps(w.cells);
-  const uint8_t* codes = w.codes + nb * w.in * 4;
+  const __m256 shift = _mm256_set1_ps(W == 8 ? -128.f : 0.f);  // the centring of 8-bit codes
+  const uint8_t* codes = w.codes + nb * (w.in / kActBlock) * kBlockBytes;
   const int64_t blocks_per_group = w.group_size / kActBlock, act_blocks = w.in / kActBlock;
   __m256 total[B];
   FQ_UNROLL
@@ -960,31 +970,52 @@ void packed_block(const Packed& w, int64_t nb, const Quantized& xq, const float*
     for (int b = 0; b < B; ++b) acc[b] = _mm256_setzero_ps();
     const int64_t k1 = std::min(act_blocks, (g + 1) * blocks_per_group);
     for (int64_t kb = g * blocks_per_group; kb < k1; ++kb) {
-      const uint8_t* v = codes + kb * kActBlock * 4;
-      _mm_prefetch(reinterpret_cast<const char*>(v + kPrefetch), FQ_HINT);
-      const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v));
-      const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + 32));
-      const __m256i c[4] = {_mm256_and_si256(v0, m0f), _mm256_and_si256(_mm256_srli_epi16(v0, 4), m0f),
-                            _mm256_and_si256(v1, m0f), _mm256_and_si256(_mm256_srli_epi16(v1, 4), m0f)};
+      const uint8_t* v = codes + kb * kBlockBytes;
+      FQ_UNROLL
+      for (int64_t line = 0; line < kBlockBytes; line += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(v + kPrefetch + line), FQ_HINT);
+      __m256i c[4], sign[4];  // per 4 columns: the codes (4-bit), or |w| and w (8-bit)
+      if constexpr (W == 4) {
+        const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v));
+        const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + 32));
+        c[0] = _mm256_and_si256(v0, m0f);
+        c[1] = _mm256_and_si256(_mm256_srli_epi16(v0, 4), m0f);
+        c[2] = _mm256_and_si256(v1, m0f);
+        c[3] = _mm256_and_si256(_mm256_srli_epi16(v1, 4), m0f);
+      } else {
+        FQ_UNROLL
+        for (int i = 0; i < 4; ++i) {
+          sign[i] = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + 32 * i)), flip);
+          c[i] = _mm256_abs_epi8(sign[i]);
+        }
+      }
       FQ_UNROLL
       for (int b = 0; b < B; ++b) {
         const int8_t* q = xq.q + b * xq.ld + kb * kActBlock;
-        __m256i sum = _mm256_setzero_si256();
+        __m256i dot;
         FQ_UNROLL
-        for (int i = 0; i < 4; ++i) {  // columns 4i .. 4i + 3 of the block
-          int32_t four;
-          std::memcpy(&four, q + 4 * i, 4);
-          sum = _mm256_add_epi16(sum, _mm256_maddubs_epi16(c[i], _mm256_set1_epi32(four)));
+        for (int i = 0; i < 4; ++i) {  // columns 4i .. 4i + 3 of the block, broadcast to every row
+          int32_t bytes;
+          std::memcpy(&bytes, q + 4 * i, 4);
+          const __m256i four = _mm256_set1_epi32(bytes);
+          if constexpr (W == 4) {
+            const __m256i pairs = _mm256_maddubs_epi16(c[i], four);
+            dot = i == 0 ? pairs : _mm256_add_epi16(dot, pairs);
+          } else {
+            const __m256i quads = _mm256_madd_epi16(_mm256_maddubs_epi16(c[i], _mm256_sign_epi8(four, sign[i])), ones);
+            dot = i == 0 ? quads : _mm256_add_epi32(dot, quads);
+          }
         }
-        const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(sum, ones));
-        acc[b] = _mm256_fmadd_ps(dot, _mm256_set1_ps(xq.lane_scale[b * (xq.ld / 4) + kb * kActBlock / 4]), acc[b]);
+        if constexpr (W == 4) dot = _mm256_madd_epi16(dot, ones);
+        acc[b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot),
+                                 _mm256_set1_ps(xq.lane_scale[b * (xq.ld / 4) + kb * kActBlock / 4]), acc[b]);
       }
     }
-    // The 8 rows' parameters of group g, folded as row_params does (mult 1, shift 0).
+    // The 8 rows' parameters of group g, folded as row_params does (mult 1).
     const int64_t at = (nb * w.groups + g) * kPackRows;
     const __m256 s = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.scale + at))), inv);
     const __m256 z = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w.zero + at))));
-    const __m256 zc = _mm256_fmadd_ps(_mm256_add_ps(z, _mm256_set1_ps(0.5f)), cells, _mm256_set1_ps(-0.5f));
+    const __m256 zc = _mm256_add_ps(shift, _mm256_fmadd_ps(_mm256_add_ps(z, _mm256_set1_ps(0.5f)), cells, _mm256_set1_ps(-0.5f)));
     FQ_UNROLL
     for (int b = 0; b < B; ++b)  // xs holds X_g / VW
       total[b] = _mm256_fmadd_ps(s, _mm256_fnmadd_ps(zc, _mm256_set1_ps(xs[b * w.groups + g] * VW), acc[b]), total[b]);
@@ -1001,16 +1032,20 @@ void packed_block(const Packed& w, int64_t nb, const Quantized& xq, const float*
   }
 }
 
-template <int B>
+template <int B, int W>
 void packed_gemv(const Packed& w, const Quantized& xq, const float* xs, int64_t out, float* y) {
   at::parallel_for(0, (out + kPackRows - 1) / kPackRows, 2, [&](int64_t begin, int64_t end) {
     for (int64_t nb = begin; nb < end; ++nb)
-      packed_block<B>(w, nb, xq, xs, y + nb * kPackRows, out, std::min(kPackRows, out - nb * kPackRows));
+      packed_block<B, W>(w, nb, xq, xs, y + nb * kPackRows, out, std::min(kPackRows, out - nb * kPackRows));
   });
 }
 
 using PackedFn = void (*)(const Packed&, const Quantized&, const float*, int64_t, float*);
-constexpr PackedFn kPacked[fqcompile::kMaxPackedBatch] = {packed_gemv<1>, packed_gemv<2>, packed_gemv<3>, packed_gemv<4>};
+constexpr PackedFn kPacked[2][fqcompile::kMaxPackedBatch] = {
+    {packed_gemv<1, 4>, packed_gemv<2, 4>, packed_gemv<3, 4>, packed_gemv<4, 4>, packed_gemv<5, 4>, packed_gemv<6, 4>,
+     packed_gemv<7, 4>, packed_gemv<8, 4>},
+    {packed_gemv<1, 8>, packed_gemv<2, 8>, packed_gemv<3, 8>, packed_gemv<4, 8>, packed_gemv<5, 8>, packed_gemv<6, 8>,
+     packed_gemv<7, 8>, packed_gemv<8, 8>}};
 #endif
 
 // A decode-sized batch's inputs to the row kernels: per-group activation sums (over the
@@ -1131,9 +1166,10 @@ at::Tensor fqcompile::nested_linear(const at::Tensor& x, at::TensorList planes, 
 std::vector<at::Tensor> fqcompile::pack_rows(const at::Tensor& plane, const at::Tensor& scale, const at::Tensor& zero,
                                              int64_t in_features, int64_t group_size) {
   const int64_t in = (in_features + 7) / 8 * 8;  // the planes' padded width
-  TORCH_CHECK(plane.scalar_type() == at::kByte && plane.dim() == 2 && plane.is_contiguous() && plane.size(1) == in / 2,
-              "pack_rows: the plane must be contiguous uint8 [N, ", in / 2, "]");
-  const int64_t out = plane.size(0);
+  TORCH_CHECK(plane.scalar_type() == at::kByte && plane.dim() == 2 && plane.is_contiguous() &&
+                  (plane.size(1) == in / 2 || plane.size(1) == in),
+              "pack_rows: the plane must be contiguous uint8 [N, ", in / 2, "] (4-bit) or [N, ", in, "] (8-bit)");
+  const int64_t out = plane.size(0), width = plane.size(1) == in ? 8 : 4;
   TORCH_CHECK(group_size > 0, "pack_rows: group size ", group_size);
   const int64_t groups = (in_features + group_size - 1) / group_size;
   TORCH_CHECK(scale.scalar_type() == at::kHalf && scale.dim() == 2 && scale.size(0) == out && scale.size(1) == groups &&
@@ -1143,23 +1179,29 @@ std::vector<at::Tensor> fqcompile::pack_rows(const at::Tensor& plane, const at::
 #if defined(FQ_I8)
   if (in_features % kActBlock != 0 || group_size % kActBlock != 0) return {};
   const int64_t blocks = (out + kPackRows - 1) / kPackRows, half = in / 2;
-  at::Tensor codes = at::zeros({blocks, in / 8, 32}, plane.options());
+  at::Tensor codes = at::zeros({blocks, in / kActBlock, kActBlock * width}, plane.options());
   at::Tensor pscale = at::zeros({blocks, groups, kPackRows}, scale.options());
   at::Tensor pzero = at::zeros({blocks, groups, kPackRows}, zero.options());
   const uint8_t *src = plane.data_ptr<uint8_t>(), *z = zero.data_ptr<uint8_t>();
   const c10::Half* s = scale.data_ptr<c10::Half>();
   uint8_t *dst = codes.data_ptr<uint8_t>(), *pz = pzero.data_ptr<uint8_t>();
   c10::Half* ps = pscale.data_ptr<c10::Half>();
-  auto code = [&](int64_t n, int64_t k) {  // column k of row n in the nibble plane
+  auto nibble = [&](int64_t n, int64_t k) {  // column k of row n in a nibble plane
     const uint8_t byte = src[n * half + (k < half ? k : k - half)];
     return k < half ? byte & 0x0F : byte >> 4;
   };
   at::parallel_for(0, out, kPackRows, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       const int64_t nb = n / kPackRows, r = n % kPackRows;
-      for (int64_t k = 0; k < in; k += 8)
-        for (int i = 0; i < 4; ++i)
-          dst[(nb * (in / 8) + k / 8) * 32 + r * 4 + i] = static_cast<uint8_t>(code(n, k + i) | (code(n, k + 4 + i) << 4));
+      uint8_t* rows = dst + nb * in * width;  // this row's block: 32 bytes per 8 (4-bit) or 4 (8-bit) columns
+      if (width == 4) {
+        for (int64_t k = 0; k < in; k += 8)
+          for (int i = 0; i < 4; ++i)
+            rows[k * 4 + r * 4 + i] = static_cast<uint8_t>(nibble(n, k + i) | (nibble(n, k + 4 + i) << 4));
+      } else {
+        for (int64_t k = 0; k < in; k += 4)
+          for (int i = 0; i < 4; ++i) rows[k * 8 + r * 4 + i] = src[n * in + k + i];
+      }
       for (int64_t g = 0; g < groups; ++g) {
         ps[(nb * groups + g) * kPackRows + r] = s[n * groups + g];
         pz[(nb * groups + g) * kPackRows + r] = z[n * groups + g];
@@ -1176,11 +1218,12 @@ at::Tensor fqcompile::packed_linear(const at::Tensor& x, at::TensorList packed, 
                                     int64_t group_size) {
 #if defined(FQ_I8)
   TORCH_CHECK(packed.size() == 3 && packed[0].scalar_type() == at::kByte && packed[0].dim() == 3 &&
-                  packed[0].size(2) == 32 && packed[0].size(0) == (out_features + kPackRows - 1) / kPackRows,
+                  (packed[0].size(2) == 4 * kActBlock || packed[0].size(2) == 8 * kActBlock) &&
+                  packed[0].size(0) == (out_features + kPackRows - 1) / kPackRows,
               "packed_linear: expected pack_rows' tensors for ", out_features, " rows");
-  const int64_t in = packed[0].size(1) * 8, groups = packed[1].size(1);
+  const int64_t in = packed[0].size(1) * kActBlock, groups = packed[1].size(1), width = packed[0].size(2) / kActBlock;
   TORCH_CHECK(x.size(-1) == in && group_size % kActBlock == 0 && groups == (in + group_size - 1) / group_size &&
-                  low >= 1 && low <= 4,
+                  low >= 1 && low <= width,
               "packed_linear: input of ", x.size(-1), " columns for packed rows of ", in);
   at::Tensor x2 = float_rows(x);
   const int64_t m = x2.size(0);
@@ -1189,8 +1232,8 @@ at::Tensor fqcompile::packed_linear(const at::Tensor& x, at::TensorList packed, 
   if (m > 0) {
     const DecodeInputs d = decode_inputs(x2.data_ptr<float>(), m, in, in, groups, group_size, true);
     const Packed w{packed[0].data_ptr<uint8_t>(), packed[1].data_ptr<c10::Half>(), packed[2].data_ptr<uint8_t>(),
-                   in, groups, group_size, static_cast<float>(int64_t{1} << (4 - low))};
-    kPacked[m - 1](w, d.q, d.xs, out_features, y.data_ptr<float>());
+                   in, groups, group_size, static_cast<float>(int64_t{1} << (width - low))};
+    kPacked[width == 8][m - 1](w, d.q, d.xs, out_features, y.data_ptr<float>());
   }
   auto shape = x.sizes().vec();
   shape.back() = out_features;

@@ -11,9 +11,9 @@ namespace fqcompile {
 at::Tensor nested_linear(const at::Tensor& x, at::TensorList planes, at::IntArrayRef widths,
                          const at::Tensor& scale, const at::Tensor& zero, int64_t low, int64_t group_size,
                          bool int8_activations);
-// The top 4-bit plane packed 8 rows at a time for the int8-activation decode kernel (AVX2
+// A slice of one 4- or 8-bit plane packed 8 rows at a time for the int8-activation decode kernel (AVX2
 // builds; empty where it does not apply), and that kernel (up to kMaxPackedBatch rows of x).
-constexpr int64_t kMaxPackedBatch = 4;
+constexpr int64_t kMaxPackedBatch = 8;  // as nested_linear's row kernels
 std::vector<at::Tensor> pack_rows(const at::Tensor& plane, const at::Tensor& scale, const at::Tensor& zero,
                                   int64_t in_features, int64_t group_size);
 at::Tensor packed_linear(const at::Tensor& x, at::TensorList packed, int64_t out_features, int64_t low,

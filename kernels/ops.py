@@ -176,16 +176,22 @@ def nested_linear(x, planes, widths, scale, zero, low: int, group_size: int,
     return _OP(x, planes, widths, scale, zero, low, group_size, int8_activations)
 
 
-MAX_PACKED_BATCH = 4  # kernels/cpu_ops.h kMaxPackedBatch
+MAX_PACKED_BATCH = 8  # kernels/cpu_ops.h kMaxPackedBatch
 
 
 def pack_rows(planes, widths, scale, zero, in_features: int, group_size: int) -> list:
-    """The top plane packed 8 rows at a time for the CPU int8-activation decode kernel, or []
-    where that kernel does not apply (not one 4-bit plane, not the C++ CPU kernels, or a
-    build whose int8 kernels read the nested planes directly: see docs/kernels.md)."""
-    if list(widths) != [4] or not planes[0].is_cpu or backend(planes[0].device) != "cpu-cpp":
+    """A slice's plane packed 8 rows at a time for the CPU int8-activation decode kernel, or []
+    where that kernel does not apply (not one plane of 4 or 8 bits, not the C++ CPU kernels,
+    or a build whose int8 kernels read the nested planes directly: see docs/kernels.md)."""
+    if len(widths) != 1 or widths[0] not in (4, 8) or not planes[0].is_cpu or backend(planes[0].device) != "cpu-cpp":
         return []
     return torch.ops.fqcompile.pack_rows(planes[0], scale, zero, in_features, group_size)
+
+
+def packs_rows() -> bool:
+    """Whether this machine's C++ kernels have the packed int8 decode kernel (pack_rows gives something)."""
+    probe = torch.zeros(8, 8, dtype=torch.uint8)  # 8 rows of 16 columns, one group
+    return bool(pack_rows([probe], [4], torch.ones(8, 1, dtype=torch.half), torch.zeros(8, 1, dtype=torch.uint8), 16, 16))
 
 
 def packed_linear(x, packed, out_features: int, low: int, group_size: int) -> torch.Tensor:

@@ -86,7 +86,7 @@ from fqcompile.formats.nested import Layout, pack_planes, quantize_rtn
 from fqcompile.kernels import backend, flex_linear, kernel_args, pack_rows, packed_linear, quantize_activations, reference_linear
 worst = 0.0
 for shape, group in [((64, 2048), 128), ((48, 1536), 64), ((33, 576), 128), ((17, 61), 32)]:
-    for ladder in [(4, 8), (2, 3, 4, 6, 8)]:
+    for ladder in [(4, 8), (2, 3, 4, 6, 8), (8,)]:
         w = torch.randn(shape) * 0.05
         layout = Layout(*shape, group_size=group, ladder=ladder)
         codes, scale, zero = quantize_rtn(w, group, ladder)
@@ -103,7 +103,7 @@ for shape, group in [((64, 2048), 128), ((48, 1536), 64), ((33, 576), 128), ((17
                 ref = reference_linear(quantize_activations(x).double(), planes, (layout, scale, zero), bits)
                 worst = max(worst, ((y.double() - ref).norm() / ref.norm()).item())
                 packed = pack_rows(*kernel_args(planes, (layout, scale, zero), bits)[:4], shape[1], group)
-                if packed and m <= 4:  # the AVX2 build's packed decode kernel
+                if packed and m <= 8:  # the AVX2 build's packed decode kernel
                     y = packed_linear(x, packed, shape[0], ladder[0], group)
                     worst = max(worst, ((y.double() - ref).norm() / ref.norm()).item())
 print(backend(torch.device("cpu")), worst)
@@ -167,23 +167,25 @@ def packs_here() -> bool:
     return " avx2" in flags and " avx512f" not in flags
 
 
+@pytest.mark.parametrize("ladder,bits", [((4, 8), 4), ((8,), 8)], ids=["nibbles", "bytes"])
 @pytest.mark.parametrize("shape,group", SHAPES[:4] + [((203, 80), 16), ((37, 96), 32)])
-def test_packed_rows_compute_w_times_quantized_x(shape, group, oracle_weight):
-    """pack_rows + packed_linear (the AVX2 int8 decode path) against float64, on batches of 1-4 rows."""
-    from fqcompile.kernels import kernel_args, pack_rows, packed_linear, quantize_activations
+def test_packed_rows_compute_w_times_quantized_x(shape, group, ladder, bits, oracle_weight):
+    """pack_rows + packed_linear (the AVX2 int8 decode path) against float64, on batches of 1-8 rows."""
+    from fqcompile.kernels import kernel_args, pack_rows, packed_linear, packs_rows, quantize_activations
 
-    layout, codes, scale, zero, planes = make(shape, group, (4, 8), seed=3)
-    packed = pack_rows(*kernel_args(planes, (layout, scale, zero), 4)[:4], shape[1], group)
-    assert bool(packed) == packs_here()
+    layout, codes, scale, zero, planes = make(shape, group, ladder, seed=3)
+    packed = pack_rows(*kernel_args(planes, (layout, scale, zero), bits)[:4], shape[1], group)
+    assert bool(packed) == packs_here() == packs_rows()
     if not packed:
         pytest.skip("this build's int8 kernels read the nested planes directly")
-    assert pack_rows(*kernel_args(planes, (layout, scale, zero), 8)[:4], shape[1], group) == []  # two planes
-    w64 = oracle_weight(codes, scale, zero, (4, 8), 4, group)
+    if ladder == (4, 8):
+        assert pack_rows(*kernel_args(planes, (layout, scale, zero), 8)[:4], shape[1], group) == []  # two planes
+    w64 = oracle_weight(codes, scale, zero, ladder, bits, group)
     gen = torch.Generator().manual_seed(11)
-    for m in (1, 2, 3, 4):
+    for m in (1, 2, 3, 5, 8):
         for offset in (0.0, 2.0):
             x = torch.randn(1, m, shape[1], generator=gen) + offset
-            y = packed_linear(x, packed, shape[0], 4, group)
+            y = packed_linear(x, packed, shape[0], ladder[0], group)
             assert y.shape == (1, m, shape[0]) and y.dtype == torch.float32
             want = quantize_activations(x).double() @ w64.T
             assert ((y.double() - want).norm() / want.norm()).item() <= 1e-5, (m, offset)
@@ -196,8 +198,8 @@ def test_packed_rows_refuse_what_they_cannot_serve():
     layout, _, scale, zero, planes = make((24, 256), 64, (4, 8))
     args = kernel_args(planes, (layout, scale, zero), 4)[:4]
     packed = pack_rows(*args, 256, 64)
-    with pytest.raises(RuntimeError, match="at most 4 rows"):
-        packed_linear(torch.randn(5, 256), packed, 24, 4, 64)
+    with pytest.raises(RuntimeError, match="at most 8 rows"):
+        packed_linear(torch.randn(9, 256), packed, 24, 4, 64)
     with pytest.raises(RuntimeError, match="input of 128 columns"):
         packed_linear(torch.randn(1, 128), packed, 24, 4, 64)
     with pytest.raises(RuntimeError, match="expected pack_rows' tensors for 32 rows"):
