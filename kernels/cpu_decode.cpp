@@ -388,11 +388,32 @@ at::Tensor entropy(const at::Tensor& logits) {
   at::Tensor h = at::empty(sizes, l.options());
   const float* lp = l.data_ptr<float>();
   float* hp = h.data_ptr<float>();
+  // Each row in chunks on the threads, each chunk with its own max, then combined exactly:
+  // sum e^(x - m) (x - m) over a chunk = e^(m_c - m) (zl_c + (m_c - m) z_c). One thread
+  // took ~120 us for 49k logits inside a decode step, most of the controller's time.
+  constexpr int64_t kChunk = 8192;
+  const int64_t chunks = (v + kChunk - 1) / kChunk;
+  std::vector<float> cmax(chunks);
+  std::vector<std::pair<double, double>> csum(chunks);
   for (int64_t r = 0; r < rows; ++r) {
     const float* row = lp + r * v;
-    const float m = span_max(row, v);
-    const std::pair<double, double> sums = span_sums(row, v, m);
-    hp[r] = static_cast<float>(std::log(sums.first) - sums.second / sums.first);
+    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t n = std::min(kChunk, v - c * kChunk);
+        cmax[c] = span_max(row + c * kChunk, n);
+        if (cmax[c] > -std::numeric_limits<float>::infinity())  // an all -inf chunk adds nothing
+          csum[c] = span_sums(row + c * kChunk, n, cmax[c]);
+      }
+    });
+    const float m = *std::max_element(cmax.begin(), cmax.end());
+    double z = 0, zl = 0;
+    for (int64_t c = 0; c < chunks; ++c) {
+      if (!(cmax[c] > -std::numeric_limits<float>::infinity())) continue;
+      const double shift = static_cast<double>(cmax[c]) - m, w = std::exp(shift);
+      z += w * csum[c].first;
+      zl += w * (csum[c].second + shift * csum[c].first);
+    }
+    hp[r] = static_cast<float>(std::log(z) - zl / z);
   }
   return h;
 }

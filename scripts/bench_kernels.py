@@ -6,7 +6,8 @@ For each weight shape (out x in) and batch, times y = x @ W^T with:
   int4pack         torch._weight_int4pack_mm_for_cpu (bf16 activations, group 128)
   deq+linear       our torch reference: dequantize the b-bit slice, then F.linear (fp32)
   ours-b           fqcompile's kernel (the fast CPU path) at every precision of the ladder
-  ours-b-i8a       the same in the int8-activation mode (activations quantized per group)
+  ours-b-i8a       the same in the int8-activation mode (activations quantized per block of 16), through
+                   FlexLinear: on AVX2 builds batches up to 8 read pack_rows' copy (kernels.md)
 plus a plain streaming read of >= 1 GiB for this machine's memory bandwidth.
 
 Each method's weights are rotated through --rotate-mib distinct copies, so each call
@@ -31,6 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from fqcompile.flex_linear import FlexLinear
 from fqcompile.formats.nested import Layout, dequantize, pack_planes, quantize_rtn
 from fqcompile.kernels import backend, flex_linear, ops
 
@@ -108,9 +110,12 @@ def methods(out: int, inp: int, ladder, rotate_mib: int):
                 for _ in range(copies(nbytes, rotate_mib))]
         found[f"ours-{bits}"] = (nbytes, [
             lambda x, xb, s=s, bits=bits: flex_linear(x, s[0], (layout, s[1], s[2]), bits) for s in sets])
-        found[f"ours-{bits}-i8a"] = (nbytes, [
-            lambda x, xb, s=s, bits=bits: flex_linear(x, s[0], (layout, s[1], s[2]), bits, int8_activations=True)
-            for s in sets])
+        # As the runtime runs it: FlexLinear, whose decode-sized int8 calls take the packed rows
+        # where this machine's kernels have them (kernels.md), made here, not while timed.
+        layers = [FlexLinear(layout, s[0], s[1], s[2]) for s in sets]
+        for m in layers:
+            m.packed(bits)
+        found[f"ours-{bits}-i8a"] = (nbytes, [lambda x, xb, m=m, bits=bits: m.run(x, bits, True) for m in layers])
         # The reference path is slow and allocates a dense weight per call: few copies suffice.
         found[f"deq+linear-{bits}"] = (nbytes, [
             lambda x, xb, s=s, bits=bits: F.linear(x, dequantize(s[0], s[1], s[2], layout, bits)) for s in sets[:2]])

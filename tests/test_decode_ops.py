@@ -99,6 +99,11 @@ def test_entropy_ignores_minus_infinity():
     logits[0, :40] = float("-inf")  # e.g. masked vocabulary
     got, want = ops.entropy(logits), ops.entropy_reference(logits.double())
     assert torch.isfinite(got).all() and float(((got - want) / want).abs().max()) < 1e-5
+    wide = torch.randn(2, 3 * 8192 + 7) * 4  # several chunks (one per thread's share), one all -inf
+    wide[0, 8192:2 * 8192] = float("-inf")
+    wide[1, :8192] -= 30  # a chunk whose own max is far below the row's
+    got, want = ops.entropy(wide), ops.entropy_reference(wide.double())
+    assert float(((got - want) / want).abs().max()) < 1e-5
 
 
 def test_attend_takes_the_reference_for_float_masks_and_other_dtypes():
