@@ -121,13 +121,10 @@ class FlexLinear(nn.Module):
 
     def packed(self, bits: int) -> list:
         """The planes of `bits` packed by rows for the CPU int8-activation decode kernel, or [] where it
-        does not apply (kernels.pack_rows). Made once, on first use: a copy of the planes read
-        (the top plane's shared between 4 and 8 bits)."""
+        does not apply (kernels.pack_rows). Made once, on first use: a copy of the top plane."""
         packs = self._packs.get(bits)
         if packs is None:
-            args = self._args(bits)
-            top = self.packed(self.layout.ladder[0]) if len(args[1]) == 2 else None  # 8 bits share 4's top plane
-            packs = self._packs[bits] = pack_rows(*args[:4], self.in_features, self.layout.group_size, top)
+            packs = self._packs[bits] = pack_rows(*self._args(bits)[:4], self.in_features, self.layout.group_size)
         return packs
 
     def _args(self, bits: int) -> tuple:

@@ -944,17 +944,14 @@ constexpr int64_t kPackRows = 8;
 
 struct Packed {
   const uint8_t* codes;       // [blocks, in / 16, 16 * width]: per 8 rows and activation block
-  const uint8_t* low;         // the bottom nibble plane packed the same, for 8 bits as two planes (else null)
   const c10::Half* scale;     // [blocks, groups, 8]
   const uint8_t* zero;        // [blocks, groups, 8]
   int64_t in, groups, group_size;
   float cells;
 };
 
-// Rows 8 nb .. 8 nb + 7 for B rows of activations: y[b * ldy + r] (r < rows). W: the bits of
-// a packed plane; NP: nibble planes (2: 8 bits as top and bottom, each block's sums of the
-// top weighted by 16 in its madd).
-template <int B, int W, int NP>
+// Rows 8 nb .. 8 nb + 7 for B rows of activations: y[b * ldy + r] (r < rows).
+template <int B, int W>
 void packed_block(const Packed& w, int64_t nb, const Quantized& xq, const float* xs, float* y, int64_t ldy,
                   int64_t rows) {
   constexpr int64_t kBlockBytes = 16 * W;  // 8 rows x 16 columns
@@ -977,22 +974,14 @@ void packed_block(const Packed& w, int64_t nb, const Quantized& xq, const float*
       FQ_UNROLL
       for (int64_t line = 0; line < kBlockBytes; line += 64)
         _mm_prefetch(reinterpret_cast<const char*>(v + kPrefetch + line), FQ_HINT);
-      __m256i c[4], sign[4], d[4];  // per 4 columns: the codes (4-bit; d: the bottom plane's), or |w| and w (8-bit)
+      __m256i c[4], sign[4];  // per 4 columns: the codes (4-bit), or |w| and w (8-bit)
       if constexpr (W == 4) {
-        auto nibbles = [&](const uint8_t* p, __m256i (&out)[4]) {
-          const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-          const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32));
-          out[0] = _mm256_and_si256(v0, m0f);
-          out[1] = _mm256_and_si256(_mm256_srli_epi16(v0, 4), m0f);
-          out[2] = _mm256_and_si256(v1, m0f);
-          out[3] = _mm256_and_si256(_mm256_srli_epi16(v1, 4), m0f);
-        };
-        nibbles(v, c);
-        if constexpr (NP == 2) {
-          const uint8_t* u = w.low + nb * (w.in / kActBlock) * kBlockBytes + kb * kBlockBytes;
-          _mm_prefetch(reinterpret_cast<const char*>(u + kPrefetch), FQ_HINT);
-          nibbles(u, d);
-        }
+        const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v));
+        const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + 32));
+        c[0] = _mm256_and_si256(v0, m0f);
+        c[1] = _mm256_and_si256(_mm256_srli_epi16(v0, 4), m0f);
+        c[2] = _mm256_and_si256(v1, m0f);
+        c[3] = _mm256_and_si256(_mm256_srli_epi16(v1, 4), m0f);
       } else {
         FQ_UNROLL
         for (int i = 0; i < 4; ++i) {
@@ -1003,7 +992,7 @@ void packed_block(const Packed& w, int64_t nb, const Quantized& xq, const float*
       FQ_UNROLL
       for (int b = 0; b < B; ++b) {
         const int8_t* q = xq.q + b * xq.ld + kb * kActBlock;
-        __m256i dot, bottom;
+        __m256i dot;
         FQ_UNROLL
         for (int i = 0; i < 4; ++i) {  // columns 4i .. 4i + 3 of the block, broadcast to every row
           int32_t bytes;
@@ -1012,18 +1001,12 @@ void packed_block(const Packed& w, int64_t nb, const Quantized& xq, const float*
           if constexpr (W == 4) {
             const __m256i pairs = _mm256_maddubs_epi16(c[i], four);
             dot = i == 0 ? pairs : _mm256_add_epi16(dot, pairs);
-            if constexpr (NP == 2) {
-              const __m256i low = _mm256_maddubs_epi16(d[i], four);
-              bottom = i == 0 ? low : _mm256_add_epi16(bottom, low);
-            }
           } else {
             const __m256i quads = _mm256_madd_epi16(_mm256_maddubs_epi16(c[i], _mm256_sign_epi8(four, sign[i])), ones);
             dot = i == 0 ? quads : _mm256_add_epi32(dot, quads);
           }
         }
-        if constexpr (W == 4 && NP == 1) dot = _mm256_madd_epi16(dot, ones);
-        if constexpr (NP == 2)
-          dot = _mm256_add_epi32(_mm256_madd_epi16(dot, _mm256_set1_epi16(16)), _mm256_madd_epi16(bottom, ones));
+        if constexpr (W == 4) dot = _mm256_madd_epi16(dot, ones);
         acc[b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot),
                                  _mm256_set1_ps(xq.lane_scale[b * (xq.ld / 4) + kb * kActBlock / 4]), acc[b]);
       }
@@ -1049,23 +1032,20 @@ void packed_block(const Packed& w, int64_t nb, const Quantized& xq, const float*
   }
 }
 
-template <int B, int W, int NP>
+template <int B, int W>
 void packed_gemv(const Packed& w, const Quantized& xq, const float* xs, int64_t out, float* y) {
   at::parallel_for(0, (out + kPackRows - 1) / kPackRows, 2, [&](int64_t begin, int64_t end) {
     for (int64_t nb = begin; nb < end; ++nb)
-      packed_block<B, W, NP>(w, nb, xq, xs, y + nb * kPackRows, out, std::min(kPackRows, out - nb * kPackRows));
+      packed_block<B, W>(w, nb, xq, xs, y + nb * kPackRows, out, std::min(kPackRows, out - nb * kPackRows));
   });
 }
 
 using PackedFn = void (*)(const Packed&, const Quantized&, const float*, int64_t, float*);
-// [a 4-bit plane, an 8-bit plane, two nibble planes][batch - 1]
-constexpr PackedFn kPacked[3][fqcompile::kMaxPackedBatch] = {
-    {packed_gemv<1, 4, 1>, packed_gemv<2, 4, 1>, packed_gemv<3, 4, 1>, packed_gemv<4, 4, 1>, packed_gemv<5, 4, 1>,
-     packed_gemv<6, 4, 1>, packed_gemv<7, 4, 1>, packed_gemv<8, 4, 1>},
-    {packed_gemv<1, 8, 1>, packed_gemv<2, 8, 1>, packed_gemv<3, 8, 1>, packed_gemv<4, 8, 1>, packed_gemv<5, 8, 1>,
-     packed_gemv<6, 8, 1>, packed_gemv<7, 8, 1>, packed_gemv<8, 8, 1>},
-    {packed_gemv<1, 4, 2>, packed_gemv<2, 4, 2>, packed_gemv<3, 4, 2>, packed_gemv<4, 4, 2>, packed_gemv<5, 4, 2>,
-     packed_gemv<6, 4, 2>, packed_gemv<7, 4, 2>, packed_gemv<8, 4, 2>}};
+constexpr PackedFn kPacked[2][fqcompile::kMaxPackedBatch] = {
+    {packed_gemv<1, 4>, packed_gemv<2, 4>, packed_gemv<3, 4>, packed_gemv<4, 4>, packed_gemv<5, 4>, packed_gemv<6, 4>,
+     packed_gemv<7, 4>, packed_gemv<8, 4>},
+    {packed_gemv<1, 8>, packed_gemv<2, 8>, packed_gemv<3, 8>, packed_gemv<4, 8>, packed_gemv<5, 8>, packed_gemv<6, 8>,
+     packed_gemv<7, 8>, packed_gemv<8, 8>}};
 #endif
 
 // A decode-sized batch's inputs to the row kernels: per-group activation sums (over the
@@ -1237,16 +1217,11 @@ std::vector<at::Tensor> fqcompile::pack_rows(const at::Tensor& plane, const at::
 at::Tensor fqcompile::packed_linear(const at::Tensor& x, at::TensorList packed, int64_t out_features, int64_t low,
                                     int64_t group_size) {
 #if defined(FQ_I8)
-  // [codes, scale, zero], or [top, bottom, scale, zero] for two nibble planes
-  const bool two = packed.size() == 4;
-  TORCH_CHECK((packed.size() == 3 || two) && packed[0].scalar_type() == at::kByte && packed[0].dim() == 3 &&
-                  (packed[0].size(2) == 4 * kActBlock || (packed[0].size(2) == 8 * kActBlock && !two)) &&
-                  (!two || packed[1].sizes() == packed[0].sizes()) &&
+  TORCH_CHECK(packed.size() == 3 && packed[0].scalar_type() == at::kByte && packed[0].dim() == 3 &&
+                  (packed[0].size(2) == 4 * kActBlock || packed[0].size(2) == 8 * kActBlock) &&
                   packed[0].size(0) == (out_features + kPackRows - 1) / kPackRows,
               "packed_linear: expected pack_rows' tensors for ", out_features, " rows");
-  const at::Tensor &scale = packed[packed.size() - 2], &zero = packed[packed.size() - 1];
-  const int64_t in = packed[0].size(1) * kActBlock, groups = scale.size(1);
-  const int64_t width = two ? 8 : packed[0].size(2) / kActBlock;
+  const int64_t in = packed[0].size(1) * kActBlock, groups = packed[1].size(1), width = packed[0].size(2) / kActBlock;
   TORCH_CHECK(x.size(-1) == in && group_size % kActBlock == 0 && groups == (in + group_size - 1) / group_size &&
                   low >= 1 && low <= width,
               "packed_linear: input of ", x.size(-1), " columns for packed rows of ", in);
@@ -1256,10 +1231,9 @@ at::Tensor fqcompile::packed_linear(const at::Tensor& x, at::TensorList packed, 
   at::Tensor y = at::empty({m, out_features}, x2.options());
   if (m > 0) {
     const DecodeInputs d = decode_inputs(x2.data_ptr<float>(), m, in, in, groups, group_size, true);
-    const Packed w{packed[0].data_ptr<uint8_t>(), two ? packed[1].data_ptr<uint8_t>() : nullptr,
-                   scale.data_ptr<c10::Half>(), zero.data_ptr<uint8_t>(), in, groups, group_size,
-                   static_cast<float>(int64_t{1} << (width - low))};
-    kPacked[two ? 2 : width == 8][m - 1](w, d.q, d.xs, out_features, y.data_ptr<float>());
+    const Packed w{packed[0].data_ptr<uint8_t>(), packed[1].data_ptr<c10::Half>(), packed[2].data_ptr<uint8_t>(),
+                   in, groups, group_size, static_cast<float>(int64_t{1} << (width - low))};
+    kPacked[width == 8][m - 1](w, d.q, d.xs, out_features, y.data_ptr<float>());
   }
   auto shape = x.sizes().vec();
   shape.back() = out_features;

@@ -179,17 +179,13 @@ def nested_linear(x, planes, widths, scale, zero, low: int, group_size: int,
 MAX_PACKED_BATCH = 8  # kernels/cpu_ops.h kMaxPackedBatch
 
 
-def pack_rows(planes, widths, scale, zero, in_features: int, group_size: int, top=None) -> list:
-    """A slice's planes packed 8 rows at a time for the CPU int8-activation decode kernel, or []
-    where that kernel does not apply (not one plane of 4 or 8 bits or two of 4, not the C++
-    CPU kernels, or a build whose int8 kernels read the nested planes directly: see
-    docs/kernels.md). `top`: the top plane's pack_rows, if made already (shared, not copied)."""
-    if list(widths) not in ([4], [8], [4, 4]) or not planes[0].is_cpu or backend(planes[0].device) != "cpu-cpp":
+def pack_rows(planes, widths, scale, zero, in_features: int, group_size: int) -> list:
+    """A slice's plane packed 8 rows at a time for the CPU int8-activation decode kernel, or []
+    where that kernel does not apply (not one plane of 4 or 8 bits, not the C++ CPU kernels,
+    or a build whose int8 kernels read the nested planes directly: see docs/kernels.md)."""
+    if len(widths) != 1 or widths[0] not in (4, 8) or not planes[0].is_cpu or backend(planes[0].device) != "cpu-cpp":
         return []
-    first = top or torch.ops.fqcompile.pack_rows(planes[0], scale, zero, in_features, group_size)
-    if len(planes) == 1 or not first:
-        return first
-    return [first[0], torch.ops.fqcompile.pack_rows(planes[1], scale, zero, in_features, group_size)[0], *first[1:]]
+    return torch.ops.fqcompile.pack_rows(planes[0], scale, zero, in_features, group_size)
 
 
 def packs_rows() -> bool:

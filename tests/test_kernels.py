@@ -167,7 +167,7 @@ def packs_here() -> bool:
     return " avx2" in flags and " avx512f" not in flags
 
 
-@pytest.mark.parametrize("ladder,bits", [((4, 8), 4), ((4, 8), 8), ((8,), 8)], ids=["nibbles", "two-planes", "bytes"])
+@pytest.mark.parametrize("ladder,bits", [((4, 8), 4), ((8,), 8)], ids=["nibbles", "bytes"])
 @pytest.mark.parametrize("shape,group", SHAPES[:4] + [((203, 80), 16), ((37, 96), 32)])
 def test_packed_rows_compute_w_times_quantized_x(shape, group, ladder, bits, oracle_weight):
     """pack_rows + packed_linear (the AVX2 int8 decode path) against float64, on batches of 1-8 rows."""
@@ -178,6 +178,8 @@ def test_packed_rows_compute_w_times_quantized_x(shape, group, ladder, bits, ora
     assert bool(packed) == packs_here() == packs_rows()
     if not packed:
         pytest.skip("this build's int8 kernels read the nested planes directly")
+    if ladder == (4, 8):
+        assert pack_rows(*kernel_args(planes, (layout, scale, zero), 8)[:4], shape[1], group) == []  # two planes
     w64 = oracle_weight(codes, scale, zero, ladder, bits, group)
     gen = torch.Generator().manual_seed(11)
     for m in (1, 2, 3, 5, 8):
