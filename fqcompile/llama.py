@@ -8,7 +8,8 @@ over the preallocated cache), the o call, RMSNorm, one fused gate/up call, `silu
 the down call: each one op (kernels/ops.py). On the CPU in float32 the whole stack of layers
 is one call instead (fqcompile.Stack, kernels/cpu_stack.cpp: the same kernels without ~300
 dispatches a step, about a third of a small model's step); its plan, each projection's
-precision, is read from the layers at every step, so the controller works unchanged.
+precision, is read from the layers again whenever a layer's settings changed since the
+last step (flex_linear.changes), so the controller works unchanged.
 Fusion concatenates the layers' planes once and turns the separate layers' planes into row
 views of the fused ones, so memory does not grow and the controller still switches every
 layer by name; a fused call is used whenever its parts run at the same precision.
