@@ -176,8 +176,9 @@ def set_precision(model, bits: int) -> None:
 
 
 def set_int8_activations(model, on: bool = True) -> None:
-    """Quantize every quantized layer's inputs to int8 per weight group (faster decode on
-    CPUs with AVX-512 VNNI; its perplexity cost is measured in docs/kernels.md)."""
+    """Quantize every quantized layer's inputs to int8 in blocks of 16 (faster decode on CPUs
+    with AVX-512 VNNI or AVX2, where decode reads a repacked copy of the 4-bit slices: see
+    FlexLinear.packed; its perplexity cost is measured in docs/kernels.md)."""
     for layer in model.modules():  # a head quantized at load (quantize_head) too
         if isinstance(layer, FlexLinear):
             layer.int8_activations = on
