@@ -113,15 +113,15 @@ class FlexLinear(nn.Module):
 
     def run(self, x: torch.Tensor, bits: int, int8_activations: bool = False) -> torch.Tensor:
         """The kernel at one precision for every row (what forward does for an int precision)."""
-        if int8_activations and x.numel() <= MAX_PACKED_BATCH * self.in_features and self.packed(bits):
-            y = packed_linear(x, self._packs[bits], self.out_features, self.layout.ladder[0], self.layout.group_size)
+        if int8_activations and x.numel() <= MAX_PACKED_BATCH * self.in_features and (packs := self.packed(bits)):
+            y = packed_linear(x, packs, self.out_features, self.layout.ladder[0], self.layout.group_size)
         else:
             y = nested_linear(x, *self._args(bits), int8_activations)
         return y if self.bias is None else y + self.bias
 
     def packed(self, bits: int) -> list:
         """The planes of `bits` packed by rows for the CPU int8-activation decode kernel, or [] where it
-        does not apply (kernels.pack_rows). Made once, on first use: a copy of the top plane."""
+        does not apply (kernels.pack_rows). Made once, on first use: a copy of the slice's plane."""
         packs = self._packs.get(bits)
         if packs is None:
             packs = self._packs[bits] = pack_rows(*self._args(bits)[:4], self.in_features, self.layout.group_size)
