@@ -148,7 +148,12 @@ class Controller:
             self.signal = [0.0] * output.logits.shape[0]
             self.overhead += time.perf_counter() - start
             return
-        h = entropy(output.logits[:, -1].float()).tolist()  # per row, in plain Python: a few rows
+        # Per row, in plain Python: a few rows. A decode step's logits go in as they are: each
+        # torch call here runs cold (the step's weights just streamed through the caches).
+        logits = output.logits
+        if logits.shape[1] != 1:  # a prompt: its last position's distribution only
+            logits = logits[:, -1:]
+        h = [row[0] for row in entropy(logits).tolist()]
         s = self.plan.smoothing
         self.signal = h if self.signal is None or not s else [s * a + (1 - s) * b for a, b in zip(self.signal, h)]
         self.overhead += time.perf_counter() - start

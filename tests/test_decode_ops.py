@@ -106,6 +106,16 @@ def test_entropy_ignores_minus_infinity():
     assert float(((got - want) / want).abs().max()) < 1e-5
 
 
+def test_entropy_of_bfloat16_logits_answers_in_float32():
+    # The controller's signal under Hugging Face generate in bf16: rounding the entropy to
+    # bf16 (steps of 1/16 nat near 10) would blur bucket edges that sit ~1e-3 apart.
+    torch.manual_seed(5)
+    logits = (torch.randn(2, 1, 1000) * 2).bfloat16()
+    got, want = ops.entropy(logits), ops.entropy_reference(logits.double())
+    assert got.dtype == torch.float32 and got.shape == (2, 1)
+    assert float(((got - want) / want).abs().max()) < 1e-5
+
+
 def test_attend_takes_the_reference_for_float_masks_and_other_dtypes():
     torch.manual_seed(4)
     qkv = torch.randn(1, 2, 4 * 8)
