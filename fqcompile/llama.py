@@ -142,6 +142,7 @@ class Llama(nn.Module):
                        for name in SLOTS] for blk in self.blocks]
         self.k_cache = self.v_cache = self.stack = None
         self._planned = (None, None)  # (flex_linear.changes, plan) when the plan was last read
+        self._packed = set()  # (layer, slot, bits) whose packed rows the stack has been given
 
     def setup_cache(self, batch: int, length: int) -> None:
         """Preallocate the KV cache (and the RoPE tables) for `batch` rows of up to `length` tokens."""
@@ -158,6 +159,7 @@ class Llama(nn.Module):
         # rotate_half(x) * sin == roll(x, half) * (sin with its first half negated), bit for bit
         self.cos, self.sin = cos[0], torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1)  # [length, head_dim]
         self.stack = self._build_stack()
+        self._planned = (None, None)  # the new stack has no packed rows yet: the next plan read adds them
 
     def _apply(self, fn, *args, **kwargs):  # .to() / .float(): the stack holds the old tensors until the next setup
         self.stack = None
@@ -167,7 +169,9 @@ class Llama(nn.Module):
         """The C++ stack (kernels/cpu_stack.cpp) over these tensors, or None where the per-op loop must run.
 
         Built with every cache setup, from the layers' current kernel arguments, so it never
-        outlives a repoint or a .to().
+        outlives a repoint or a .to(). The packed rows of a slot's precision (int8 decode on
+        AVX2 builds) are added when a plan first uses it (_read_plan): a static:8 run never
+        makes the 4-bit slices' copy.
         """
         if self.norm.dtype is not torch.float32 or not self.norm.is_cpu or backend(self.norm.device) != "cpu-cpp":
             return None
@@ -175,11 +179,10 @@ class Llama(nn.Module):
         for i, (blk, slots, (k, v)) in enumerate(zip(self.blocks, self.slots, self.caches)):
             stack.set_norms(i, blk["in_norm"], blk["post_norm"])
             stack.set_cache(i, k, v)
-            for s, (run, parts) in enumerate(slots):
-                bias = run.bias.data if run.bias is not None else None
+            for s, (run, _) in enumerate(slots):
                 for bits in run.precisions:
-                    packed = run.packed(bits) if parts[0].int8_activations else []
-                    stack.set_linear(i, s, bits, *run._args(bits), bias, packed)
+                    _set_linear(stack, i, s, run, bits, [])
+        self._packed = set()
         return stack
 
     def _plan(self):
@@ -195,9 +198,9 @@ class Llama(nn.Module):
         return plan
 
     def _read_plan(self):
-        bits, int8 = [], []
-        for slots in self.slots:
-            for _, parts in slots:
+        bits, int8, unpacked = [], [], []
+        for i, slots in enumerate(self.slots):
+            for s, (run, parts) in enumerate(slots):
                 first = parts[0]
                 b, q = first.precision, first.int8_activations
                 if type(b) is not int or first.dense:
@@ -207,6 +210,12 @@ class Llama(nn.Module):
                         return None
                 bits.append(b)
                 int8.append(int(q))
+                if q and self.stack is not None and (i, s, b) not in self._packed:
+                    unpacked.append((i, s, run, b))
+        for i, s, run, b in unpacked:  # a precision's packed rows, the first time a plan uses it
+            self._packed.add((i, s, b))
+            if packed := run.packed(b):
+                _set_linear(self.stack, i, s, run, b, packed)
         return bits, int8
 
     @torch.inference_mode()
@@ -237,6 +246,11 @@ class Llama(nn.Module):
             gate_up = blk["gate_up"].forward(rms_norm(x, blk["post_norm"], self.eps))
             x = x + blk["down"].forward(silu_mul(gate_up))
         return x
+
+
+def _set_linear(stack, i: int, slot: int, run, bits: int, packed: list) -> None:
+    """Give the C++ stack slot `slot` of layer i the kernel arguments of `run` at `bits`."""
+    stack.set_linear(i, slot, bits, *run._args(bits), run.bias.data if run.bias is not None else None, packed)
 
 
 def pick(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, gen: torch.Generator) -> torch.Tensor:

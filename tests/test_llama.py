@@ -136,6 +136,41 @@ def test_cpp_stack_is_the_per_op_loop_bit_for_bit(tiny_ckpt, monkeypatch):
     assert torch.equal(fast, slow)
 
 
+def test_stack_packs_a_precision_only_when_a_plan_uses_it(tmp_path, smol_dir, monkeypatch):
+    """int8 decode on AVX2 builds reads packed copies of the slices: a static:8 run makes none
+    of the 4-bit ones; switching to 4 bits makes them, and the stack then agrees with the
+    per-op loop (which packs through FlexLinear) bit for bit. Widths of multiples of 16, so
+    every projection can be packed."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from fqcompile.kernels import packs_rows
+
+    torch.manual_seed(8)
+    tok = AutoTokenizer.from_pretrained(smol_dir)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    loaded = fqcompile.load(fqcompile.export(str(tmp_path / "m"), tmp_path / "ckpt", ladder=(4, 8), group_size=32,
+                                             progress=False))
+    fqcompile.set_precision(loaded.model, 8)
+    fqcompile.runtime.set_int8_activations(loaded.model, True)
+    rows = [tok(p)["input_ids"] for p in PROMPTS]
+    dec = llama.Llama(loaded.model)
+    runs = [run for slots in dec.slots for run, _ in slots]
+    greedy_logits(dec, rows, 4, tok.eos_token_id)
+    assert dec.stack is not None and all(4 not in run._packs for run in runs)
+    fqcompile.set_precision(loaded.model, 4)
+    fast = greedy_logits(dec, rows, 6, tok.eos_token_id)
+    assert all(bool(run._packs.get(4)) == packs_rows() for run in runs)
+    assert len(dec._packed) == 2 * len(llama.SLOTS)  # this generate's stack: both layers' slots, at 4 bits
+    monkeypatch.setattr(llama.Llama, "_build_stack", lambda self: None)
+    slow = greedy_logits(dec, rows, 6, tok.eos_token_id)
+    assert torch.equal(fast, slow)
+
+
 def test_cached_plan_follows_every_way_of_switching(tiny_ckpt):
     """The plan is reused between steps: any change to a layer's settings must reach it."""
     loaded = fqcompile.load(tiny_ckpt)
