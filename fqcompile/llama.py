@@ -159,7 +159,8 @@ class Llama(nn.Module):
         # rotate_half(x) * sin == roll(x, half) * (sin with its first half negated), bit for bit
         self.cos, self.sin = cos[0], torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1)  # [length, head_dim]
         self.stack = self._build_stack()
-        self._planned = (None, None)  # the new stack has no packed rows yet: the next plan read adds them
+        # The new stack has no packed rows yet: the next plan read adds those it uses.
+        self._packed, self._planned = set(), (None, None)
 
     def _apply(self, fn, *args, **kwargs):  # .to() / .float(): the stack holds the old tensors until the next setup
         self.stack = None
@@ -182,7 +183,6 @@ class Llama(nn.Module):
             for s, (run, _) in enumerate(slots):
                 for bits in run.precisions:
                     _set_linear(stack, i, s, run, bits, [])
-        self._packed = set()
         return stack
 
     def _plan(self):

@@ -108,6 +108,23 @@ def test_quantized_head_runs_at_8_bits_on_both_engines(tiny_ckpt):
     assert float((exact - rounded).norm() / exact.norm()) < 0.01
 
 
+def random_checkpoint(tmp_path, smol_dir, model_class, config_class, prepare=None):
+    """A 2-layer random model with SmolLM2's tokenizer, widths 64 / 160 (multiples of 16),
+    exported RTN [4, 8] with group size 32; `prepare(model)` runs before it is saved."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smol_dir)
+    model = model_class(config_class(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
+    if prepare is not None:
+        prepare(model)
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    return fqcompile.export(str(tmp_path / "model"), tmp_path / "ckpt", ladder=(4, 8), group_size=32, progress=False)
+
+
 def greedy_logits(dec, rows, steps, pad):
     seen = []
     llama.generate(dec, rows, steps, stop_ids=[], pad=pad, on_logits=lambda s, lg: seen.append(lg.clone()))
@@ -141,20 +158,13 @@ def test_stack_packs_a_precision_only_when_a_plan_uses_it(tmp_path, smol_dir, mo
     of the 4-bit ones; switching to 4 bits makes them, and the stack then agrees with the
     per-op loop (which packs through FlexLinear) bit for bit. Widths of multiples of 16, so
     every projection can be packed."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     from fqcompile.kernels import packs_rows
 
     torch.manual_seed(8)
-    tok = AutoTokenizer.from_pretrained(smol_dir)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
-    model.save_pretrained(tmp_path / "m")
-    tok.save_pretrained(tmp_path / "m")
-    loaded = fqcompile.load(fqcompile.export(str(tmp_path / "m"), tmp_path / "ckpt", ladder=(4, 8), group_size=32,
-                                             progress=False))
+    loaded = fqcompile.load(random_checkpoint(tmp_path, smol_dir, LlamaForCausalLM, LlamaConfig))
+    tok = loaded.tokenizer
     fqcompile.set_precision(loaded.model, 8)
     fqcompile.runtime.set_int8_activations(loaded.model, True)
     rows = [tok(p)["input_ids"] for p in PROMPTS]
@@ -204,21 +214,16 @@ def test_plan_falls_back_when_fused_parts_disagree(tiny_ckpt):
 
 def test_qwen2_with_qkv_bias_agrees_with_hugging_face(tmp_path, smol_dir):
     """Qwen2 puts a bias on q/k/v: the fused projection carries it, on the stack and in HF."""
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    def noisy_biases(model):
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("bias"):
+                    p.normal_(0, 0.5)  # non-zero: a dropped bias must show
 
     torch.manual_seed(7)
-    tok = AutoTokenizer.from_pretrained(smol_dir)
-    model = Qwen2ForCausalLM(Qwen2Config(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(0, 0.5)  # non-zero: a dropped bias must show
-    model.save_pretrained(tmp_path / "qwen")
-    tok.save_pretrained(tmp_path / "qwen")
-    ckpt = fqcompile.export(str(tmp_path / "qwen"), tmp_path / "ckpt", ladder=(4, 8), group_size=32, progress=False)
+    ckpt = random_checkpoint(tmp_path, smol_dir, Qwen2ForCausalLM, Qwen2Config, noisy_biases)
     loaded = fqcompile.load(ckpt)
     assert loaded.model.model.layers[0].self_attn.q_proj.bias is not None
     for bits in (4, 8):
