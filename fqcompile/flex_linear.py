@@ -6,7 +6,8 @@ from torch import nn
 
 from .errors import FqError
 from .formats.nested import Layout
-from .kernels import MAX_PACKED_BATCH, kernel_args, nested_linear, pack_rows, packed_linear, quantize_activations
+from .kernels import (MAX_PACKED_BATCH, kernel_args, nested_linear, pack_rows, packed_linear, quantize_activations,
+                      unpack_rows)
 
 # Bumped whenever a layer's precision, int8 flag or dense weights change: the slim decoder
 # reuses its per-step plan until then (reading ~200 layers' settings cost ~0.25 ms a step).
@@ -38,7 +39,8 @@ class FlexLinear(nn.Module):
     """y = x W_b^T + bias, W_b the b-bit slice of the nested weights (b = self.precision).
 
     Holds only the planes it was given: a layer loaded for at most 4 bits of an [4, 8]
-    ladder has the top plane resident and refuses precision 8.
+    ladder has the top plane resident and refuses precision 8. In int8-activation mode on
+    CPUs with the packed kernel it holds them packed instead (pack(); same bytes).
     """
 
     precision = _watched("precision")
@@ -60,9 +62,11 @@ class FlexLinear(nn.Module):
         self.precision = max(self.precisions)
         self.dense = None  # {bits: weight} while runtime.dense_weights() is active
         self.int8_activations = False  # quantize inputs to int8 in blocks (kernels.quantize_activations)
-        self._calls = {}  # bits -> the kernel's arguments: a decode step calls ~200 layers
-        self._packs = {}  # bits -> pack_rows' tensors (or []), made on the first int8-activation call
-
+        self._calls = {}  # bits -> nested_linear's arguments: a decode step calls ~200 layers
+        self._packs = None  # bits -> packed_linear's tensors while the planes are held packed (pack())
+        self._packable = None  # whether pack() applies (known after its first try)
+        self._rows = []  # a fused layer's parts and their first rows (llama.fuse) ...
+        self._owner = None  # ... and a part's fused layer, which packs and unpacks for it
 
     @property
     def precisions(self) -> tuple[int, ...]:
@@ -70,6 +74,9 @@ class FlexLinear(nn.Module):
         return tuple(b for b in self.layout.ladder if self.layout.planes_for(b) <= self.n_planes)
 
     def planes(self) -> list[torch.Tensor]:
+        """The nested planes (unpacked first if the layer holds them packed)."""
+        if self._packs is not None:
+            self.unpack()
         return [getattr(self, f"plane{i}") for i in range(self.n_planes)]
 
     def repoint(self, planes, scale, zero) -> None:
@@ -77,10 +84,49 @@ class FlexLinear(nn.Module):
         for i, plane in enumerate(planes):
             setattr(self, f"plane{i}", plane)
         self.scale, self.zero = scale, zero
-        self._calls, self._packs = {}, {}
+        self._calls, self._packs = {}, None
+
+    def pack(self) -> bool:
+        """Hold the planes packed 8 rows at a time (kernels.pack_rows: the same bytes, in the CPU
+        int8-activation decode kernel's order) instead of nested, where that kernel applies.
+        True if they are held packed. A fused layer's parts get row views of its packs."""
+        if self._owner is not None:
+            return self._owner.pack()
+        if self._packs is not None or self._packable is False:
+            return self._packs is not None
+        packs = []
+        if all(part.out_features % 8 == 0 for part, _ in self._rows):  # parts own whole 8-row blocks
+            packs = pack_rows(self.planes(), self.layout.widths[:self.n_planes], self.scale, self.zero,
+                              self.in_features, self.layout.group_size)
+        self._packable = bool(packs)
+        if packs:
+            # per precision: its planes' codes, then the packed scale and zero (shared)
+            by_bits = {b: packs[:self.layout.planes_for(b)] + packs[-2:] for b in self.precisions}
+            self._hold(by_bits)
+            for part, start in self._rows:
+                part._hold({b: [t[start // 8:(start + part.out_features) // 8] for t in ts] for b, ts in by_bits.items()})
+        return self._packable
+
+    def _hold(self, packs: dict) -> None:
+        for i in range(self.n_planes):
+            setattr(self, f"plane{i}", None)  # the packs hold the same bytes
+        self._calls, self._packs = {}, packs
+
+    def unpack(self) -> None:
+        """Hold the nested planes again (made from the packs, bit for bit), e.g. for float activations."""
+        if self._owner is not None:
+            return self._owner.unpack()
+        if self._packs is None:
+            return
+        codes = self._packs[max(self.precisions)][:self.n_planes]
+        planes = [unpack_rows(c, self.out_features) for c in codes]
+        self.repoint(planes, self.scale, self.zero)
+        for part, start in self._rows:
+            part.repoint([plane[start:start + part.out_features] for plane in planes], part.scale, part.zero)
 
     def _apply(self, fn, *args, **kwargs):  # .to() / .float() replace the buffers the caches hold
-        self._calls, self._packs = {}, {}
+        self.unpack()
+        self._calls = {}
         return super()._apply(fn, *args, **kwargs)
 
     def set_precision(self, bits) -> None:
@@ -101,7 +147,7 @@ class FlexLinear(nn.Module):
                 return F.linear(quantize_activations(v) if int8 else v, self.dense[b])
         else:
             def run(v, b):
-                return nested_linear(v, *self._args(b), int8)
+                return self._linear(v, b, int8)
         if len(values) == 1:
             y = run(x, values[0])
         else:  # per-row precisions: each group of rows through its own slice
@@ -113,19 +159,20 @@ class FlexLinear(nn.Module):
 
     def run(self, x: torch.Tensor, bits: int, int8_activations: bool = False) -> torch.Tensor:
         """The kernel at one precision for every row (what forward does for an int precision)."""
-        if int8_activations and x.numel() <= MAX_PACKED_BATCH * self.in_features and (packs := self.packed(bits)):
-            y = packed_linear(x, packs, self.out_features, self.layout.ladder[0], self.layout.group_size)
-        else:
-            y = nested_linear(x, *self._args(bits), int8_activations)
+        y = self._linear(x, bits, int8_activations)
         return y if self.bias is None else y + self.bias
 
+    def _linear(self, x: torch.Tensor, bits: int, int8_activations: bool) -> torch.Tensor:
+        # In int8 mode the packed rows serve every call once held (from the first decode-sized
+        # call on, where they apply); float activations need the nested planes (planes() unpacks).
+        if int8_activations and (self._packs is not None
+                                 or (x.numel() <= MAX_PACKED_BATCH * self.in_features and self.pack())):
+            return packed_linear(x, self._packs[bits], self.out_features, self.layout.ladder[0], self.layout.group_size)
+        return nested_linear(x, *self._args(bits), int8_activations)
+
     def packed(self, bits: int) -> list:
-        """The planes of `bits` packed by rows for the CPU int8-activation decode kernel, or [] where it
-        does not apply (kernels.pack_rows). Made once, on first use: a copy of the slice's plane."""
-        packs = self._packs.get(bits)
-        if packs is None:
-            packs = self._packs[bits] = pack_rows(*self._args(bits)[:4], self.in_features, self.layout.group_size)
-        return packs
+        """packed_linear's tensors for `bits` while the planes are held packed (pack()), else []."""
+        return self._packs[bits] if self._packs is not None else []
 
     def _args(self, bits: int) -> tuple:
         call = self._calls.get(bits)

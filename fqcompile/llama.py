@@ -83,6 +83,8 @@ def fuse(parts: list[FlexLinear]) -> FlexLinear:
     for p, n in zip(parts, rows):
         p.repoint([plane[start:start + n] for plane in fused.planes()], fused.scale[start:start + n],
                   fused.zero[start:start + n])
+        fused._rows.append((p, start))  # it packs and unpacks for them (FlexLinear.pack)
+        p._owner = fused
         start += n
     return fused
 
@@ -142,7 +144,7 @@ class Llama(nn.Module):
                        for name in SLOTS] for blk in self.blocks]
         self.k_cache = self.v_cache = self.stack = None
         self._planned = (None, None)  # (flex_linear.changes, plan) when the plan was last read
-        self._packed = set()  # (layer, slot, bits) whose packed rows the stack has been given
+        self._synced = {}  # (layer, slot) -> the int8 flag the stack's tensors for it were last set for
 
     def setup_cache(self, batch: int, length: int) -> None:
         """Preallocate the KV cache (and the RoPE tables) for `batch` rows of up to `length` tokens."""
@@ -159,8 +161,8 @@ class Llama(nn.Module):
         # rotate_half(x) * sin == roll(x, half) * (sin with its first half negated), bit for bit
         self.cos, self.sin = cos[0], torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1)  # [length, head_dim]
         self.stack = self._build_stack()
-        # The new stack has no packed rows yet: the next plan read adds those it uses.
-        self._packed, self._planned = set(), (None, None)
+        # The new stack has no projections yet: the next plan read gives it each slot's tensors.
+        self._synced, self._planned = {}, (None, None)
 
     def _apply(self, fn, *args, **kwargs):  # .to() / .float(): the stack holds the old tensors until the next setup
         self.stack = None
@@ -169,20 +171,16 @@ class Llama(nn.Module):
     def _build_stack(self):
         """The C++ stack (kernels/cpu_stack.cpp) over these tensors, or None where the per-op loop must run.
 
-        Built with every cache setup, from the layers' current kernel arguments, so it never
-        outlives a repoint or a .to(). The packed rows of a slot's precision (int8 decode on
-        AVX2 builds) are added when a plan first uses it (_read_plan): a static:8 run never
-        makes the 4-bit slices' copy.
+        Built with every cache setup, so it never outlives a repoint or a .to(). Its
+        projections' tensors are set by _read_plan: packed rows for a slot in int8 mode
+        where they apply (the layer then holds nothing else), else the nested planes.
         """
         if self.norm.dtype is not torch.float32 or not self.norm.is_cpu or backend(self.norm.device) != "cpu-cpp":
             return None
         stack = torch.classes.fqcompile.Stack(len(self.blocks), self.eps, self.heads)
-        for i, (blk, slots, (k, v)) in enumerate(zip(self.blocks, self.slots, self.caches)):
+        for i, (blk, (k, v)) in enumerate(zip(self.blocks, self.caches)):
             stack.set_norms(i, blk["in_norm"], blk["post_norm"])
             stack.set_cache(i, k, v)
-            for s, (run, _) in enumerate(slots):
-                for bits in run.precisions:
-                    _set_linear(stack, i, s, run, bits, [])
         return stack
 
     def _plan(self):
@@ -198,7 +196,7 @@ class Llama(nn.Module):
         return plan
 
     def _read_plan(self):
-        bits, int8, unpacked = [], [], []
+        bits, int8, changed = [], [], []
         for i, slots in enumerate(self.slots):
             for s, (run, parts) in enumerate(slots):
                 first = parts[0]
@@ -210,12 +208,16 @@ class Llama(nn.Module):
                         return None
                 bits.append(b)
                 int8.append(int(q))
-                if q and self.stack is not None and (i, s, b) not in self._packed:
-                    unpacked.append((i, s, run, b))
-        for i, s, run, b in unpacked:  # a precision's packed rows, the first time a plan uses it
-            self._packed.add((i, s, b))
-            if packed := run.packed(b):
-                _set_linear(self.stack, i, s, run, b, packed)
+                if self.stack is not None and self._synced.get((i, s)) != q:
+                    changed.append((i, s, run, q))
+        for i, s, run, q in changed:  # int8: the packed rows where they apply; float: the nested planes
+            if q:
+                run.pack()
+            else:
+                run.unpack()
+            for b in run.precisions:
+                _set_linear(self.stack, i, s, run, b)
+            self._synced[i, s] = q
         return bits, int8
 
     @torch.inference_mode()
@@ -248,9 +250,11 @@ class Llama(nn.Module):
         return x
 
 
-def _set_linear(stack, i: int, slot: int, run, bits: int, packed: list) -> None:
-    """Give the C++ stack slot `slot` of layer i the kernel arguments of `run` at `bits`."""
-    stack.set_linear(i, slot, bits, *run._args(bits), run.bias.data if run.bias is not None else None, packed)
+def _set_linear(stack, i: int, slot: int, run, bits: int) -> None:
+    """Give the C++ stack slot `slot` of layer i the tensors `run` holds for `bits` (packed or nested)."""
+    packed = run.packed(bits)
+    args = ([], [], run.scale, run.zero, run.layout.ladder[0], run.layout.group_size) if packed else run._args(bits)
+    stack.set_linear(i, slot, bits, *args, run.bias.data if run.bias is not None else None, packed)
 
 
 def pick(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, gen: torch.Generator) -> torch.Tensor:

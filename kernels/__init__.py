@@ -15,7 +15,7 @@ under that name; absolute imports keep that harmless.
 
 import torch
 
-from fqcompile.kernels.ops import MAX_PACKED_BATCH, backend, nested_linear, pack_rows, packed_linear, packs_rows
+from fqcompile.kernels.ops import MAX_PACKED_BATCH, backend, nested_linear, pack_rows, packed_linear, packs_rows, unpack_rows
 from fqcompile.kernels.reference import quantize_activations, reference_linear
 
 
@@ -39,4 +39,4 @@ def kernel_args(planes, meta, precision: int) -> tuple:
 
 
 __all__ = ["MAX_PACKED_BATCH", "backend", "flex_linear", "kernel_args", "nested_linear", "pack_rows", "packed_linear",
-           "packs_rows", "quantize_activations", "reference_linear"]
+           "packs_rows", "quantize_activations", "reference_linear", "unpack_rows"]

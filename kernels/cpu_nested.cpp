@@ -844,18 +844,22 @@ void gemv(const Planes& planes, const Grid& grid, const Activations& a, const Qu
 using GemvFn = void (*)(const Planes&, const Grid&, const Activations&, const Quantized*, int64_t, int64_t, float*);
 constexpr GemvFn kGemv[kMaxGemvBatch] = {gemv<1>, gemv<2>, gemv<3>, gemv<4>, gemv<5>, gemv<6>, gemv<7>, gemv<8>};
 
-// Rows [n0, n1) of the b-bit slice as float32 [n1 - n0, in].
-void dequantize_rows(const Planes& planes, const Grid& grid, int64_t in, int64_t n0, int64_t n1, float* w) {
+// Rows [n0, n1) of a slice as float32 [n1 - n0, in]: codes(n, buf) writes row n's codes and
+// params(n, s, z) its groups' folded scale and zero point (row_params with mult 1, shift 0),
+// so the nested planes and the packed rows dequantize to the same floats.
+template <class Codes, class Params>
+void dequantize_rows(int64_t in, int64_t padded_in, int64_t groups, int64_t group_size, int64_t n0, int64_t n1,
+                     float* w, Codes&& codes_of, Params&& params_of) {
   at::parallel_for(n0, n1, 4, [&](int64_t begin, int64_t end) {
-    std::vector<uint8_t> codes(planes.padded_in);
-    std::vector<float> params(2 * grid.groups);
-    float *s = params.data(), *z = s + grid.groups;
+    std::vector<uint8_t> codes(padded_in);
+    std::vector<float> params(2 * groups);
+    float *s = params.data(), *z = s + groups;
     for (int64_t n = begin; n < end; ++n) {
-      unpack_row(planes, n, codes.data());
-      row_params(grid, n, 1.f, 0.f, s, z);
+      codes_of(n, codes.data());
+      params_of(n, s, z);
       float* row = w + (n - n0) * in;
-      for (int64_t g = 0; g < grid.groups; ++g) {
-        const int64_t k0 = g * grid.group_size, k1 = std::min(in, k0 + grid.group_size);
+      for (int64_t g = 0; g < groups; ++g) {
+        const int64_t k0 = g * group_size, k1 = std::min(in, k0 + group_size);
         for (int64_t k = k0; k < k1; ++k) row[k] = (codes[k] - z[g]) * s[g];
       }
     }
@@ -944,14 +948,60 @@ constexpr int64_t kPackRows = 8;
 
 struct Packed {
   const uint8_t* codes;       // [blocks, in / 16, 16 * width]: per 8 rows and activation block
+  const uint8_t* low;         // the bottom nibble plane packed the same, for 8 bits as two planes (else null)
   const c10::Half* scale;     // [blocks, groups, 8]
   const uint8_t* zero;        // [blocks, groups, 8]
   int64_t in, groups, group_size;
   float cells;
 };
 
-// Rows 8 nb .. 8 nb + 7 for B rows of activations: y[b * ldy + r] (r < rows).
-template <int B, int W>
+// Row n's codes in one packed plane of W bits (pack_rows' layout), columns in order.
+void packed_row_codes(const uint8_t* codes, int W, int64_t in, int64_t n, uint8_t* __restrict out) {
+  const int64_t r = n % kPackRows, block = 16 * W;
+  const uint8_t* rows = codes + n / kPackRows * (in / kActBlock) * block;
+  for (int64_t k = 0; k < in; k += kActBlock) {
+    const uint8_t* v = rows + k / kActBlock * block;
+    for (int i = 0; i < 4; ++i)
+      if (W == 4) {  // vector h (columns k + 8h ..): lane r holds 4 low and 4 high nibbles
+        for (int h = 0; h < 2; ++h) {
+          const uint8_t byte = v[32 * h + 4 * r + i];
+          out[k + 8 * h + i] = byte & 0x0F;
+          out[k + 8 * h + 4 + i] = byte >> 4;
+        }
+      } else {
+        out[k + 4 * i + 0] = v[32 * i + 4 * r + 0];  // vector i: columns k + 4i .. k + 4i + 3
+        out[k + 4 * i + 1] = v[32 * i + 4 * r + 1];
+        out[k + 4 * i + 2] = v[32 * i + 4 * r + 2];
+        out[k + 4 * i + 3] = v[32 * i + 4 * r + 3];
+      }
+  }
+}
+
+// Row n's codes of the packed slice (the top nibble plane shifted over the bottom one for two).
+void packed_row(const Packed& w, int width, int64_t n, uint8_t* __restrict out) {
+  packed_row_codes(w.codes, width == 8 && w.low ? 4 : width, w.in, n, out);
+  if (!w.low) return;
+  thread_local std::vector<uint8_t> bottom;
+  bottom.resize(w.in);
+  packed_row_codes(w.low, 4, w.in, n, bottom.data());
+  for (int64_t k = 0; k < w.in; ++k) out[k] = static_cast<uint8_t>(out[k] << 4 | bottom[k]);
+}
+
+// Row n's folded group parameters, as row_params(mult 1, shift 0) gives them for the nested planes.
+void packed_params(const Packed& w, int64_t n, float* s, float* z) {
+  const int64_t nb = n / kPackRows, r = n % kPackRows;
+  const float inv = 1.f / w.cells;
+  for (int64_t g = 0; g < w.groups; ++g) {
+    const int64_t at = (nb * w.groups + g) * kPackRows + r;
+    s[g] = half_to_float(w.scale[at]) * inv;
+    z[g] = (static_cast<float>(w.zero[at]) + 0.5f) * w.cells - 0.5f;
+  }
+}
+
+// Rows 8 nb .. 8 nb + 7 for B rows of activations: y[b * ldy + r] (r < rows). W: the bits of
+// a packed plane; NP: nibble planes (2: 8 bits as top and bottom, each block's sums of the
+// top weighted by 16 in its madd).
+template <int B, int W, int NP>
 void packed_block(const Packed& w, int64_t nb, const Quantized& xq, const float* xs, float* y, int64_t ldy,
                   int64_t rows) {
   constexpr int64_t kBlockBytes = 16 * W;  // 8 rows x 16 columns
@@ -974,14 +1024,22 @@ void packed_block(const Packed& w, int64_t nb, const Quantized& xq, const float*
       FQ_UNROLL
       for (int64_t line = 0; line < kBlockBytes; line += 64)
         _mm_prefetch(reinterpret_cast<const char*>(v + kPrefetch + line), FQ_HINT);
-      __m256i c[4], sign[4];  // per 4 columns: the codes (4-bit), or |w| and w (8-bit)
+      __m256i c[4], sign[4], d[4];  // per 4 columns: the codes (4-bit; d: the bottom plane's), or |w| and w (8-bit)
       if constexpr (W == 4) {
-        const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v));
-        const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + 32));
-        c[0] = _mm256_and_si256(v0, m0f);
-        c[1] = _mm256_and_si256(_mm256_srli_epi16(v0, 4), m0f);
-        c[2] = _mm256_and_si256(v1, m0f);
-        c[3] = _mm256_and_si256(_mm256_srli_epi16(v1, 4), m0f);
+        auto nibbles = [&](const uint8_t* p, __m256i (&out)[4]) {
+          const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+          const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32));
+          out[0] = _mm256_and_si256(v0, m0f);
+          out[1] = _mm256_and_si256(_mm256_srli_epi16(v0, 4), m0f);
+          out[2] = _mm256_and_si256(v1, m0f);
+          out[3] = _mm256_and_si256(_mm256_srli_epi16(v1, 4), m0f);
+        };
+        nibbles(v, c);
+        if constexpr (NP == 2) {
+          const uint8_t* u = w.low + nb * (w.in / kActBlock) * kBlockBytes + kb * kBlockBytes;
+          _mm_prefetch(reinterpret_cast<const char*>(u + kPrefetch), FQ_HINT);
+          nibbles(u, d);
+        }
       } else {
         FQ_UNROLL
         for (int i = 0; i < 4; ++i) {
@@ -992,7 +1050,7 @@ void packed_block(const Packed& w, int64_t nb, const Quantized& xq, const float*
       FQ_UNROLL
       for (int b = 0; b < B; ++b) {
         const int8_t* q = xq.q + b * xq.ld + kb * kActBlock;
-        __m256i dot;
+        __m256i dot, bottom;
         FQ_UNROLL
         for (int i = 0; i < 4; ++i) {  // columns 4i .. 4i + 3 of the block, broadcast to every row
           int32_t bytes;
@@ -1001,12 +1059,18 @@ void packed_block(const Packed& w, int64_t nb, const Quantized& xq, const float*
           if constexpr (W == 4) {
             const __m256i pairs = _mm256_maddubs_epi16(c[i], four);
             dot = i == 0 ? pairs : _mm256_add_epi16(dot, pairs);
+            if constexpr (NP == 2) {
+              const __m256i low = _mm256_maddubs_epi16(d[i], four);
+              bottom = i == 0 ? low : _mm256_add_epi16(bottom, low);
+            }
           } else {
             const __m256i quads = _mm256_madd_epi16(_mm256_maddubs_epi16(c[i], _mm256_sign_epi8(four, sign[i])), ones);
             dot = i == 0 ? quads : _mm256_add_epi32(dot, quads);
           }
         }
-        if constexpr (W == 4) dot = _mm256_madd_epi16(dot, ones);
+        if constexpr (W == 4 && NP == 1) dot = _mm256_madd_epi16(dot, ones);
+        if constexpr (NP == 2)
+          dot = _mm256_add_epi32(_mm256_madd_epi16(dot, _mm256_set1_epi16(16)), _mm256_madd_epi16(bottom, ones));
         acc[b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot),
                                  _mm256_set1_ps(xq.lane_scale[b * (xq.ld / 4) + kb * kActBlock / 4]), acc[b]);
       }
@@ -1032,20 +1096,23 @@ void packed_block(const Packed& w, int64_t nb, const Quantized& xq, const float*
   }
 }
 
-template <int B, int W>
+template <int B, int W, int NP>
 void packed_gemv(const Packed& w, const Quantized& xq, const float* xs, int64_t out, float* y) {
   at::parallel_for(0, (out + kPackRows - 1) / kPackRows, 2, [&](int64_t begin, int64_t end) {
     for (int64_t nb = begin; nb < end; ++nb)
-      packed_block<B, W>(w, nb, xq, xs, y + nb * kPackRows, out, std::min(kPackRows, out - nb * kPackRows));
+      packed_block<B, W, NP>(w, nb, xq, xs, y + nb * kPackRows, out, std::min(kPackRows, out - nb * kPackRows));
   });
 }
 
 using PackedFn = void (*)(const Packed&, const Quantized&, const float*, int64_t, float*);
-constexpr PackedFn kPacked[2][fqcompile::kMaxPackedBatch] = {
-    {packed_gemv<1, 4>, packed_gemv<2, 4>, packed_gemv<3, 4>, packed_gemv<4, 4>, packed_gemv<5, 4>, packed_gemv<6, 4>,
-     packed_gemv<7, 4>, packed_gemv<8, 4>},
-    {packed_gemv<1, 8>, packed_gemv<2, 8>, packed_gemv<3, 8>, packed_gemv<4, 8>, packed_gemv<5, 8>, packed_gemv<6, 8>,
-     packed_gemv<7, 8>, packed_gemv<8, 8>}};
+// [a 4-bit plane, an 8-bit plane, two nibble planes][batch - 1]
+constexpr PackedFn kPacked[3][fqcompile::kMaxPackedBatch] = {
+    {packed_gemv<1, 4, 1>, packed_gemv<2, 4, 1>, packed_gemv<3, 4, 1>, packed_gemv<4, 4, 1>, packed_gemv<5, 4, 1>,
+     packed_gemv<6, 4, 1>, packed_gemv<7, 4, 1>, packed_gemv<8, 4, 1>},
+    {packed_gemv<1, 8, 1>, packed_gemv<2, 8, 1>, packed_gemv<3, 8, 1>, packed_gemv<4, 8, 1>, packed_gemv<5, 8, 1>,
+     packed_gemv<6, 8, 1>, packed_gemv<7, 8, 1>, packed_gemv<8, 8, 1>},
+    {packed_gemv<1, 4, 2>, packed_gemv<2, 4, 2>, packed_gemv<3, 4, 2>, packed_gemv<4, 4, 2>, packed_gemv<5, 4, 2>,
+     packed_gemv<6, 4, 2>, packed_gemv<7, 4, 2>, packed_gemv<8, 4, 2>}};
 #endif
 
 // A decode-sized batch's inputs to the row kernels: per-group activation sums (over the
@@ -1094,6 +1161,30 @@ at::Tensor float_rows(const at::Tensor& x) {
   return x2.is_contiguous() ? x2 : x2.contiguous();
 }
 
+// y [m, out] = x2 @ W^T for a batch too large for the row kernels (prefill): tiles of ~4 MiB
+// of float weights, each dequantized once by dequantize(n0, n1, w) and multiplied while still
+// in cache. In int8-activation mode x is replaced by x^ (only x^ is used here).
+template <class Dequantize>
+void tiled_linear(at::Tensor x2, bool int8_activations, int64_t out, const at::Tensor& y, Dequantize&& dequantize) {
+  const int64_t m = x2.size(0), in = x2.size(1);
+  if (int8_activations) {
+    const int64_t ld = (in + 7) / 8 * 8, lq = (ld + kActBlock - 1) / kActBlock * kActBlock;
+    at::Tensor xhat = at::empty_like(x2), q = at::zeros({m, lq}, x2.options().dtype(at::kChar));
+    at::Tensor lane_scale = at::empty({m, lq / 4}, x2.options());
+    quantize_activations(x2.data_ptr<float>(), m, in, q.data_ptr<int8_t>(), lq, lane_scale.data_ptr<float>(),
+                         xhat.data_ptr<float>());
+    x2 = xhat;
+  }
+  const int64_t rows = std::max<int64_t>(64, (int64_t{1} << 20) / std::max<int64_t>(in, 1) / 64 * 64);
+  at::Tensor tile = at::empty({std::min(rows, out), in}, x2.options());
+  for (int64_t n0 = 0; n0 < out; n0 += rows) {
+    const int64_t n1 = std::min(out, n0 + rows);
+    at::Tensor w = tile.narrow(0, 0, n1 - n0);
+    dequantize(n0, n1, w.data_ptr<float>());
+    y.narrow(1, n0, n1 - n0).copy_(at::mm(x2, w.t()));
+  }
+}
+
 }  // namespace
 
 at::Tensor fqcompile::nested_linear(const at::Tensor& x, at::TensorList planes, at::IntArrayRef widths,
@@ -1134,22 +1225,11 @@ at::Tensor fqcompile::nested_linear(const at::Tensor& x, at::TensorList planes, 
   // batches use the integer codes directly with AVX-512 VNNI, or on nibble planes with AVX2.
   const int64_t ld = (p.padded_in + kActBlock - 1) / kActBlock * kActBlock;
   if (m > kMaxGemvBatch) {
-    if (int8_activations) {  // only x^ is used here
-      at::Tensor xhat = at::empty_like(x2), q = at::empty({m, ld}, x2.options().dtype(at::kChar));
-      at::Tensor lane_scale = at::empty({m, ld / 4}, x2.options());
-      quantize_activations(x2.data_ptr<float>(), m, in, q.data_ptr<int8_t>(), ld, lane_scale.data_ptr<float>(),
-                           xhat.data_ptr<float>());
-      x2 = xhat;
-    }
-    // Tiles of ~4 MiB of float weights: dequantized once, multiplied while still in cache.
-    const int64_t rows = std::max<int64_t>(64, (int64_t{1} << 20) / std::max<int64_t>(in, 1) / 64 * 64);
-    at::Tensor tile = at::empty({std::min(rows, out), in}, x2.options());
-    for (int64_t n0 = 0; n0 < out; n0 += rows) {
-      const int64_t n1 = std::min(out, n0 + rows);
-      at::Tensor w = tile.narrow(0, 0, n1 - n0);
-      dequantize_rows(p, grid, in, n0, n1, w.data_ptr<float>());
-      y.narrow(1, n0, n1 - n0).copy_(at::mm(x2, w.t()));
-    }
+    tiled_linear(x2, int8_activations, out, y, [&](int64_t n0, int64_t n1, float* w) {
+      dequantize_rows(in, p.padded_in, groups, group_size, n0, n1, w,
+                      [&](int64_t n, uint8_t* codes) { unpack_row(p, n, codes); },
+                      [&](int64_t n, float* s, float* z) { row_params(grid, n, 1.f, 0.f, s, z); });
+    });
   } else {
     const DecodeInputs d = decode_inputs(x2.data_ptr<float>(), m, in, ld, groups, group_size, int8_activations);
 #if defined(FQ_VNNI) || defined(FQ_I8)
@@ -1217,23 +1297,35 @@ std::vector<at::Tensor> fqcompile::pack_rows(const at::Tensor& plane, const at::
 at::Tensor fqcompile::packed_linear(const at::Tensor& x, at::TensorList packed, int64_t out_features, int64_t low,
                                     int64_t group_size) {
 #if defined(FQ_I8)
-  TORCH_CHECK(packed.size() == 3 && packed[0].scalar_type() == at::kByte && packed[0].dim() == 3 &&
-                  (packed[0].size(2) == 4 * kActBlock || packed[0].size(2) == 8 * kActBlock) &&
+  // [codes, scale, zero], or [top, bottom, scale, zero] for two nibble planes
+  const bool two = packed.size() == 4;
+  TORCH_CHECK((packed.size() == 3 || two) && packed[0].scalar_type() == at::kByte && packed[0].dim() == 3 &&
+                  (packed[0].size(2) == 4 * kActBlock || (packed[0].size(2) == 8 * kActBlock && !two)) &&
+                  (!two || packed[1].sizes() == packed[0].sizes()) &&
                   packed[0].size(0) == (out_features + kPackRows - 1) / kPackRows,
               "packed_linear: expected pack_rows' tensors for ", out_features, " rows");
-  const int64_t in = packed[0].size(1) * kActBlock, groups = packed[1].size(1), width = packed[0].size(2) / kActBlock;
+  const at::Tensor &scale = packed[packed.size() - 2], &zero = packed[packed.size() - 1];
+  const int64_t in = packed[0].size(1) * kActBlock, groups = scale.size(1);
+  const int64_t width = two ? 8 : packed[0].size(2) / kActBlock;
   TORCH_CHECK(x.size(-1) == in && group_size % kActBlock == 0 && groups == (in + group_size - 1) / group_size &&
                   low >= 1 && low <= width,
               "packed_linear: input of ", x.size(-1), " columns for packed rows of ", in);
+  for (const at::Tensor& t : packed) TORCH_CHECK(t.is_contiguous() && t.is_cpu(), "packed_linear: contiguous CPU tensors");
   at::Tensor x2 = float_rows(x);
   const int64_t m = x2.size(0);
-  TORCH_CHECK(m <= fqcompile::kMaxPackedBatch, "packed_linear: at most ", fqcompile::kMaxPackedBatch, " rows of activations, got ", m);
   at::Tensor y = at::empty({m, out_features}, x2.options());
-  if (m > 0) {
+  const Packed w{packed[0].data_ptr<uint8_t>(), two ? packed[1].data_ptr<uint8_t>() : nullptr,
+                 scale.data_ptr<c10::Half>(), zero.data_ptr<uint8_t>(), in, groups, group_size,
+                 static_cast<float>(int64_t{1} << (width - low))};
+  if (m > fqcompile::kMaxPackedBatch) {  // prefill: when the packs are all that is resident
+    tiled_linear(x2, true, out_features, y, [&](int64_t n0, int64_t n1, float* t) {
+      dequantize_rows(in, in, groups, group_size, n0, n1, t,
+                      [&](int64_t n, uint8_t* codes) { packed_row(w, width, n, codes); },
+                      [&](int64_t n, float* s, float* z) { packed_params(w, n, s, z); });
+    });
+  } else if (m > 0) {
     const DecodeInputs d = decode_inputs(x2.data_ptr<float>(), m, in, in, groups, group_size, true);
-    const Packed w{packed[0].data_ptr<uint8_t>(), packed[1].data_ptr<c10::Half>(), packed[2].data_ptr<uint8_t>(),
-                   in, groups, group_size, static_cast<float>(int64_t{1} << (width - low))};
-    kPacked[width == 8][m - 1](w, d.q, d.xs, out_features, y.data_ptr<float>());
+    kPacked[two ? 2 : width == 8][m - 1](w, d.q, d.xs, out_features, y.data_ptr<float>());
   }
   auto shape = x.sizes().vec();
   shape.back() = out_features;
@@ -1244,7 +1336,34 @@ at::Tensor fqcompile::packed_linear(const at::Tensor& x, at::TensorList packed, 
 #endif
 }
 
+at::Tensor fqcompile::unpack_rows(const at::Tensor& codes, int64_t out_features) {
+#if defined(FQ_I8)
+  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.dim() == 3 && codes.is_contiguous() &&
+                  (codes.size(2) == 4 * kActBlock || codes.size(2) == 8 * kActBlock) &&
+                  codes.size(0) == (out_features + kPackRows - 1) / kPackRows,
+              "unpack_rows: expected one plane of pack_rows for ", out_features, " rows");
+  const int64_t in = codes.size(1) * kActBlock, width = codes.size(2) / kActBlock, half = in / 2;
+  at::Tensor plane = at::empty({out_features, in * width / 8}, codes.options());
+  const uint8_t* src = codes.data_ptr<uint8_t>();
+  uint8_t* dst = plane.data_ptr<uint8_t>();
+  at::parallel_for(0, out_features, kPackRows, [&](int64_t begin, int64_t end) {
+    std::vector<uint8_t> row(in);
+    for (int64_t n = begin; n < end; ++n) {
+      packed_row_codes(src, static_cast<int>(width), in, n, row.data());
+      uint8_t* o = dst + n * plane.size(1);
+      if (width == 8) std::copy(row.begin(), row.end(), o);
+      else  // byte j: column j in the low nibble, column half + j in the high one (formats/nested.py)
+        for (int64_t j = 0; j < half; ++j) o[j] = static_cast<uint8_t>(row[j] | row[half + j] << 4);
+    }
+  });
+  return plane;
+#else
+  TORCH_CHECK(false, "unpack_rows: this build has no packed rows");
+#endif
+}
+
 TORCH_LIBRARY_FRAGMENT(fqcompile, m) {
+  m.def("unpack_rows(Tensor codes, int out_features) -> Tensor");
   m.def("pack_rows(Tensor plane, Tensor scale, Tensor zero, int in_features, int group_size) -> Tensor[]");
   m.def("packed_linear(Tensor x, Tensor[] packed, int out_features, int low, int group_size) -> Tensor");
 }
@@ -1253,4 +1372,5 @@ TORCH_LIBRARY_IMPL(fqcompile, CPU, m) {
   m.impl("nested_linear", &fqcompile::nested_linear);
   m.impl("pack_rows", &fqcompile::pack_rows);
   m.impl("packed_linear", &fqcompile::packed_linear);
+  m.impl("unpack_rows", &fqcompile::unpack_rows);
 }

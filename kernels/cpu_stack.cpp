@@ -26,11 +26,12 @@ struct Linear {
   at::Tensor scale, zero;
   int64_t low = 0, group_size = 0;
   c10::optional<at::Tensor> bias;
-  std::vector<at::Tensor> packed;  // pack_rows' tensors, if the int8 decode kernel reads them
+  std::vector<at::Tensor> packed;  // pack_rows' tensors where the layer holds its planes packed (then no planes)
 
   at::Tensor operator()(const at::Tensor& x, bool int8_activations) const {
-    // FlexLinear.run's choice: the packed rows for an int8 decode step they serve
-    at::Tensor y = int8_activations && !packed.empty() && x.numel() <= fqcompile::kMaxPackedBatch * x.size(-1)
+    // FlexLinear._linear's choice: the packed rows serve int8 activations; float ones need the planes
+    TORCH_CHECK(!planes.empty() || int8_activations, "Stack: float activations need the nested planes");
+    at::Tensor y = int8_activations && !packed.empty()
                        ? fqcompile::packed_linear(x, packed, scale.size(0), low, group_size)
                        : fqcompile::nested_linear(x, planes, widths, scale, zero, low, group_size, int8_activations);
     if (bias) y.add_(*bias);

@@ -181,12 +181,22 @@ MAX_PACKED_BATCH = 8  # kernels/cpu_ops.h kMaxPackedBatch
 
 
 def pack_rows(planes, widths, scale, zero, in_features: int, group_size: int) -> list:
-    """A slice's plane packed 8 rows at a time for the CPU int8-activation decode kernel, or []
-    where that kernel does not apply (not one plane of 4 or 8 bits, not the C++ CPU kernels,
-    or a build whose int8 kernels read the nested planes directly: see docs/kernels.md)."""
-    if len(widths) != 1 or widths[0] not in (4, 8) or not planes[0].is_cpu or backend(planes[0].device) != "cpu-cpp":
+    """A slice's planes packed 8 rows at a time for the CPU int8-activation decode kernel:
+    [codes, scale, zero] for one plane of 4 or 8 bits, [top, bottom, scale, zero] for two of 4;
+    [] where that kernel does not apply (other widths, not the C++ CPU kernels, or a build
+    whose int8 kernels read the nested planes directly: see docs/kernels.md). The same bytes
+    as the planes, ordered for the kernel; unpack_rows gives a plane back."""
+    if list(widths) not in ([4], [8], [4, 4]) or not planes[0].is_cpu or backend(planes[0].device) != "cpu-cpp":
         return []
-    return torch.ops.fqcompile.pack_rows(planes[0], scale, zero, in_features, group_size)
+    packs = [torch.ops.fqcompile.pack_rows(plane, scale, zero, in_features, group_size) for plane in planes]
+    if not packs[0]:
+        return []
+    return [p[0] for p in packs] + packs[0][1:]
+
+
+def unpack_rows(codes: torch.Tensor, out_features: int) -> torch.Tensor:
+    """The nested plane one of pack_rows' code tensors was made from (bit for bit)."""
+    return torch.ops.fqcompile.unpack_rows(codes, out_features)
 
 
 def packs_rows() -> bool:
@@ -196,7 +206,8 @@ def packs_rows() -> bool:
 
 
 def packed_linear(x, packed, out_features: int, low: int, group_size: int) -> torch.Tensor:
-    """W x^ (int8 activations) over pack_rows' tensors: what nested_linear computes, for up to MAX_PACKED_BATCH rows."""
+    """W x^ (int8 activations) over pack_rows' tensors: what nested_linear computes in that mode
+    (its kernel up to MAX_PACKED_BATCH rows of x; dequantized tiles and a matmul beyond)."""
     global _PACKED
     if _PACKED is None:
         _PACKED = torch.ops.fqcompile.packed_linear.default

@@ -60,24 +60,39 @@ def test_module_switches_precision_and_keeps_only_given_planes(oracle_weight):
         FlexLinear(layout, [planes[1][:, :-1]], scale, zero)  # wrong plane shape
 
 
-def test_int8_decode_calls_take_the_packed_rows_where_built(oracle_weight):
-    """At 4 bits with int8 activations, decode-sized calls run on pack_rows' copy (AVX2 builds),
-    made once and dropped with the buffers it copies; larger batches and 8 bits keep the planes."""
-    from fqcompile.kernels import quantize_activations
+def test_int8_calls_hold_the_planes_packed_where_the_kernel_applies(oracle_weight):
+    """With int8 activations, the first decode-sized call re-lays the planes 8 rows at a time
+    (AVX2 builds): the same bytes, nothing else kept; every call at either precision and any
+    batch then reads them. Float activations get the nested planes back, bit for bit."""
+    from fqcompile.kernels import packs_rows, quantize_activations
 
     layout, codes, scale, zero, planes = make((72, 256), 64, (4, 8))
+    original = [p.clone() for p in planes]
     bias = torch.randn(72, generator=torch.Generator().manual_seed(5))
     layer = FlexLinear(layout, planes, scale, zero, bias=bias)
-    layer.set_precision(4)
     layer.int8_activations = True
-    w64 = oracle_weight(codes, scale, zero, (4, 8), 4, 64)
-    for rows in (1, 8, 9):  # 9: more than the packed kernel takes
-        x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(rows))
-        want = quantize_activations(x).double() @ w64.T + bias.double()
-        assert (layer(x).double() - want).norm() <= 1e-5 * want.norm()
-    packed = layer.packed(4)
-    assert layer.packed(8) == [] and layer.packed(4) is packed  # one copy, made once
+    for bits in (4, 8, 4):
+        layer.set_precision(bits)
+        w64 = oracle_weight(codes, scale, zero, (4, 8), bits, 64)
+        for rows in (9, 1, 8, 9):  # 9: a prefill-sized batch (first, before anything is packed)
+            x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(rows))
+            want = quantize_activations(x).double() @ w64.T + bias.double()
+            assert (layer(x).double() - want).norm() <= 1e-5 * want.norm()
+    packed = layer.packed(8)
+    assert bool(packed) == packs_rows()
     if packed:
-        assert packed[0].numel() == planes[0].numel()  # the top plane's bytes, reordered
-    layer.float()
-    assert layer._packs == {}
+        assert layer.plane0 is None and layer.plane1 is None  # no second copy
+        assert layer.packed(4)[0] is packed[0]  # the top plane serves both precisions
+        assert sum(t.numel() for t in packed[:2]) == sum(p.numel() for p in original)
+    layer.int8_activations = False
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(3))
+    want = x.double() @ oracle_weight(codes, scale, zero, (4, 8), 4, 64).T + bias.double()
+    assert (layer(x).double() - want).norm() <= 1e-5 * want.norm()
+    assert layer.packed(4) == [] and all(torch.equal(a, b) for a, b in zip(layer.planes(), original))
+    odd_layout, _, odd_scale, odd_zero, odd_planes = make((24, 200), 40, (4, 8))
+    odd = FlexLinear(odd_layout, odd_planes, odd_scale, odd_zero)
+    odd.int8_activations = True
+    odd(torch.randn(1, 200))
+    assert odd.packed(8) == [] and odd.plane0 is not None  # 200 columns: not whole activation blocks
+
+

@@ -167,43 +167,52 @@ def packs_here() -> bool:
     return " avx2" in flags and " avx512f" not in flags
 
 
-@pytest.mark.parametrize("ladder,bits", [((4, 8), 4), ((8,), 8)], ids=["nibbles", "bytes"])
+@pytest.mark.parametrize("ladder,bits", [((4, 8), 4), ((4, 8), 8), ((8,), 8)], ids=["nibbles", "two-nibbles", "bytes"])
 @pytest.mark.parametrize("shape,group", SHAPES[:4] + [((203, 80), 16), ((37, 96), 32)])
 def test_packed_rows_compute_w_times_quantized_x(shape, group, ladder, bits, oracle_weight):
-    """pack_rows + packed_linear (the AVX2 int8 decode path) against float64, on batches of 1-8 rows."""
-    from fqcompile.kernels import kernel_args, pack_rows, packed_linear, packs_rows, quantize_activations
+    """pack_rows + packed_linear (the AVX2 int8 path) against float64: the decode kernel on
+    batches of 1-8 rows, dequantized tiles beyond (bit for bit nested_linear's); unpack_rows
+    gives the nested planes back."""
+    from fqcompile.kernels import kernel_args, nested_linear, pack_rows, packed_linear, packs_rows, quantize_activations
+    from fqcompile.kernels import unpack_rows
 
     layout, codes, scale, zero, planes = make(shape, group, ladder, seed=3)
-    packed = pack_rows(*kernel_args(planes, (layout, scale, zero), bits)[:4], shape[1], group)
+    args = kernel_args(planes, (layout, scale, zero), bits)
+    packed = pack_rows(*args[:4], shape[1], group)
     assert bool(packed) == packs_here() == packs_rows()
     if not packed:
         pytest.skip("this build's int8 kernels read the nested planes directly")
-    if ladder == (4, 8):
-        assert pack_rows(*kernel_args(planes, (layout, scale, zero), 8)[:4], shape[1], group) == []  # two planes
+    assert len(packed) == len(args[0]) + 2
+    for codes_packed, plane in zip(packed, args[0]):
+        assert codes_packed.numel() >= plane.numel() and torch.equal(unpack_rows(codes_packed, shape[0]), plane)
     w64 = oracle_weight(codes, scale, zero, ladder, bits, group)
     gen = torch.Generator().manual_seed(11)
-    for m in (1, 2, 3, 5, 8):
+    for m in (1, 2, 3, 5, 8, 9, 40):
         for offset in (0.0, 2.0):
             x = torch.randn(1, m, shape[1], generator=gen) + offset
             y = packed_linear(x, packed, shape[0], ladder[0], group)
             assert y.shape == (1, m, shape[0]) and y.dtype == torch.float32
             want = quantize_activations(x).double() @ w64.T
             assert ((y.double() - want).norm() / want.norm()).item() <= 1e-5, (m, offset)
+            if m > 8:  # prefill: the same tiles as from the nested planes
+                assert torch.equal(y, nested_linear(x, *args, True))
 
 
 @pytest.mark.skipif(not packs_here(), reason="the packed kernel is built for AVX2 machines without AVX-512")
 def test_packed_rows_refuse_what_they_cannot_serve():
-    from fqcompile.kernels import kernel_args, pack_rows, packed_linear
+    from fqcompile.kernels import kernel_args, pack_rows, packed_linear, unpack_rows
 
     layout, _, scale, zero, planes = make((24, 256), 64, (4, 8))
     args = kernel_args(planes, (layout, scale, zero), 4)[:4]
     packed = pack_rows(*args, 256, 64)
-    with pytest.raises(RuntimeError, match="at most 8 rows"):
-        packed_linear(torch.randn(9, 256), packed, 24, 4, 64)
     with pytest.raises(RuntimeError, match="input of 128 columns"):
         packed_linear(torch.randn(1, 128), packed, 24, 4, 64)
     with pytest.raises(RuntimeError, match="expected pack_rows' tensors for 32 rows"):
         packed_linear(torch.randn(1, 256), packed, 32, 4, 64)
+    with pytest.raises(RuntimeError, match="contiguous CPU tensors"):
+        packed_linear(torch.randn(1, 256), [packed[0].transpose(0, 1).contiguous().transpose(0, 1), *packed[1:]], 24, 4, 64)
+    with pytest.raises(RuntimeError, match="expected one plane of pack_rows for 32 rows"):
+        unpack_rows(packed[0], 32)
     with pytest.raises(RuntimeError, match="scale .* must be contiguous"):
         pack_rows(args[0], args[1], scale[:, :2], zero, 256, 64)
     odd = make((24, 200), 40, (4, 8))  # 200 columns: not whole activation blocks of 16

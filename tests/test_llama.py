@@ -153,11 +153,11 @@ def test_cpp_stack_is_the_per_op_loop_bit_for_bit(tiny_ckpt, monkeypatch):
     assert torch.equal(fast, slow)
 
 
-def test_stack_packs_a_precision_only_when_a_plan_uses_it(tmp_path, smol_dir, monkeypatch):
-    """int8 decode on AVX2 builds reads packed copies of the slices: a static:8 run makes none
-    of the 4-bit ones; switching to 4 bits makes them, and the stack then agrees with the
-    per-op loop (which packs through FlexLinear) bit for bit. Widths of multiples of 16, so
-    every projection can be packed."""
+def test_stack_holds_the_packed_rows_in_place_of_the_planes(tmp_path, smol_dir, monkeypatch):
+    """int8 decode on AVX2 builds reads the planes packed 8 rows at a time: the layers then hold
+    nothing else (fused parts hold row views of their fused layer's packs), the stack agrees
+    with the per-op loop bit for bit at 8 and at 4 bits, and float activations get the nested
+    planes back unchanged. Widths of multiples of 16, so every projection can be packed."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from fqcompile.kernels import packs_rows
@@ -165,20 +165,32 @@ def test_stack_packs_a_precision_only_when_a_plan_uses_it(tmp_path, smol_dir, mo
     torch.manual_seed(8)
     loaded = fqcompile.load(random_checkpoint(tmp_path, smol_dir, LlamaForCausalLM, LlamaConfig))
     tok = loaded.tokenizer
-    fqcompile.set_precision(loaded.model, 8)
-    fqcompile.runtime.set_int8_activations(loaded.model, True)
     rows = [tok(p)["input_ids"] for p in PROMPTS]
     dec = llama.Llama(loaded.model)
-    runs = [run for slots in dec.slots for run, _ in slots]
-    greedy_logits(dec, rows, 4, tok.eos_token_id)
-    assert dec.stack is not None and all(4 not in run._packs for run in runs)
-    fqcompile.set_precision(loaded.model, 4)
-    fast = greedy_logits(dec, rows, 6, tok.eos_token_id)
-    assert all(bool(run._packs.get(4)) == packs_rows() for run in runs)
-    assert len(dec._packed) == 2 * len(llama.SLOTS)  # this generate's stack: both layers' slots, at 4 bits
+    layers = fqcompile.runtime.flex_layers(loaded.model)
+    nested = {id(m): [p.clone() for p in m.planes()] for m in layers}
+    float_logits = greedy_logits(dec, rows, 4, tok.eos_token_id)
+    fqcompile.runtime.set_int8_activations(loaded.model, True)
+    fast = {}
+    for bits in (8, 4):
+        fqcompile.set_precision(loaded.model, bits)
+        fast[bits] = greedy_logits(dec, rows, 6, tok.eos_token_id)
+        runs = [run for slots in dec.slots for run, _ in slots]
+        assert dec.stack is not None and all(bool(run.packed(bits)) == packs_rows() for run in runs)
+        if packs_rows():
+            assert all(m.plane0 is None and m.packed(8) for m in layers + runs)
+            q, k = dec.blocks[0]["qkv"].parts[:2]
+            assert q.packed(8)[0].data_ptr() == runs[0].packed(8)[0].data_ptr()  # views, not copies
+            assert k.packed(8)[0].data_ptr() == runs[0].packed(8)[0][q.out_features // 8:].data_ptr()
     monkeypatch.setattr(llama.Llama, "_build_stack", lambda self: None)
-    slow = greedy_logits(dec, rows, 6, tok.eos_token_id)
-    assert torch.equal(fast, slow)
+    for bits in (8, 4):
+        fqcompile.set_precision(loaded.model, bits)
+        assert torch.equal(fast[bits], greedy_logits(dec, rows, 6, tok.eos_token_id))
+    monkeypatch.undo()
+    fqcompile.runtime.set_int8_activations(loaded.model, False)
+    fqcompile.set_precision(loaded.model, 8)
+    assert torch.equal(float_logits, greedy_logits(dec, rows, 4, tok.eos_token_id))
+    assert all(all(torch.equal(a, b) for a, b in zip(m.planes(), nested[id(m)])) for m in layers)
 
 
 def test_cached_plan_follows_every_way_of_switching(tiny_ckpt):
@@ -262,6 +274,7 @@ def test_stack_refuses_a_projection_of_the_wrong_size(tiny_ckpt):
     loaded = fqcompile.load(tiny_ckpt)
     dec = llama.Llama(loaded.model)
     dec.setup_cache(1, 8)
+    dec._plan()  # the stack gets its projections
     qkv = dec.blocks[0]["qkv"].fused  # wider than the hidden size
     dec.stack.set_linear(0, 1, 8, *qkv._args(8), None, [])  # ... put where the o projection goes
     with pytest.raises(RuntimeError, match="does not match the hidden state"):
