@@ -120,10 +120,14 @@ def verify(folder: Path, manifest: dict, names=None, hashes: bool = True) -> Non
 
 
 def load_tensors(path: Path, names=None) -> dict[str, torch.Tensor]:
-    """Tensors of a safetensors file (only `names`, if given: the rest is never read)."""
+    """Tensors of a safetensors file (only `names`, if given: the rest is never read).
+
+    Copies, not views: safetensors maps the whole file, and one live view keeps every page
+    read from it resident (a loaded model's dropped fp32 head or replaced planes stayed in RSS).
+    """
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in (names if names is not None else f.keys())}
+            return {k: f.get_tensor(k).clone() for k in (names if names is not None else f.keys())}
     except Exception as exc:  # safetensors raises its own error types for bad headers
         raise FqError(f"cannot read {path}: {exc}") from None
 
