@@ -24,8 +24,8 @@ JSON_HELP = "also write the numbers to this JSON file (schema: docs/json.md)"
 HEAD_HELP = ("run the output head at 8 bits (round-to-nearest at load; checkpoints keep it in float): on "
              "small models the largest read of a decode step (docs/bench-generate.md)")
 INT8_HELP = ("quantize each quantized layer's inputs to int8 in blocks of 16: faster on CPUs with "
-             "AVX-512 VNNI or AVX2, at a small perplexity cost; on AVX2 the 4-bit slices (and an 8-bit "
-             "head) are also held repacked, their size again in memory (docs/kernels.md)")
+             "AVX-512 VNNI or AVX2, at a small perplexity cost; on AVX2 the layers then hold their "
+             "planes repacked 8 rows at a time (same size; docs/kernels.md)")
 
 
 def parse_ladder(text: str) -> tuple[int, ...]:

@@ -110,11 +110,11 @@ def methods(out: int, inp: int, ladder, rotate_mib: int):
                 for _ in range(copies(nbytes, rotate_mib))]
         found[f"ours-{bits}"] = (nbytes, [
             lambda x, xb, s=s, bits=bits: flex_linear(x, s[0], (layout, s[1], s[2]), bits) for s in sets])
-        # As the runtime runs it: FlexLinear, whose decode-sized int8 calls take the packed rows
-        # where this machine's kernels have them (kernels.md), made here, not while timed.
+        # As the runtime runs it: FlexLinear, which holds its planes packed for int8 calls where
+        # this machine's kernels have the packed rows (kernels.md), packed here, not while timed.
         layers = [FlexLinear(layout, s[0], s[1], s[2]) for s in sets]
         for m in layers:
-            m.packed(bits)
+            m.pack()
         found[f"ours-{bits}-i8a"] = (nbytes, [lambda x, xb, m=m, bits=bits: m.run(x, bits, True) for m in layers])
         # The reference path is slow and allocates a dense weight per call: few copies suffice.
         found[f"deq+linear-{bits}"] = (nbytes, [

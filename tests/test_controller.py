@@ -49,6 +49,30 @@ def test_decisions_follow_the_policy_for_crafted_entropies(loaded):
     controller.close()
 
 
+def test_a_step_sets_only_the_units_whose_bits_change(loaded):
+    """Between neighbouring buckets only the changed units are set; a new prompt sets every
+    unit again, even ones changed behind the controller's back."""
+    from fqcompile import flex_linear
+
+    model = loaded.model
+    controller = Controller(model, loaded.manifest, crafted(loaded.manifest))
+    units = controller.layers
+    ids = torch.tensor([[1, 5, 9]])
+    model(ids)
+    controller.signal = [2.5]  # bucket 2: [8, 8], as the prefill left them
+    before = flex_linear.changes
+    model(ids[:, -1:])
+    assert flex_linear.changes == before  # nothing to set
+    controller.signal = [1.5]  # bucket 1: [4, 8]
+    model(ids[:, -1:])
+    assert flex_linear.changes == before + 1  # unit 0 only
+    assert [layer.precision for unit in units for layer in unit] == [4] * len(units[0]) + [8] * len(units[1])
+    fqcompile.set_precision(model, 4)  # someone else switches every layer ...
+    model(ids)  # ... and a new prompt puts the prefill precision back on all of them
+    assert all(layer.precision == 8 for unit in units for layer in unit)
+    controller.close()
+
+
 def test_smoothed_signal_is_an_ema_of_each_rows_entropy(loaded):
     plan = crafted(loaded.manifest)
     plan.smoothing = 0.75
