@@ -953,38 +953,36 @@ struct Packed {
   const uint8_t* zero;        // [blocks, groups, 8]
   int64_t in, groups, group_size;
   float cells;
+  int64_t width;              // the slice's bits (8 for two nibble planes)
 };
 
-// Row n's codes in one packed plane of W bits (pack_rows' layout), columns in order.
-void packed_row_codes(const uint8_t* codes, int W, int64_t in, int64_t n, uint8_t* __restrict out) {
-  const int64_t r = n % kPackRows, block = 16 * W;
-  const uint8_t* rows = codes + n / kPackRows * (in / kActBlock) * block;
-  for (int64_t k = 0; k < in; k += kActBlock) {
-    const uint8_t* v = rows + k / kActBlock * block;
-    for (int i = 0; i < 4; ++i)
-      if (W == 4) {  // vector h (columns k + 8h ..): lane r holds 4 low and 4 high nibbles
-        for (int h = 0; h < 2; ++h) {
-          const uint8_t byte = v[32 * h + 4 * r + i];
-          out[k + 8 * h + i] = byte & 0x0F;
-          out[k + 8 * h + 4 + i] = byte >> 4;
-        }
-      } else {
-        out[k + 4 * i + 0] = v[32 * i + 4 * r + 0];  // vector i: columns k + 4i .. k + 4i + 3
-        out[k + 4 * i + 1] = v[32 * i + 4 * r + 1];
-        out[k + 4 * i + 2] = v[32 * i + 4 * r + 2];
-        out[k + 4 * i + 3] = v[32 * i + 4 * r + 3];
+// Row n's codes of the packed slice, columns in order (the top nibble plane shifted over the
+// bottom one for two). Lane r of each 32-byte vector holds row r's 4 bytes of it: 4 codes of
+// an 8-bit plane, or 4 columns' low and 4 columns' high nibbles; they are moved 4 at a time.
+void packed_row(const Packed& w, int64_t n, uint8_t* __restrict out) {
+  const bool bytes = w.width == 8 && !w.low;
+  const int64_t block = bytes ? 128 : 64, r = n % kPackRows;
+  const uint8_t* top = w.codes + n / kPackRows * (w.in / kActBlock) * block + 4 * r;
+  const uint8_t* bottom = w.low ? w.low + (top - w.codes) : nullptr;
+  auto lane = [](const uint8_t* p) { uint32_t u; std::memcpy(&u, p, 4); return u; };
+  constexpr uint32_t kLow = 0x0F0F0F0F;
+  for (int64_t k = 0; k < w.in; k += kActBlock, top += block) {
+    if (bytes) {
+      for (int i = 0; i < 4; ++i) std::memcpy(out + k + 4 * i, top + 32 * i, 4);
+      continue;
+    }
+    for (int h = 0; h < 2; ++h) {  // vector h: columns k + 8h .. k + 8h + 7
+      uint32_t lo = lane(top + 32 * h) & kLow, hi = lane(top + 32 * h) >> 4 & kLow;
+      if (bottom) {
+        const uint32_t b = lane(bottom + 32 * h);
+        lo = lo << 4 | (b & kLow);
+        hi = hi << 4 | (b >> 4 & kLow);
       }
+      std::memcpy(out + k + 8 * h, &lo, 4);
+      std::memcpy(out + k + 8 * h + 4, &hi, 4);
+    }
+    if (bottom) bottom += block;
   }
-}
-
-// Row n's codes of the packed slice (the top nibble plane shifted over the bottom one for two).
-void packed_row(const Packed& w, int width, int64_t n, uint8_t* __restrict out) {
-  packed_row_codes(w.codes, width == 8 && w.low ? 4 : width, w.in, n, out);
-  if (!w.low) return;
-  thread_local std::vector<uint8_t> bottom;
-  bottom.resize(w.in);
-  packed_row_codes(w.low, 4, w.in, n, bottom.data());
-  for (int64_t k = 0; k < w.in; ++k) out[k] = static_cast<uint8_t>(out[k] << 4 | bottom[k]);
 }
 
 // Row n's folded group parameters, as row_params(mult 1, shift 0) gives them for the nested planes.
@@ -1316,11 +1314,11 @@ at::Tensor fqcompile::packed_linear(const at::Tensor& x, at::TensorList packed, 
   at::Tensor y = at::empty({m, out_features}, x2.options());
   const Packed w{packed[0].data_ptr<uint8_t>(), two ? packed[1].data_ptr<uint8_t>() : nullptr,
                  scale.data_ptr<c10::Half>(), zero.data_ptr<uint8_t>(), in, groups, group_size,
-                 static_cast<float>(int64_t{1} << (width - low))};
+                 static_cast<float>(int64_t{1} << (width - low)), width};
   if (m > fqcompile::kMaxPackedBatch) {  // prefill: when the packs are all that is resident
     tiled_linear(x2, true, out_features, y, [&](int64_t n0, int64_t n1, float* t) {
       dequantize_rows(in, in, groups, group_size, n0, n1, t,
-                      [&](int64_t n, uint8_t* codes) { packed_row(w, width, n, codes); },
+                      [&](int64_t n, uint8_t* codes) { packed_row(w, n, codes); },
                       [&](int64_t n, float* s, float* z) { packed_params(w, n, s, z); });
     });
   } else if (m > 0) {
@@ -1344,12 +1342,12 @@ at::Tensor fqcompile::unpack_rows(const at::Tensor& codes, int64_t out_features)
               "unpack_rows: expected one plane of pack_rows for ", out_features, " rows");
   const int64_t in = codes.size(1) * kActBlock, width = codes.size(2) / kActBlock, half = in / 2;
   at::Tensor plane = at::empty({out_features, in * width / 8}, codes.options());
-  const uint8_t* src = codes.data_ptr<uint8_t>();
+  const Packed one{codes.data_ptr<uint8_t>(), nullptr, nullptr, nullptr, in, 0, 0, 1.f, width};
   uint8_t* dst = plane.data_ptr<uint8_t>();
   at::parallel_for(0, out_features, kPackRows, [&](int64_t begin, int64_t end) {
     std::vector<uint8_t> row(in);
     for (int64_t n = begin; n < end; ++n) {
-      packed_row_codes(src, static_cast<int>(width), in, n, row.data());
+      packed_row(one, n, row.data());
       uint8_t* o = dst + n * plane.size(1);
       if (width == 8) std::copy(row.begin(), row.end(), o);
       else  // byte j: column j in the low nibble, column half + j in the high one (formats/nested.py)
