@@ -5,13 +5,27 @@ Public API:
     load(folder, precision=None)                        -> Loaded(model, tokenizer, manifest, folder)
     set_precision(model, bits); set_int8_activations(model, on=True)
     generate(loaded, prompt); evaluate(model, samples, ...)
+
+The names are imported on first use, so `import fqcompile.cli` (and `fqcompile --help`)
+does not pay for torch and transformers.
 """
+
+import importlib
 
 __version__ = "0.1.0"
 
-from .errors import FqError  # noqa: E402
-from .metrics import evaluate  # noqa: E402
-from .export import export  # noqa: E402
-from .runtime import Loaded, generate, load, set_int8_activations, set_precision  # noqa: E402
+_API = {"FqError": "errors", "evaluate": "metrics", "export": "export", "Loaded": "runtime", "generate": "runtime",
+        "load": "runtime", "set_int8_activations": "runtime", "set_precision": "runtime"}
+__all__ = sorted(_API)
 
-__all__ = ["FqError", "Loaded", "evaluate", "export", "generate", "load", "set_int8_activations", "set_precision"]
+
+def __getattr__(name: str):
+    if name not in _API:
+        raise AttributeError(f"module 'fqcompile' has no attribute '{name}'")
+    value = getattr(importlib.import_module(f".{_API[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted([*globals(), *_API])

@@ -22,13 +22,23 @@ import torch
 
 from .controller import Controller, resolve
 from .errors import FqError
+from .processes import python_command
 from .runtime import choose_engine, decoder
 
 LLAMA_CPP_TYPES = ("Q8_0", "Q4_0")
+BENCH_TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, must be "
+              "in want of a wife. However little known the feelings or views of such a man may be on his first "
+              "entering a neighbourhood, this truth is so well fixed in the minds of the surrounding families, that he "
+              "is considered as the rightful property of some one or other of their daughters. ")
 
 
 def _rss_peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def prompt_ids(tokenizer, tokens: int) -> list[int]:
+    """The benchmark prompt: `tokens` tokens of BENCH_TEXT."""
+    return tokenizer(BENCH_TEXT * 8)["input_ids"][:tokens]
 
 
 def run_policy(loaded, spec: str, ids: list[int], new_tokens: int, engine: str) -> dict:
@@ -161,7 +171,7 @@ JOBS = {"policy": policy_row, "hf": hf_row, "llama.cpp": llama_cpp_row}
 
 def isolated(job: str, **kwargs) -> dict:
     """Run JOBS[job](**kwargs) in a fresh Python process; its row (peak memory is that process's)."""
-    cmd = [sys.executable, "-m", "fqcompile.bench", json.dumps({"job": job, "kwargs": kwargs})]
+    cmd = python_command("-m", "fqcompile.bench", json.dumps({"job": job, "kwargs": kwargs}))
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
         lines = done.stderr.strip().splitlines()

@@ -1,16 +1,58 @@
-"""The `fqcompile` command line. Bad input: one line on stderr, exit code 2, nothing written."""
+"""The `fqcompile` command line. Bad input: one line on stderr, exit code 2, nothing written.
+
+Heavy libraries (torch, transformers, datasets) are imported inside the commands, so
+`fqcompile --help` and argument errors answer at once.
+"""
 
 import json
 import os
 import sys
 import time
 from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
+from typer.core import TyperGroup
 
 from .errors import FqError
 
+# The CLI's own output is the progress; libraries' sub-second bars and advice only clutter
+# it. Set before they are imported (a user's own setting wins).
+QUIET_LIBRARIES = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+                   "TRANSFORMERS_VERBOSITY": "error", "DATASETS_VERBOSITY": "error"}
+
+
+class OneLineErrors(TyperGroup):
+    """Every expected failure becomes one line on stderr and a non-zero exit (also under CliRunner)."""
+
+    def main(self, args=None, prog_name=None, **extra):
+        for key, value in QUIET_LIBRARIES.items():
+            os.environ.setdefault(key, value)
+        extra.pop("standalone_mode", None)
+        try:
+            code = super().main(args, prog_name or "fqcompile", standalone_mode=False, **extra)
+        except typer.Abort:
+            _fail("aborted", 130)
+        except FqError as exc:
+            _fail(str(exc), 2)
+        except KeyboardInterrupt:
+            _fail("interrupted", 130)
+        except typer.TyperException as exc:  # usage errors: unknown option, missing argument...
+            _fail(exc.format_message(), getattr(exc, "exit_code", 2))
+        except Exception as exc:  # a bug, not bad input: still one line unless asked for more
+            if os.environ.get("FQCOMPILE_DEBUG"):
+                raise
+            _fail(f"internal error: {type(exc).__name__}: {exc} (FQCOMPILE_DEBUG=1 shows the traceback)", 1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def _fail(message: str, code: int):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
 app = typer.Typer(
+    cls=OneLineErrors,
     add_completion=False,
     no_args_is_help=True,
     rich_markup_mode=None,
@@ -20,12 +62,30 @@ app = typer.Typer(
 
 MODEL_HELP = "local HF folder, .gguf file, hub id (org/name), or the built-in 'smollm2-135m'"
 POLICY_HELP = "dynamic | dynamic:BITS | static:B | static-mixed:BITS (default: the checkpoint's own policy)"
-JSON_HELP = "also write the numbers to this JSON file (schema: docs/json.md)"
-HEAD_HELP = ("run the output head at 8 bits (round-to-nearest at load; checkpoints keep it in float): on "
-             "small models the largest read of a decode step (docs/bench-generate.md)")
-INT8_HELP = ("quantize each quantized layer's inputs to int8 in blocks of 16: faster on CPUs with "
-             "AVX-512 VNNI or AVX2, at a small perplexity cost; on AVX2 the layers then hold their "
-             "planes repacked 8 rows at a time (same size; docs/kernels.md)")
+
+# Options shared by several commands, declared once.
+JsonPath = Annotated[Optional[Path], typer.Option(
+    "--json", help="also write the numbers to this JSON file (schema: docs/json.md)")]
+QuantizedHead = Annotated[Optional[bool], typer.Option(
+    "--quantized-head/--no-quantized-head",
+    help="run the output head at 8 bits (round-to-nearest at load; checkpoints keep it in float): on small "
+         "models the largest read of a decode step, for +0.03% perplexity on the built-in model "
+         "(docs/bench-generate.md) [default: on for checkpoints]")]
+Int8Activations = Annotated[Optional[bool], typer.Option(
+    "--int8-activations/--no-int8-activations",
+    help="quantize each quantized layer's inputs to int8 in blocks of 16: 2-3x faster decode on CPUs with "
+         "AVX2 or AVX-512 VNNI, for +0.1% perplexity on the built-in model; on AVX2 the layers then hold their "
+         "planes repacked 8 rows at a time (same size; docs/kernels.md) [default: on for checkpoints]")]
+
+
+def fast_options(quantized_head: bool | None, int8_activations: bool | None) -> tuple[bool, bool]:
+    """The serving options in force: both on unless turned off (their cost is within the noise)."""
+    return quantized_head is not False, int8_activations is not False
+
+
+def options_label(quantized_head: bool, int8_activations: bool) -> str:
+    on = [name for name, flag in (("8-bit head", quantized_head), ("int8 activations", int8_activations)) if flag]
+    return ", ".join(on) if on else "float head and activations"
 
 
 def parse_ladder(text: str) -> tuple[int, ...]:
@@ -166,7 +226,7 @@ def calibrate(
 def inspect(
     folder: Path = typer.Argument(..., help="checkpoint folder"),
     verify: bool = typer.Option(False, "--verify", help="check every file's SHA-256 against the manifest"),
-    json_path: Path = typer.Option(None, "--json", help=JSON_HELP),
+    json_path: JsonPath = None,
 ):
     """Show a checkpoint's ladder, parts and sizes; check its files."""
     check_json_path(json_path)
@@ -238,21 +298,22 @@ def generate(
     chat: bool = typer.Option(False, "--chat", help="wrap the prompt in the model's chat template"),
     stream: bool = typer.Option(True, "--stream/--no-stream"),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="check file hashes on load"),
-    int8_activations: bool = typer.Option(False, "--int8-activations", help=INT8_HELP),
-    quantized_head: bool = typer.Option(False, "--quantized-head", help=HEAD_HELP),
+    int8_activations: Int8Activations = None,
+    quantized_head: QuantizedHead = None,
     engine: str = typer.Option("auto", help="slim (fqcompile's Llama-family decoder), hf (Hugging Face "
                                "generate), or auto: slim where the model allows"),
-    json_path: Path = typer.Option(None, "--json", help=JSON_HELP),
+    json_path: JsonPath = None,
 ):
     """Generate text from a checkpoint under a precision policy (dynamic or static)."""
+    check_json_path(json_path)
+    spec = policy_spec(policy, precision)
+    quantized_head, int8_activations = fast_options(quantized_head, int8_activations)
     from transformers import TextStreamer
 
     from .controller import Controller, resolve
     from .runtime import generate as run_generate
     from .runtime import load, set_int8_activations
 
-    check_json_path(json_path)
-    spec = policy_spec(policy, precision)
     static_bits = int(spec.split(":")[1]) if spec and spec.startswith("static:") else None
     loaded = load(folder, precision=static_bits, verify=verify, quantized_head=quantized_head)  # a static precision reads only its planes
     set_int8_activations(loaded.model, int8_activations)
@@ -265,11 +326,13 @@ def generate(
     stats = controller.stats(verbose=verbose)
     if streamer is None:
         print("\n---\n".join(result["text"]) if batch else result["text"])
-    result.update(controller=stats, precision=static_bits, bits_per_weight=stats["avg_bits_read"])
+    result.update(controller=stats, precision=static_bits, bits_per_weight=stats["avg_bits_read"],
+                  options={"quantized_head": quantized_head, "int8_activations": int8_activations})
     share = ", ".join(f"{b}-bit {s:.0%}" for b, s in stats["share"].items())
     print(f"{result['new_tokens']} tokens in {result['seconds']:.2f} s ({result['tokens_per_s'] or 0:.2f} tokens/s), "
           f"policy {stats['policy']}: {stats['avg_bits_read'] or 0:.3f} bits read per weight; tokens at {share}; "
-          f"engine {result['engine']} ({result['engine_reason']})", file=sys.stderr)
+          f"engine {result['engine']} ({result['engine_reason']}); "
+          f"{options_label(quantized_head, int8_activations)}", file=sys.stderr)
     for unit, shares in stats.get("per_unit", {}).items():
         print(f"  {unit}: " + ", ".join(f"{b}-bit {s:.0%}" for b, s in shares.items()), file=sys.stderr)
     write_json(json_path, result)
@@ -281,12 +344,6 @@ def policy_spec(policy: str | None, precision: int | None) -> str | None:
     return f"static:{precision}" if precision is not None else policy
 
 
-BENCH_TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, must be "
-              "in want of a wife. However little known the feelings or views of such a man may be on his first "
-              "entering a neighbourhood, this truth is so well fixed in the minds of the surrounding families, that he "
-              "is considered as the rightful property of some one or other of their daughters. ")
-
-
 @app.command()
 def bench(
     folder: Path = typer.Argument(..., help="checkpoint folder"),
@@ -295,23 +352,24 @@ def bench(
     new_tokens: int = typer.Option(128, min=2, help="greedy tokens decoded per policy (stop tokens ignored)"),
     prompt_tokens: int = typer.Option(64, min=1),
     engine: str = typer.Option("auto", help="slim, hf or auto"),
-    quantized_head: bool = typer.Option(False, "--quantized-head", help=HEAD_HELP),
-    int8_activations: bool = typer.Option(False, "--int8-activations", help=INT8_HELP),
+    quantized_head: QuantizedHead = None,
+    int8_activations: Int8Activations = None,
     baseline: bool = typer.Option(True, "--baseline/--no-baseline",
                                   help="also time the source model in bf16 through Hugging Face generate, and "
                                   "llama.cpp at Q8_0 and Q4_0 if llama-cpp-python is installed"),
     repeats: int = typer.Option(1, min=1, help="run every row this many times, the rows in turn, and report "
                                 "medians (on a shared, noisy machine)"),
-    json_path: Path = typer.Option(None, "--json", help=JSON_HELP),
+    json_path: JsonPath = None,
 ):
     """Decode and prefill tokens/s per policy, side by side in one run (each row in its own process)."""
     import tempfile
 
-    from .bench import LLAMA_CPP_TYPES, isolated, median_row, source_gguf, table
+    from .bench import LLAMA_CPP_TYPES, isolated, median_row, prompt_ids, source_gguf, table
     from .formats import checkpoint as ckpt
     from .runtime import read_policy
 
     check_json_path(json_path)
+    quantized_head, int8_activations = fast_options(quantized_head, int8_activations)
     manifest = ckpt.read_manifest(folder)
     found = read_policy(folder)
     ladder = manifest["ladder"]
@@ -325,7 +383,7 @@ def bench(
         resolve(found, manifest, spec)
     from transformers import AutoTokenizer
 
-    ids = AutoTokenizer.from_pretrained(folder)(BENCH_TEXT * 8)["input_ids"][:prompt_tokens]
+    ids = prompt_ids(AutoTokenizer.from_pretrained(folder), prompt_tokens)
     with tempfile.TemporaryDirectory(prefix="fqcompile-bench-") as work:  # requantized GGUFs
         jobs = [("policy", dict(folder=str(folder), spec=s, ids=ids, new_tokens=new_tokens, engine=engine,
                                 quantized_head=quantized_head, int8_activations=int8_activations)) for s in specs]
@@ -389,50 +447,59 @@ def eval_(
     no_reference: bool = typer.Option(False, "--no-reference", help="skip KL and the reference model"),
     text_column: str = typer.Option(None, help="column holding the text in jsonl/parquet/hub data"),
     seed: int = typer.Option(0, help="seed for 'self' sampling"),
-    int8_activations: bool = typer.Option(False, "--int8-activations", help=INT8_HELP),
-    quantized_head: bool = typer.Option(False, "--quantized-head", help=HEAD_HELP),
-    json_path: Path = typer.Option(None, "--json", help=JSON_HELP),
+    int8_activations: Int8Activations = None,
+    quantized_head: QuantizedHead = None,
+    json_path: JsonPath = None,
 ):
-    """Perplexity and KL vs the full-precision model, per precision, on held-out text."""
+    """Perplexity and KL vs the full-precision model, per precision, on held-out text.
+
+    A checkpoint is measured as `generate` serves it by default (8-bit head, int8 activations)
+    unless those are turned off; the options in force are printed and written to --json.
+    """
+    check_json_path(json_path)
     from . import models
     from .calibration.data import SELF, load_samples
     from .formats import checkpoint as ckpt
     from .metrics import FULL, evaluate
     from .runtime import load, set_int8_activations
 
-    check_json_path(json_path)
     is_ckpt = (Path(target) / ckpt.MANIFEST).is_file()
+    options = None
     if is_ckpt:
-        loaded = load(target, quantized_head=quantized_head)
-        set_int8_activations(loaded.model, int8_activations)
-        model, tok, ladder = loaded.model, loaded.tokenizer, loaded.manifest["ladder"]
+        quantized_head, int8_activations = fast_options(quantized_head, int8_activations)
+        options = {"quantized_head": quantized_head, "int8_activations": int8_activations}
+        ladder = ckpt.read_manifest(Path(target))["ladder"]
         if precision == "all":
             precisions = list(ladder)
         elif precision.isdigit() and int(precision) in ladder:
             precisions = [int(precision)]
         else:
             raise FqError(f"precision {precision} is not in the ladder {ladder} (or use 'all')")
+        loaded = load(target, quantized_head=quantized_head)
+        set_int8_activations(loaded.model, int8_activations)
+        model, tok = loaded.model, loaded.tokenizer
         stats = ckpt.precision_stats(loaded.manifest)
         ref_spec = None if no_reference else (reference or loaded.manifest["source"]["model"])
         ref = _reference(ref_spec, explicit=reference is not None)
     else:
-        if precision != "all" or int8_activations or quantized_head:
-            raise FqError("--precision, --int8-activations and --quantized-head apply to checkpoints; a plain model is "
-                          "evaluated as it is")
+        if precision != "all" or int8_activations or quantized_head or policy:
+            raise FqError("--precision, --policy, --int8-activations and --quantized-head apply to checkpoints; a "
+                          "plain model is evaluated as it is")
         model, tok, _ = models.load(target)
         precisions, stats, ref, ref_spec = [None], {}, None, None
     n = samples or (8 if dataset == SELF else 32)
     data = load_samples(dataset, tok, split=split, seq_len=seq_len, max_samples=n, model=ref or model,
                         seed=seed, text_column=text_column)
+    if options is not None:
+        print(f"options: {options_label(**options)} (as generate serves by default; "
+              f"--no-quantized-head / --no-int8-activations turn them off)")
     if policy:
-        if not is_ckpt:
-            raise FqError("--policy applies to checkpoints")
         from .served import evaluate_policies
 
         rows = evaluate_policies(loaded, data, policy, ref, batch_size)
         write_json(json_path, {"target": target, "dataset": dataset, "split": split, "seq_len": seq_len,
                                "samples": int(data.shape[0]), "reference": ref_spec if ref is not None else None,
-                               "policies": rows})
+                               "options": options, "policies": rows})
         return
     results = evaluate(model, data, precisions=precisions, reference=ref, batch_size=batch_size)
     print(f"{data.shape[0]} samples x {seq_len} tokens of {dataset} ({split}), "
@@ -449,7 +516,7 @@ def eval_(
         rows[name] = dict(r, **s)
     write_json(json_path, {"target": target, "dataset": dataset, "split": split, "seq_len": seq_len,
                            "samples": int(data.shape[0]), "reference": ref_spec if ref is not None else None,
-                           "results": rows})
+                           "options": options, "results": rows})
 
 
 def _reference(spec: str | None, explicit: bool):
@@ -474,103 +541,20 @@ def demo(
     samples: int = typer.Option(8, min=2, help="held-out samples for the final table"),
     seq_len: int = typer.Option(192, min=16),
     target_bits: float = typer.Option(6.0, help="average bits the dynamic policy aims for"),
-    max_new_tokens: int = typer.Option(40, min=1),
+    new_tokens: int = typer.Option(64, min=2, help="greedy tokens decoded per policy for the speed column"),
+    quantized_head: QuantizedHead = None,
+    int8_activations: Int8Activations = None,
 ):
     """The main job end to end on the built-in model: calibrate, export, generate, evaluate as served."""
-    from . import models
-    from .calibrate import calibrate as run_calibrate
-    from .calibration.data import load_samples
-    from .controller import Controller, resolve
-    from .export import export as run_export
-    from .formats import checkpoint as ckpt
-    import torch
+    from .demo import run_demo
 
-    from .kernels import backend
-    from .metrics import evaluate
-    from .runtime import generate as run_generate
-    from .runtime import load
-    from .served import evaluate_policies
-
-    start = time.perf_counter()
-    calib, folder = out / "calibration", out / "smollm2-135m-nested"
-    print(f"[1/5] calibrating {models.BUILTIN_NAME} on {dataset} text (small settings; see `fqcompile calibrate`)")
-    policy = run_calibrate(models.BUILTIN_NAME, calib, dataset=dataset, target_bits=target_bits, samples=12,
-                           eval_samples=4, seq_len=128, buckets=4)
-    print(f"      policy: {policy['expected']['avg_bits']:.2f} average bits; report in {calib}/report.md")
-    print(f"[2/5] exporting with nested GPTQ on the same text (16 x 256 tokens; small settings), ladder [4, 8], "
-          f"group size 128 and the fitted policy -> {folder}")
-    run_export(models.BUILTIN_NAME, folder, ladder=(4, 8), group_size=128, force=True, calib=calib, dataset=dataset,
-               samples=16, seq_len=256)
-    _print_summary(folder, verify=True)
-    print("[3/5] loading the checkpoint (config + safetensors only) and generating under each policy")
-    loaded = load(folder)
-    specs = ["static:8", "static:4", f"static-mixed:{target_bits:g}", "dynamic"]
-    speed = {}
-    for spec in specs:
-        controller = Controller(loaded.model, loaded.manifest, resolve(loaded.policy, loaded.manifest, spec))
-        r = run_generate(loaded, "Write two sentences about the sea.", max_new_tokens=max_new_tokens, chat=True,
-                         controller=controller)
-        controller.close()
-        speed[spec] = r["tokens_per_s"]
-        engine = f"{r['engine']} engine, {backend(torch.device('cpu'))} kernels"
-        print(f"--- {spec}: {r['tokens_per_s']:.1f} tokens/s, {r['controller']['avg_bits_read']:.2f} bits read "
-              f"per weight ---\n{r['text'].strip()}\n")
-    print(f"[4/5] evaluating as served against the full-precision model ({samples} x {seq_len} held-out tokens)")
-    ref, tok, _ = models.load(models.BUILTIN_NAME)
-    # seed 7: text the calibration (seeds 0 and 1) never saw
-    data = load_samples(dataset, tok, split="eval", seq_len=seq_len, max_samples=samples, model=ref, seed=7)
-    rows = evaluate_policies(loaded, data, specs, reference=ref, batch_size=samples)
-    fp = evaluate(ref, data, progress=False)[None]
-    top = ckpt.precision_stats(loaded.manifest)[8]
-    print("[5/5] results")
-    print("| policy | bits read/weight | checkpoint MB | perplexity | KL vs full precision | tokens/s |")
-    print("|---|---|---|---|---|---|")
-    print(f"| full precision | {ref.dtype.itemsize * 8} | {mb(sum(p.numel() * p.element_size() for p in ref.parameters())):.1f} "
-          f"| {fp['perplexity']:.3f} | 0 | - |")
-    for spec, r in zip(specs, rows.values()):
-        resident = ckpt.precision_stats(loaded.manifest)[4] if spec == "static:4" else top
-        print(f"| {r['policy']} | {r['avg_bits_read']:.3f} | {mb(resident['resident_bytes']):.1f} | "
-              f"{r['perplexity']:.3f} | {r['kl']:.4f} | {speed[spec]:.1f} |")
-    print(f"checkpoint MB = bytes resident under that policy (planes it needs + scales/zeros + unquantized tensors); "
-          f"tokens/s from generate at batch 1 ({engine}); demo took {time.perf_counter() - start:.0f} s")
-
-
-def _quiet_libraries() -> None:
-    """Sub-second library progress bars and advice only clutter the CLI's own output."""
-    import datasets
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
+    run_demo(out, dataset=dataset, samples=samples, seq_len=seq_len, target_bits=target_bits, new_tokens=new_tokens,
+             fast=fast_options(quantized_head, int8_activations))
 
 
 def main() -> None:
-    """Console entry point: turns every expected failure into one line on stderr."""
-    command = typer.main.get_command(app)
-    try:
-        _quiet_libraries()
-        code = command.main(prog_name="fqcompile", standalone_mode=False)
-    except typer.Abort:
-        print("error: aborted", file=sys.stderr)
-        sys.exit(130)
-    except FqError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        sys.exit(130)
-    except typer.TyperException as exc:  # usage errors: unknown option, missing argument...
-        print(f"error: {exc.format_message()}", file=sys.stderr)
-        sys.exit(getattr(exc, "exit_code", 2))
-    except Exception as exc:  # a bug, not bad input: still one line unless asked for more
-        if os.environ.get("FQCOMPILE_DEBUG"):
-            raise
-        print(f"error: internal error: {type(exc).__name__}: {exc} (FQCOMPILE_DEBUG=1 shows the traceback)",
-              file=sys.stderr)
-        sys.exit(1)
-    sys.exit(code if isinstance(code, int) else 0)
+    """Console entry point (the group's main turns every expected failure into one line on stderr)."""
+    app()
 
 
 if __name__ == "__main__":

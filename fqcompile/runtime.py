@@ -12,6 +12,7 @@ from .calibration.data import encode
 from .errors import FqError
 from .flex_linear import FlexLinear
 from .formats import checkpoint as ckpt
+from .kernels import backend
 from .models import check_causal_lm
 
 
@@ -77,6 +78,7 @@ def load(folder, precision: int | None = None, verify: bool = True, dtype: torch
     if missing:
         raise FqError(f"checkpoint lacks tensors for: {', '.join(missing[:3])}")
     model.eval()
+    backend(torch.device("cpu"))  # the kernels' one-time build happens at load, never inside a timed call
     if quantized_head:
         quantize_head(model, manifest["group_size"])
     return Loaded(model, AutoTokenizer.from_pretrained(folder), manifest, folder, read_policy(folder))

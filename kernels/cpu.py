@@ -36,10 +36,10 @@ def build_dir() -> Path:
     from fqcompile.models import cache_dir
 
     compiler = os.environ.get("CXX", "c++")
-    # The source's path too: ninja's build file names it, so two checkouts sharing one
-    # folder would rebuild each other's library on every first use.
+    # The sources' text, not their path: they are built from copies inside the folder
+    # (load), so every checkout and install of the same code shares one build.
     key = "\n".join([_cpu_flags(), compiler, " ".join(FLAGS), torch.__version__, sys.version,
-                     *(f"{path}\n{path.read_text()}" for path in SOURCES + HEADERS)])
+                     *(f"{path.name}\n{path.read_text()}" for path in SOURCES + HEADERS)])
     tag = hashlib.sha256(key.encode()).hexdigest()[:16]
     return cache_dir() / "kernels" / f"cpu-{tag}"
 
@@ -67,17 +67,32 @@ def load() -> None:
         raise RuntimeError(f"no C++ compiler ({compiler}) on PATH")
     _ensure_ninja()
     folder = build_dir()
-    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "src").mkdir(parents=True, exist_ok=True)
     first = not any(folder.glob("*.so"))
     if first:
         print("fqcompile: compiling the CPU kernels (once per machine, about a minute)...", file=sys.stderr)
+    sources = [_copy(path, folder / "src") for path in SOURCES + HEADERS][:len(SOURCES)]
+    start = time.perf_counter()
     cpp_extension.load(
-        name="fqcompile_cpu", sources=[str(path) for path in SOURCES], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
+        name="fqcompile_cpu", sources=[str(path) for path in sources], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
         build_directory=str(folder), is_python_module=False, verbose=False,
     )
+    if first:
+        print(f"fqcompile: CPU kernels compiled in {time.perf_counter() - start:.0f} s", file=sys.stderr)
     os.utime(folder)  # marks it in use, for prune() in other checkouts and versions
     if first:
         prune(folder)
+
+
+def _copy(source: Path, folder: Path) -> Path:
+    """`source` copied into `folder` (written whole: another process may be building from it)."""
+    target = folder / source.name
+    text = source.read_text()
+    if not target.is_file() or target.read_text() != text:
+        tmp = target.with_name(f".{target.name}.{os.getpid()}")
+        tmp.write_text(text)
+        os.replace(tmp, target)
+    return target
 
 
 def prune(keep: Path) -> None:

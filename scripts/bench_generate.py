@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from bench_kernels import cpu_name
+from fqcompile.processes import python_command
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,8 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def bench(checkpoint: str, new_tokens: int, prompt_tokens: int, repeats: int, *extra: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "bench.json"
-        cmd = [sys.executable, "-m", "fqcompile.cli", "bench", checkpoint, "--new-tokens", str(new_tokens),
-               "--prompt-tokens", str(prompt_tokens), "--repeats", str(repeats), "--json", str(out), *extra]
+        cmd = python_command("-m", "fqcompile.cli", "bench", checkpoint, "--new-tokens", str(new_tokens),
+                             "--prompt-tokens", str(prompt_tokens), "--repeats", str(repeats), "--json", str(out), *extra)
         run = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         if run.returncode:
             sys.exit(run.stderr.strip().splitlines()[-1] if run.stderr.strip() else "fqcompile bench failed")
@@ -119,17 +120,19 @@ def breakdown(checkpoint: str, bits: int, quantized_head: bool, int8: bool, new_
 def report(checkpoint: str, out: Path, new_tokens: int, prompt_tokens: int, title: str, about: str,
            repeats: int = 3) -> str:
     """The three bench runs and the breakdown; writes OUT.json and OUT.md and returns the markdown."""
-    plain = bench(checkpoint, new_tokens, prompt_tokens, repeats, "--no-baseline")
-    head = bench(checkpoint, new_tokens, prompt_tokens, repeats, "--quantized-head", "--no-baseline")
+    plain = bench(checkpoint, new_tokens, prompt_tokens, repeats, "--no-quantized-head", "--no-int8-activations",
+                  "--no-baseline")
+    head = bench(checkpoint, new_tokens, prompt_tokens, repeats, "--quantized-head", "--no-int8-activations",
+                 "--no-baseline")
     # The baselines run with the rows the targets compare them to, in the same turns: run to
     # run, this machine's speed moves by more than the differences being measured.
     both = bench(checkpoint, new_tokens, prompt_tokens, repeats, "--quantized-head", "--int8-activations")
     rows = plain["rows"] + head["rows"] + both["rows"]
     from transformers import AutoTokenizer
 
-    from fqcompile.cli import BENCH_TEXT
+    from fqcompile.bench import prompt_ids
 
-    prompt = AutoTokenizer.from_pretrained(checkpoint)(BENCH_TEXT * 8)["input_ids"][:prompt_tokens]
+    prompt = prompt_ids(AutoTokenizer.from_pretrained(checkpoint), prompt_tokens)
     manifest = json.loads((Path(checkpoint) / "fqcompile.json").read_text())
     ends = (manifest["ladder"][0], manifest["ladder"][-1])
     parts = [breakdown(checkpoint, b, qh, i8, new_tokens, prompt) for b in ends for qh, i8 in ((0, 0), (1, 1))]

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from fqcompile.processes import python_command
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_generate import report  # noqa: E402
 
@@ -46,7 +48,7 @@ def build(folder: Path) -> None:
 
 
 def fqcompile(*args: str) -> None:
-    run = subprocess.run([sys.executable, "-m", "fqcompile.cli", *args])
+    run = subprocess.run(python_command("-m", "fqcompile.cli", *args))
     if run.returncode:
         sys.exit(f"fqcompile {args[0]} failed")
 

@@ -4,7 +4,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from fqcompile.errors import FqError
 from fqcompile.flex_linear import FlexLinear
 from fqcompile.formats import checkpoint as ckpt
 from fqcompile.formats.nested import quantize_rtn
+from fqcompile.processes import python_command
 
 
 def test_loaded_layers_equal_float64_slices_of_source_weights(tiny_dir, tiny_ckpt, oracle_weight):
@@ -190,25 +190,32 @@ def test_any_ladder_exports_and_runs(tiny_dir, tmp_path, ladder):
 
 @pytest.mark.slow
 def test_killed_export_leaves_nothing_loadable(smol_dir, tmp_path):
-    """SIGKILL an export of the built-in model while it writes: no valid checkpoint appears."""
-    out = tmp_path / "killed"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fqcompile.cli", "export", "--model", str(smol_dir), "--out", str(out), "-q"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        partial = [p for p in tmp_path.iterdir() if p.name.startswith(".killed.partial-")]
-        if partial and any(partial[0].iterdir()):
-            break
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "export finished before it could be interrupted"
+    """SIGKILL an export of the built-in model while it writes: no valid checkpoint appears.
+
+    The child is started as ours are, from the checkout; it must be seen writing (a file in
+    its partial folder) before the kill, and a child that dies on its own fails the test."""
+    out, log = tmp_path / "killed", tmp_path / "child-stderr.txt"
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen(
+            python_command("-m", "fqcompile.cli", "export", "--model", str(smol_dir), "--out", str(out), "-q"),
+            stdout=subprocess.DEVNULL, stderr=stderr, cwd=Path(__file__).resolve().parents[1],
+        )
+        writing, deadline = False, time.time() + 300
+        while not writing and time.time() < deadline and proc.poll() is None:
+            partial = [p for p in tmp_path.iterdir() if p.name.startswith(".killed.partial-")]
+            writing = bool(partial) and any(partial[0].iterdir())
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert writing, f"the export child never started writing (exit {proc.returncode}): {log.read_text()[-2000:]}"
+    assert proc.returncode == -signal.SIGKILL, f"export ended on its own (exit {proc.returncode}) before the kill"
     assert not out.exists()
-    for leftover in tmp_path.iterdir():
-        with pytest.raises(FqError):
-            fqcompile.load(leftover)
+    leftovers = list(tmp_path.iterdir())
+    assert any(p.name.startswith(".killed.partial-") for p in leftovers)
+    for leftover in leftovers:
+        if leftover != log:
+            with pytest.raises(FqError):
+                fqcompile.load(leftover)
     # a rerun is not confused by the leftover
     fqcompile.export(str(smol_dir), out, progress=False)
     assert ckpt.read_manifest(Path(out))["ladder"] == [4, 8]

@@ -1,4 +1,6 @@
-"""The installed `fqcompile` command: real runs, JSON outputs, and one-line refusals of bad input."""
+"""The `fqcompile` command: real runs of the installed command (from the checkout and from
+elsewhere), JSON outputs, and one-line refusals of bad input (in-process, through typer's
+CliRunner, and through the installed command)."""
 
 import json
 import os
@@ -8,16 +10,27 @@ import sys
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from fqcompile.cli import app
 from fqcompile.formats import checkpoint as ckpt
+from fqcompile.processes import python_command
 
 EXE = str(Path(sys.executable).with_name("fqcompile"))  # the one installed beside this Python
+REPO = Path(__file__).resolve().parents[1]
+# a closed local port stands in for the hub, so the "no network" case holds with or without one
+ENV = {"FQCOMPILE_DEBUG": "", "HF_ENDPOINT": "http://127.0.0.1:9"}
 
 
-def run(*args, cwd=None):
-    # a closed local port stands in for the hub, so the "no network" case holds with or without one
-    env = dict(os.environ, FQCOMPILE_DEBUG="", HF_ENDPOINT="http://127.0.0.1:9")
-    return subprocess.run([EXE, *map(str, args)], capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
+def run(*args, cwd=REPO):
+    return subprocess.run([EXE, *map(str, args)], capture_output=True, text=True, env=dict(os.environ, **ENV),
+                          cwd=cwd, timeout=300)
+
+
+def invoke(*args):
+    """The CLI in this process; the result has returncode, stdout and stderr like a subprocess's."""
+    result = CliRunner().invoke(app, [str(a) for a in args], env=ENV)
+    return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
 
 
 def assert_refused(result, message):
@@ -27,6 +40,30 @@ def assert_refused(result, message):
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert message in lines[0], lines[0]
     assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_child_processes_never_import_the_checkout_folders():
+    """Started from the checkout, a child of ours must not see kernels/ as the top-level `kernels`
+    (transformers imports that name; with transformers 5.25 it broke `fqcompile bench`)."""
+    probe = "import importlib.util as u; s = u.find_spec('kernels'); print(s.origin if s and s.origin else '-')"
+    plain = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert Path(plain.stdout.strip()).parent == REPO / "kernels"  # the hazard is real without -P
+    ours = subprocess.run(python_command("-c", probe), capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert ours.returncode == 0, ours.stderr
+    origin = ours.stdout.strip()  # nothing, or the PyPI package in site-packages
+    assert origin == "-" or "site-packages" in Path(origin).parts, origin
+
+
+def test_help_and_refusals_import_no_heavy_library(tiny_ckpt):
+    """`fqcompile --help` and argument errors answer without importing transformers or datasets."""
+    code = ("import sys\nfrom fqcompile.cli import main\nsys.argv = ['fqcompile', *sys.argv[1:]]\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('transformers', 'datasets', 'torch') if m in sys.modules))")
+    for args, heavy in ((["--help"], "[]"), (["export", "--help"], "[]"), (["frobnicate"], "[]"),
+                        (["export", "--out", "x", "--ladder", "four"], "['torch']"),
+                        (["eval", str(tiny_ckpt), "--precision", "3", "--no-reference"], "['torch']")):
+        out = subprocess.run(python_command("-c", code, *args), capture_output=True, text=True, cwd=REPO, timeout=120)
+        assert out.stdout.strip().splitlines()[-1] == heavy, (args, out.stdout, out.stderr)
 
 
 def test_inspect_and_json(tiny_ckpt, tmp_path):
@@ -61,29 +98,32 @@ def test_generate_engines_agree_greedy(tiny_ckpt, tmp_path):
     assert texts["slim"] == texts["hf"] and len(texts["slim"]) == 2
 
 
-def test_bench_reports_every_policy_and_the_baseline(tiny_ckpt, tmp_path):
-    out = run("bench", tiny_ckpt, "--new-tokens", "4", "--prompt-tokens", "8", "--json", tmp_path / "b.json")
+@pytest.mark.parametrize("where", ["checkout", "elsewhere"])
+def test_bench_reports_every_policy_and_the_baseline(tiny_ckpt, tmp_path, where):
+    out = run("bench", tiny_ckpt, "--new-tokens", "4", "--prompt-tokens", "8", "--json", tmp_path / "b.json",
+              cwd=REPO if where == "checkout" else tmp_path)
     assert out.returncode == 0, out.stderr
     rows = json.loads((tmp_path / "b.json").read_text())["rows"]
-    assert [r["policy"] for r in rows] == ["static:4", "static:8", "HF eager bfloat16"]
+    fast = ", 8-bit head, int8 activations"  # the default serving options
+    assert [r["policy"] for r in rows] == [f"static:4{fast}", f"static:8{fast}", "HF eager bfloat16"]
     assert all(r["decode_tokens_per_s"] > 0 and r["prefill_tokens_per_s"] > 0 for r in rows)
     assert rows[0]["engine"] == "slim" and rows[0]["avg_bits_read"] < rows[1]["avg_bits_read"]
-    assert "| static:4 | slim |" in out.stdout
+    assert f"| static:4{fast} | slim |" in out.stdout
 
 
 def test_bench_repeats_report_medians(tiny_ckpt, tmp_path):
     out = run("bench", tiny_ckpt, "--policy", "static:4", "--new-tokens", "4", "--prompt-tokens", "8", "--no-baseline",
-              "--repeats", "3", "--json", tmp_path / "b.json")
+              "--repeats", "3", "--no-quantized-head", "--no-int8-activations", "--json", tmp_path / "b.json")
     assert out.returncode == 0, out.stderr
     data = json.loads((tmp_path / "b.json").read_text())
     (row,) = data["rows"]
     assert data["repeats"] == 3 and row["runs"] == 3 and len(row["decode_tokens_per_s_runs"]) == 3
     assert row["decode_tokens_per_s"] == sorted(row["decode_tokens_per_s_runs"])[1]
-    assert out.stderr.count("(run ") == 3
+    assert out.stderr.count("(run ") == 3 and row["policy"] == "static:4"
 
 
 def test_bench_refuses_a_bad_policy_before_running(tiny_ckpt, tmp_path):
-    out = run("bench", tiny_ckpt, "--policy", "static:5", "--no-baseline", "--json", tmp_path / "b.json")
+    out = invoke("bench", tiny_ckpt, "--policy", "static:5", "--no-baseline", "--json", tmp_path / "b.json")
     assert out.returncode == 2 and out.stderr.strip().splitlines() == ["error: precision 5 is not in the ladder [4, 8]"]
     assert not (tmp_path / "b.json").exists()
 
@@ -99,13 +139,18 @@ def test_eval_json_on_local_text(tiny_dir, tiny_ckpt, tmp_path, austen):
     assert rows["4"]["bits_per_weight"] < rows["8"]["bits_per_weight"]
 
 
-def test_eval_int8_activations_costs_little(tiny_ckpt, tmp_path, austen):
+def test_eval_defaults_to_the_fast_options_at_little_cost(tiny_ckpt, tmp_path, austen):
     args = ("eval", tiny_ckpt, "--dataset", austen / "emma.txt", "--samples", "2", "--seq-len", "64",
             "--no-reference", "--precision", "8")
-    exact = run(*args, "--json", tmp_path / "a.json")
-    int8 = run(*args, "--int8-activations", "--json", tmp_path / "b.json")
-    assert exact.returncode == 0 and int8.returncode == 0, int8.stderr
-    a, b = (json.loads((tmp_path / f).read_text())["results"]["8"]["perplexity"] for f in ("a.json", "b.json"))
+    exact = run(*args, "--no-int8-activations", "--no-quantized-head", "--json", tmp_path / "a.json")
+    default = run(*args, "--json", tmp_path / "b.json")
+    assert exact.returncode == 0 and default.returncode == 0, default.stderr
+    assert "options: 8-bit head, int8 activations" in default.stdout
+    assert "options: float head and activations" in exact.stdout
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "b.json"))
+    assert a["options"] == {"quantized_head": False, "int8_activations": False}
+    assert b["options"] == {"quantized_head": True, "int8_activations": True}
+    a, b = a["results"]["8"]["perplexity"], b["results"]["8"]["perplexity"]
     assert a != b and abs(b / a - 1) < 0.02
 
 
@@ -179,8 +224,10 @@ def test_bad_input_is_refused_in_one_line(tiny_dir, tiny_ckpt, damaged, tmp_path
          "no text column"),
     ]
     for args, message in cases:
-        assert_refused(run(*args), message)
+        assert_refused(invoke(*args), message)
     assert not (tmp_path / "a").exists()
+    for args, message in cases[:1] + cases[9:11]:  # the installed command says the same, from anywhere
+        assert_refused(run(*args, cwd=tmp_path), message)
 
 
 def test_export_gptq_from_the_command_line(tiny_dir, austen, tmp_path):

@@ -2,7 +2,6 @@
 
 import os
 import subprocess
-import sys
 import time
 
 import pytest
@@ -11,6 +10,8 @@ import torch
 from fqcompile.flex_linear import FlexLinear
 from fqcompile.formats.nested import Layout, pack_planes, quantize_rtn
 from fqcompile.kernels import backend, flex_linear
+from fqcompile.models import cache_dir
+from fqcompile.processes import python_command
 
 LADDERS = [(4, 8), (2, 3, 4, 6, 8), (3, 8), (8,), (4,)]
 # 4096 and 1536: the wide nibble path (half a row is whole groups); 576 with group 128 and
@@ -110,10 +111,12 @@ print(backend(torch.device("cpu")), worst)
 """
 
 
-def run_check(tmp_path, **env):
+def run_check(cache, **env):
+    """CHECK in a fresh process whose kernel builds live in `cache` (keyed by flags and sources:
+    the variant builds in the user's cache are made once, not once per test run)."""
     full = {k: v for k, v in os.environ.items() if not k.startswith(("FQCOMPILE_", "CXX"))}
-    full.update(FQCOMPILE_CACHE=str(tmp_path / "cache"), **env)
-    out = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True, env=full, timeout=600)
+    full.update(FQCOMPILE_CACHE=str(cache), **env)
+    out = subprocess.run(python_command("-c", CHECK), capture_output=True, text=True, env=full, timeout=600)
     assert out.returncode == 0, out.stderr
     name, worst = out.stdout.split()
     return name, float(worst), [line for line in out.stderr.splitlines() if line.strip()]
@@ -122,22 +125,22 @@ def run_check(tmp_path, **env):
 @pytest.mark.slow
 @pytest.mark.parametrize("flags", ["-mno-avx512f", "-mno-avx512vbmi", "-mno-avx -mno-f16c -mno-fma"],
                          ids=["avx2", "avx512-no-vbmi", "portable"])
-def test_instruction_set_variants(tmp_path, flags):
+def test_instruction_set_variants(flags):
     """The AVX2 and portable builds (what machines without AVX-512 VBMI compile) are exact too, int8 mode included."""
-    name, worst, _ = run_check(tmp_path, FQCOMPILE_CXXFLAGS=flags)
+    name, worst, _ = run_check(cache_dir(), FQCOMPILE_CXXFLAGS=flags)
     assert name == "cpu-cpp" and worst <= 1e-5
 
 
 @pytest.mark.slow
 def test_without_a_compiler_the_reference_runs_and_says_so_once(tmp_path):
-    name, worst, stderr = run_check(tmp_path, CXX=str(tmp_path / "no-such-c++"))
+    name, worst, stderr = run_check(tmp_path / "cache", CXX=str(tmp_path / "no-such-c++"))
     assert name == "reference" and worst <= 1e-5
     assert len(stderr) == 1 and "fast cpu kernels unavailable" in stderr[0] and "reference" in stderr[0], stderr
 
 
 @pytest.mark.slow
 def test_reference_on_request_without_warning(tmp_path):
-    name, worst, stderr = run_check(tmp_path, FQCOMPILE_KERNELS="reference")
+    name, worst, stderr = run_check(tmp_path / "cache", FQCOMPILE_KERNELS="reference")
     assert name == "reference" and worst <= 1e-5 and stderr == []
 
 
@@ -247,3 +250,19 @@ def test_prune_removes_only_long_unused_builds(tmp_path):
     cpu.prune(keep)
     assert keep.is_dir() and recent.is_dir() and other.is_dir()  # itself, a build in use, not a build
     assert not old.exists()
+
+
+def test_one_build_serves_every_copy_of_the_sources(tmp_path, monkeypatch):
+    """The build is keyed by the sources' text, not their path: a fresh clone reuses it, an edit does not."""
+    from fqcompile.kernels import cpu
+
+    here = cpu.build_dir()
+    copies = []
+    for path in cpu.SOURCES + cpu.HEADERS:
+        copies.append(tmp_path / path.name)
+        copies[-1].write_text(path.read_text())
+    monkeypatch.setattr(cpu, "SOURCES", copies[:len(cpu.SOURCES)])
+    monkeypatch.setattr(cpu, "HEADERS", copies[len(cpu.SOURCES):])
+    assert cpu.build_dir() == here
+    copies[0].write_text(copies[0].read_text() + "\n// an edit\n")
+    assert cpu.build_dir() != here

@@ -1,7 +1,6 @@
 """The built-in SmolLM2-135M end to end: size, quality of each slice, real layers, GGUF input."""
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ from fqcompile.calibration.data import load_samples
 from fqcompile.flex_linear import FlexLinear
 from fqcompile.formats import checkpoint as ckpt
 from fqcompile.formats.nested import quantize_rtn
+from fqcompile.processes import python_command
 
 pytestmark = pytest.mark.slow
 
@@ -88,8 +88,8 @@ def test_fast_kernels_give_the_reference_perplexity(exported, austen, monkeypatc
 
 def test_generate_from_checkpoint_in_a_fresh_process(exported):
     out = subprocess.run(
-        [sys.executable, "-m", "fqcompile.cli", "generate", str(exported[0]), "--chat", "--no-stream",
-         "--prompt", "What is the capital of France?", "--precision", "8", "--max-new-tokens", "12"],
+        python_command("-m", "fqcompile.cli", "generate", str(exported[0]), "--chat", "--no-stream",
+                       "--prompt", "What is the capital of France?", "--precision", "8", "--max-new-tokens", "12"),
         capture_output=True, text=True, timeout=300, cwd=Path(exported[0]).parent,
     )
     assert out.returncode == 0, out.stderr
