@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 AUSTEN = REPO.parent / "shared" / "data" / "austen"
+# `python -m pytest` from the checkout puts it first on sys.path, where kernels/ would import as
+# the top-level `kernels` that transformers looks for; fqcompile itself comes from the install.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO]
 
 
 @pytest.fixture(scope="session")
