@@ -12,23 +12,11 @@ from pathlib import Path
 import torch
 
 from fqcompile.errors import FqError
-from fqcompile.hub import require_hub
+from fqcompile.sources import require_hub
 
 SELF = "self"
 SUFFIX_BUILDER = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 SPLITS = ("calib", "eval", "all")
-
-
-def encode(tokenizer, text: str) -> list[int]:
-    """Token ids of `text` starting with BOS, whether or not the tokenizer adds it.
-
-    SmolLM2's tokenizer has a BOS token (<|im_start|>) but does not add it itself.
-    """
-    ids = tokenizer(text, add_special_tokens=True).input_ids
-    bos = tokenizer.bos_token_id
-    if bos is not None and (not ids or ids[0] != bos):
-        ids = [bos] + ids
-    return ids
 
 
 def load_texts(source: str, text_column: str | None = None) -> list[str]:

@@ -57,7 +57,7 @@ def table(results: dict, ladder, edges: list[float], smoothing: float, rows=None
     onehot = torch.nn.functional.one_hot(buckets[valid], k).double()  # [tokens, k]
     count = onehot.sum(0)
     if (count == 0).any():
-        raise FqError("an entropy bucket has no calibration tokens: use fewer --buckets or more samples")
+        raise FqError("an entropy bucket has no calibration tokens: use fewer `buckets` or more `samples`")
 
     def means(values):
         return (values[rows][valid].double() @ onehot) / count

@@ -11,8 +11,8 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from fqcompile.calibration.measure import capture, fake_quantized, run_from
-from fqcompile.metrics import entropy, kl_per_token, log_probs
+from fqcompile.calibration.sensitivity import capture, fake_quantized, run_from
+from fqcompile.calibration.divergence import entropy, kl_per_token, log_probs
 from fqcompile.calibration.policy import bucket_of, signal
 
 

@@ -11,9 +11,8 @@ centre of its cell:
     W_b = s_b * (q_b - z_b),  s_b = s / 2^(b-b0),  z_b = (z + 1/2) * 2^(b-b0) - 1/2
 At b = b0 this is exactly round-to-nearest at b0 bits; at b = B the step is
 range / ((2^b0 - 1) * 2^(B-b0)), e.g. 1/240 instead of 1/255 of the range for [4, 8].
-Anchoring the grid at the top instead (8-bit RTN, 4-bit = top nibble) was measured on
-the built-in model: its 4-bit slice lost +53% perplexity where direct 4-bit RTN lost +30%
-(docs/results.md).
+Anchoring the grid at the top instead (8-bit RTN, 4-bit = top nibble) costs the lowest
+slice far more than direct quantization at its width (docs/results.md).
 
 Storage is plane-wise, most significant bits first. The bits between two neighbouring
 rungs of the ladder form one or more planes whose widths are powers of two (1, 2, 4, 8),
@@ -198,6 +197,13 @@ def decode(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, low: int, b
     """Values of b-bit codes q (scale/zero given per element), exactly as `dequantize` computes them."""
     s_b, z_b = slice_params(scale, zero, low, bits)
     return (q.to(torch.float32) - z_b) * s_b
+
+
+def decode_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, ladder, bits: int,
+                 group_size: int) -> torch.Tensor:
+    """The b-bit slice of master codes [N, K] (unpacked) as float32 weights, each column on its group's grid."""
+    g = torch.arange(codes.shape[1]) // group_size
+    return decode(codes >> (ladder[-1] - bits), scale[:, g], zero[:, g], ladder[0], bits)
 
 
 def dequantize(planes, scale, zero, layout: Layout, bits: int, dtype=torch.float32) -> torch.Tensor:

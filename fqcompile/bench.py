@@ -10,20 +10,26 @@ model in bf16 through Hugging Face `generate` (eager) as the baseline, and llama
 and Q4_0.
 """
 
+import importlib.util
 import json
 import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from . import slim, sources
 from .controller import Controller, resolve
 from .errors import FqError
+from .formats import checkpoint as ckpt
+from .files import atomic_file
 from .processes import python_command
-from .runtime import choose_engine, decoder
+from .generation import choose_engine, decoder
+from .loader import load, read_policy, set_int8_activations
 
 LLAMA_CPP_TYPES = ("Q8_0", "Q4_0")
 BENCH_TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, must be "
@@ -43,8 +49,6 @@ def prompt_ids(tokenizer, tokens: int) -> list[int]:
 
 def run_policy(loaded, spec: str, ids: list[int], new_tokens: int, engine: str) -> dict:
     """Time one policy on a loaded checkpoint: prefill of `ids`, then `new_tokens` greedy decode steps."""
-    from . import llama
-
     name, _ = choose_engine(loaded, engine, length=len(ids) + new_tokens)
     plan = resolve(loaded.policy, loaded.manifest, spec)
     controller = Controller(loaded.model, loaded.manifest, plan)
@@ -57,7 +61,7 @@ def run_policy(loaded, spec: str, ids: list[int], new_tokens: int, engine: str) 
             controller.attach(dec)
             controller.reset()
             start = time.perf_counter()
-            llama.generate(dec, [ids], new_tokens, stop_ids=[], pad=pad,
+            slim.generate(dec, [ids], new_tokens, stop_ids=[], pad=pad,
                            on_logits=lambda step, _: marks.append(time.perf_counter()))
             end = time.perf_counter()
         else:
@@ -87,8 +91,6 @@ def run_policy(loaded, spec: str, ids: list[int], new_tokens: int, engine: str) 
 def policy_row(folder: str, spec: str, ids: list[int], new_tokens: int, engine: str, quantized_head=False,
                int8_activations=False) -> dict:
     """Load `folder` with only the planes `spec` needs, warm up, then time it (run_policy)."""
-    from .formats import checkpoint as ckpt
-    from .runtime import load, read_policy, set_int8_activations
 
     manifest = ckpt.read_manifest(Path(folder))
     plan = resolve(read_policy(Path(folder)), manifest, spec)
@@ -102,9 +104,7 @@ def policy_row(folder: str, spec: str, ids: list[int], new_tokens: int, engine: 
 
 def hf_row(source: str, ids: list[int], new_tokens: int, dtype: str = "bfloat16") -> dict:
     """The source model in `dtype` through Hugging Face `generate` (eager attention)."""
-    from . import models
-
-    model, tok, _ = models.load(source)
+    model, tok, _ = sources.load(source)
     model = model.to(getattr(torch, dtype))
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     prompt = torch.tensor([ids])
@@ -124,10 +124,8 @@ def hf_row(source: str, ids: list[int], new_tokens: int, dtype: str = "bfloat16"
 
 def source_gguf(source: str) -> Path | None:
     """The GGUF file a checkpoint's source model came from (None for other sources)."""
-    from . import models
-
-    if source in models.BUILTIN:
-        return models._builtin_gguf(source)
+    if source in sources.BUILTIN:
+        return sources._builtin_gguf(source)
     return Path(source) if source.endswith(".gguf") and Path(source).is_file() else None
 
 
@@ -144,10 +142,9 @@ def llama_cpp_row(gguf: str, kind: str, ids: list[int], new_tokens: int, threads
         params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{kind}")
         params.allow_requantize = True  # the built-in GGUF is itself quantized (Q4_1)
         params.nthread = threads
-        partial = target.with_suffix(".partial")
-        if llama_cpp.llama_model_quantize(str(gguf).encode(), str(partial).encode(), ctypes.byref(params)) != 0:
-            raise FqError(f"llama.cpp could not quantize {gguf} to {kind}")
-        partial.rename(target)
+        with atomic_file(target) as partial:
+            if llama_cpp.llama_model_quantize(str(gguf).encode(), str(partial).encode(), ctypes.byref(params)) != 0:
+                raise FqError(f"llama.cpp could not quantize {gguf} to {kind}")
     llm = llama_cpp.Llama(str(target), n_ctx=len(ids) + new_tokens + 8, n_threads=threads, n_threads_batch=threads,
                           verbose=False)
     llm.eval(ids[:4])  # warm-up
@@ -177,6 +174,72 @@ def isolated(job: str, **kwargs) -> dict:
         lines = done.stderr.strip().splitlines()
         raise FqError(f"{job} run failed: {lines[-1] if lines else 'no message'}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def default_specs(manifest: dict, policy: dict) -> list[str]:
+    """Static at every ladder precision, plus static-mixed and dynamic at the policy's budget if calibrated."""
+    specs = [f"static:{b}" for b in manifest["ladder"]]
+    if policy.get("kind") == "dynamic":
+        budget = (policy.get("expected") or {}).get("avg_bits")
+        specs += [f"static-mixed:{budget:g}", "dynamic"] if budget else ["dynamic"]
+    return specs
+
+
+def run_bench(folder, specs=None, new_tokens: int = 128, prompt_tokens: int = 64, engine: str = "auto",
+              quantized_head: bool = True, int8_activations: bool = True, baseline: bool = True, repeats: int = 1,
+              on_row=None) -> tuple[list[dict], list[str]]:
+    """Every policy in `specs` (default: default_specs) and the baselines, each row `repeats` times, the rows
+    in turn, each run in a process of its own; returns the median rows and notes on baselines left out.
+    `on_row(row, repeat)` hears of each run as it ends."""
+    manifest, policy = ckpt.read_manifest(Path(folder)), read_policy(folder)
+    specs = list(specs) if specs else default_specs(manifest, policy)
+    for spec in specs:  # refuse a bad policy here, before any row runs
+        resolve(policy, manifest, spec)
+    from transformers import AutoTokenizer
+
+    ids = prompt_ids(AutoTokenizer.from_pretrained(folder), prompt_tokens)
+    with tempfile.TemporaryDirectory(prefix="fqcompile-bench-") as work:  # requantized GGUFs
+        jobs = [("policy", dict(folder=str(folder), spec=s, ids=ids, new_tokens=new_tokens, engine=engine,
+                                quantized_head=quantized_head, int8_activations=int8_activations)) for s in specs]
+        notes = []
+        if baseline:
+            jobs += baseline_jobs(manifest["source"]["model"], ids, new_tokens, work, notes)
+        runs = [[] for _ in jobs]  # per job, its rows; None once a baseline failed
+        for rep in range(repeats):
+            for i, (job, kwargs) in enumerate(jobs):
+                if runs[i] is None:
+                    continue
+                try:
+                    row = isolated(job, **kwargs)
+                except FqError as exc:
+                    if job == "policy":
+                        raise
+                    notes.append(str(exc))
+                    runs[i] = None
+                    continue
+                runs[i].append(row)
+                if on_row is not None:
+                    on_row(row, rep)
+    return [median_row(r) for r in runs if r], notes
+
+
+def baseline_jobs(source: str, ids: list[int], new_tokens: int, work: str, notes: list[str]) -> list[tuple]:
+    """Hugging Face bf16, and llama.cpp at Q8_0 and Q4_0 where it is installed and the source is a GGUF."""
+    jobs = [("hf", dict(source=source, ids=ids, new_tokens=new_tokens))]
+    gguf = source_gguf(source)
+    if importlib.util.find_spec("llama_cpp") is None:
+        gguf, why = None, "llama-cpp-python is not installed (pip install 'fqcompile[bench]')"
+    else:
+        why = f"the source model {source} is not a GGUF file"
+    if gguf is None:
+        notes.append(f"no llama.cpp rows: {why}")
+        return jobs
+    return jobs + [("llama.cpp", dict(gguf=str(gguf), kind=k, ids=ids, new_tokens=new_tokens, threads=threads(),
+                                      work=work)) for k in LLAMA_CPP_TYPES]
+
+
+def threads() -> int:
+    return torch.get_num_threads()
 
 
 def median_row(runs: list[dict]) -> dict:

@@ -5,51 +5,16 @@ Heavy libraries (torch, transformers, datasets) are imported inside the commands
 """
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Optional
 
 import typer
-from typer.core import TyperGroup
 
+from .cli_options import (MODEL_HELP, POLICY_HELP, Int8Activations, JsonPath, OneLineErrors, QuantizedHead,
+                          check_json_path, fast_options, options_label, parse_ladder, parse_percent,
+                          parse_rung_weights, write_json)
 from .errors import FqError
-
-# The CLI's own output is the progress; libraries' sub-second bars and advice only clutter
-# it. Set before they are imported (a user's own setting wins).
-QUIET_LIBRARIES = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
-                   "TRANSFORMERS_VERBOSITY": "error", "DATASETS_VERBOSITY": "error"}
-
-
-class OneLineErrors(TyperGroup):
-    """Every expected failure becomes one line on stderr and a non-zero exit (also under CliRunner)."""
-
-    def main(self, args=None, prog_name=None, **extra):
-        for key, value in QUIET_LIBRARIES.items():
-            os.environ.setdefault(key, value)
-        extra.pop("standalone_mode", None)
-        try:
-            code = super().main(args, prog_name or "fqcompile", standalone_mode=False, **extra)
-        except typer.Abort:
-            _fail("aborted", 130)
-        except FqError as exc:
-            _fail(str(exc), 2)
-        except KeyboardInterrupt:
-            _fail("interrupted", 130)
-        except typer.TyperException as exc:  # usage errors: unknown option, missing argument...
-            _fail(exc.format_message(), getattr(exc, "exit_code", 2))
-        except Exception as exc:  # a bug, not bad input: still one line unless asked for more
-            if os.environ.get("FQCOMPILE_DEBUG"):
-                raise
-            _fail(f"internal error: {type(exc).__name__}: {exc} (FQCOMPILE_DEBUG=1 shows the traceback)", 1)
-        sys.exit(code if isinstance(code, int) else 0)
-
-
-def _fail(message: str, code: int):
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(code)
-
 
 app = typer.Typer(
     cls=OneLineErrors,
@@ -59,75 +24,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Compile LLMs into switchable nested-bit checkpoints and run them.",
 )
-
-MODEL_HELP = "local HF folder, .gguf file, hub id (org/name), or the built-in 'smollm2-135m'"
-POLICY_HELP = "dynamic | dynamic:BITS | static:B | static-mixed:BITS (default: the checkpoint's own policy)"
-
-# Options shared by several commands, declared once.
-JsonPath = Annotated[Optional[Path], typer.Option(
-    "--json", help="also write the numbers to this JSON file (schema: docs/json.md)")]
-QuantizedHead = Annotated[Optional[bool], typer.Option(
-    "--quantized-head/--no-quantized-head",
-    help="run the output head at 8 bits (round-to-nearest at load; checkpoints keep it in float): on small "
-         "models the largest read of a decode step, for +0.03% perplexity on the built-in model "
-         "(docs/bench-generate.md) [default: on for checkpoints]")]
-Int8Activations = Annotated[Optional[bool], typer.Option(
-    "--int8-activations/--no-int8-activations",
-    help="quantize each quantized layer's inputs to int8 in blocks of 16: 2-3x faster decode on CPUs with "
-         "AVX2 or AVX-512 VNNI, for +0.1% perplexity on the built-in model; on AVX2 the layers then hold their "
-         "planes repacked 8 rows at a time (same size; docs/kernels.md) [default: on for checkpoints]")]
-
-
-def fast_options(quantized_head: bool | None, int8_activations: bool | None) -> tuple[bool, bool]:
-    """The serving options in force: both on unless turned off (their cost is within the noise)."""
-    return quantized_head is not False, int8_activations is not False
-
-
-def options_label(quantized_head: bool, int8_activations: bool) -> str:
-    on = [name for name, flag in (("8-bit head", quantized_head), ("int8 activations", int8_activations)) if flag]
-    return ", ".join(on) if on else "float head and activations"
-
-
-def parse_ladder(text: str) -> tuple[int, ...]:
-    from .formats.nested import check_ladder
-
-    try:
-        return check_ladder(int(b) for b in text.split(",") if b.strip())
-    except ValueError:
-        raise FqError(f"ladder must be comma-separated integers like 4,8, got '{text}'") from None
-
-
-def check_json_path(path: Path | None) -> None:
-    """Refuse an unwritable --json path before the work, not after it."""
-    if path is not None and (Path(path).is_dir() or not Path(path).parent.is_dir()):
-        raise FqError(f"cannot write --json {path}: not a file in an existing folder")
-
-
-def write_json(path: Path | None, data) -> None:
-    if path is None:
-        return
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise FqError(f"cannot write --json {path}: {exc.strerror or exc}") from None
-
-
-def mb(n_bytes: float) -> float:
-    return n_bytes / 1e6
-
-
-def parse_rung_weights(text: str | None) -> dict[int, float]:
-    if not text:
-        return {}
-    try:
-        pairs = [part.split(":") for part in text.split(",") if part.strip()]
-        return {int(b): float(w) for b, w in pairs}
-    except ValueError:
-        raise FqError(f"rung weights must look like 4:1,8:0.25 (precision:weight), got '{text}'") from None
 
 
 @app.command()
@@ -160,16 +56,17 @@ def export(
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ):
     """Quantize a model to nested-bit codes and write a checkpoint folder."""
-    from .export import export as run_export
-    from .formats.gptq import GPTQConfig
+    from .calibration.gptq import GPTQConfig
+    from .exporter import ExportConfig
+    from .exporter import export as run_export
 
     start = time.perf_counter()
-    config = GPTQConfig(damp=damp, block_size=block_size, act_order=act_order,
-                        rung_weights=parse_rung_weights(rung_weights), upper_budget=upper_budget)
-    folder = run_export(model, out, ladder=parse_ladder(ladder), group_size=group_size, force=force,
-                        progress=not quiet, calib=calib, method=method, dataset=dataset, samples=samples,
-                        seq_len=seq_len, seed=seed, gptq=config, propagate=propagate,
-                        true_sequential=true_sequential)
+    gptq = GPTQConfig(damp=damp, block_size=block_size, act_order=act_order,
+                      rung_weights=parse_rung_weights(rung_weights), upper_budget=upper_budget, propagate=propagate,
+                      true_sequential=true_sequential)
+    config = ExportConfig(ladder=parse_ladder(ladder), group_size=group_size, method=method, dataset=dataset,
+                          samples=samples, seq_len=seq_len, seed=seed, gptq=gptq)
+    folder = run_export(model, out, config, force=force, progress=not quiet, calib=calib)
     if not quiet:
         print(f"wrote {folder} in {time.perf_counter() - start:.1f} s")
         _print_summary(folder, verify=False)
@@ -179,15 +76,6 @@ def export(
             print(f"memory      peak {log['peak_rss_mib']:.0f} MiB resident (the process held "
                   f"{log['rss_before_mib'] or 0:.0f} MiB before quantizing; the whole model in fp32 "
                   f"would add {log['model_fp32_mib']:.0f} MiB)")
-
-
-def parse_percent(text: str | None) -> float | None:
-    if text is None:
-        return None
-    try:
-        return float(text.rstrip("%")) / 100 if text.endswith("%") else float(text)
-    except ValueError:
-        raise FqError(f"expected a percentage like 1% or a fraction like 0.01, got '{text}'") from None
 
 
 @app.command()
@@ -209,7 +97,7 @@ def calibrate(
     seed: int = typer.Option(0),
 ):
     """Measure layer sensitivity by entropy and KL, fit the switching policy, validate and report."""
-    from .calibrate import calibrate as run_calibrate
+    from .calibrator import calibrate as run_calibrate
 
     start = time.perf_counter()
     policy = run_calibrate(model, out, dataset=dataset, ladder=parse_ladder(ladder), unit=unit,
@@ -234,53 +122,11 @@ def inspect(
 
 
 def _print_summary(folder: Path, verify: bool) -> dict:
-    from .formats import checkpoint as ckpt
+    from .inspection import summary
 
-    manifest = ckpt.read_manifest(folder)
-    ckpt.verify(folder, manifest, hashes=verify)
-    stats = ckpt.precision_stats(manifest)
-    layouts = ckpt.layouts(manifest)
-    weights = sum(lay.out_features * lay.in_features for lay in layouts.values())
-    files = manifest["files"]
-    ragged = sorted({lay.in_features for lay in layouts.values() if lay.in_features % lay.group_size})
-    src = manifest["source"]
-    print(f"checkpoint  {folder}  (format {manifest['format']} v{manifest['format_version']})")
-    print(f"source      {src['model']}  ({src['architecture']}, {src['dtype']})")
-    print(f"quantizer   {manifest['quantizer']['method']}, group size {manifest['group_size']}, "
-          f"ladder {manifest['ladder']}, planes {manifest['plane_widths']} bits (most significant first)")
-    q = manifest["quantizer"]
-    if q["method"] == "gptq":
-        rungs = q["rung_weights"]
-        weights_text = ",".join(f"{b}:{w:g}" for b, w in rungs.items()) if isinstance(rungs, dict) else rungs
-        print(f"gptq        {q['samples']} x {q['seq_len']} tokens of {q['dataset']}, damp {q['damp']}, "
-              f"act-order {'on' if q['act_order'] else 'off'}, true-sequential {'on' if q['true_sequential'] else 'off'}, "
-              f"rung weights {weights_text}, "
-              f"propagate {q['propagate']}; per-layer loss in {q['log']}")
-    print(f"quantized   {len(layouts)} linear layers, {weights / 1e6:.1f} M weights; the rest unquantized in {ckpt.DENSE}")
-    if ragged:
-        print(f"note        group size {manifest['group_size']} does not divide in_features {ragged}: "
-              f"the last group of those rows is shorter")
-    print("files")
-    for name, entry in sorted(files.items()):
-        print(f"  {name:28s} {mb(entry['bytes']):10.2f} MB")
-    print(f"  {'total':28s} {mb(sum(e['bytes'] for e in files.values())):10.2f} MB")
-    print("precision   bits read/weight   quantized MB   resident MB")
-    for bits, s in stats.items():
-        print(f"  {bits:<9d} {s['bits_per_weight']:16.3f} {mb(s['quantized_bytes']):14.2f} {mb(s['resident_bytes']):13.2f}")
-    print(f"files       {len(files)} present with recorded sizes" + (", SHA-256 verified" if verify else ""))
-    return {
-        "folder": str(folder),
-        "format_version": manifest["format_version"],
-        "source": src,
-        "ladder": manifest["ladder"],
-        "group_size": manifest["group_size"],
-        "plane_widths": manifest["plane_widths"],
-        "quantized_modules": len(layouts),
-        "quantized_weights": weights,
-        "files": {n: e["bytes"] for n, e in files.items()},
-        "precisions": {str(b): s for b, s in stats.items()},
-        "verified_sha256": verify,
-    }
+    text, data = summary(folder, verify)
+    print(text)
+    return data
 
 
 @app.command()
@@ -311,8 +157,8 @@ def generate(
     from transformers import TextStreamer
 
     from .controller import Controller, resolve
-    from .runtime import generate as run_generate
-    from .runtime import load, set_int8_activations
+    from .generation import generate as run_generate
+    from .loader import load, set_int8_activations
 
     static_bits = int(spec.split(":")[1]) if spec and spec.startswith("static:") else None
     loaded = load(folder, precision=static_bits, verify=verify, quantized_head=quantized_head)  # a static precision reads only its planes
@@ -362,74 +208,22 @@ def bench(
     json_path: JsonPath = None,
 ):
     """Decode and prefill tokens/s per policy, side by side in one run (each row in its own process)."""
-    import tempfile
-
-    from .bench import LLAMA_CPP_TYPES, isolated, median_row, prompt_ids, source_gguf, table
-    from .formats import checkpoint as ckpt
-    from .runtime import read_policy
-
     check_json_path(json_path)
     quantized_head, int8_activations = fast_options(quantized_head, int8_activations)
-    manifest = ckpt.read_manifest(folder)
-    found = read_policy(folder)
-    ladder = manifest["ladder"]
-    specs = list(policy) if policy else [f"static:{b}" for b in ladder]
-    if not policy and found.get("kind") == "dynamic":
-        budget = (found.get("expected") or {}).get("avg_bits")
-        specs += [f"static-mixed:{budget:g}", "dynamic"] if budget else ["dynamic"]
-    from .controller import resolve
+    from .bench import run_bench, table, threads
 
-    for spec in specs:  # refuse a bad policy here, before any row runs
-        resolve(found, manifest, spec)
-    from transformers import AutoTokenizer
+    def said(row, rep):
+        which = f" (run {rep + 1} of {repeats})" if repeats > 1 else ""
+        print(f"{row['policy']}: {row['decode_tokens_per_s']:.1f} tokens/s decode{which}", file=sys.stderr)
 
-    ids = prompt_ids(AutoTokenizer.from_pretrained(folder), prompt_tokens)
-    with tempfile.TemporaryDirectory(prefix="fqcompile-bench-") as work:  # requantized GGUFs
-        jobs = [("policy", dict(folder=str(folder), spec=s, ids=ids, new_tokens=new_tokens, engine=engine,
-                                quantized_head=quantized_head, int8_activations=int8_activations)) for s in specs]
-        notes = []
-        source = manifest["source"]["model"]
-        if baseline:
-            jobs.append(("hf", dict(source=source, ids=ids, new_tokens=new_tokens)))
-            gguf = source_gguf(source)
-            try:
-                import llama_cpp  # noqa: F401
-            except ImportError:
-                gguf, why = None, "llama-cpp-python is not installed (pip install 'fqcompile[bench]')"
-            else:
-                why = f"the source model {source} is not a GGUF file"
-            if gguf is None:
-                notes.append(f"no llama.cpp rows: {why}")
-            jobs += [("llama.cpp", dict(gguf=str(gguf), kind=k, ids=ids, new_tokens=new_tokens,
-                                        threads=torch_threads(), work=work)) for k in LLAMA_CPP_TYPES if gguf]
-        runs = [[] for _ in jobs]  # per job, its rows; None once a baseline failed
-        for rep in range(repeats):
-            for i, (job, kwargs) in enumerate(jobs):
-                if runs[i] is None:
-                    continue
-                try:
-                    row = isolated(job, **kwargs)
-                except FqError as exc:
-                    if job == "policy":
-                        raise
-                    notes.append(str(exc))
-                    runs[i] = None
-                    continue
-                runs[i].append(row)
-                which = f" (run {rep + 1} of {repeats})" if repeats > 1 else ""
-                print(f"{row['policy']}: {row['decode_tokens_per_s']:.1f} tokens/s decode{which}", file=sys.stderr)
-        rows = [median_row(r) for r in runs if r]
+    rows, notes = run_bench(folder, policy, new_tokens=new_tokens, prompt_tokens=prompt_tokens, engine=engine,
+                            quantized_head=quantized_head, int8_activations=int8_activations, baseline=baseline,
+                            repeats=repeats, on_row=said)
     for note in notes:
         print(note, file=sys.stderr)
     print(table(rows))
-    write_json(json_path, {"checkpoint": str(folder), "threads": torch_threads(), "repeats": repeats, "rows": rows,
+    write_json(json_path, {"checkpoint": str(folder), "threads": threads(), "repeats": repeats, "rows": rows,
                            "notes": notes})
-
-
-def torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
 
 
 @app.command(name="eval")
@@ -457,11 +251,11 @@ def eval_(
     unless those are turned off; the options in force are printed and written to --json.
     """
     check_json_path(json_path)
-    from . import models
+    from . import sources
     from .calibration.data import SELF, load_samples
     from .formats import checkpoint as ckpt
-    from .metrics import FULL, evaluate
-    from .runtime import load, set_int8_activations
+    from .evaluation import FULL, evaluate
+    from .loader import load, set_int8_activations
 
     is_ckpt = (Path(target) / ckpt.MANIFEST).is_file()
     options = None
@@ -485,7 +279,7 @@ def eval_(
         if precision != "all" or int8_activations or quantized_head or policy:
             raise FqError("--precision, --policy, --int8-activations and --quantized-head apply to checkpoints; a "
                           "plain model is evaluated as it is")
-        model, tok, _ = models.load(target)
+        model, tok, _ = sources.load(target)
         precisions, stats, ref, ref_spec = [None], {}, None, None
     n = samples or (8 if dataset == SELF else 32)
     data = load_samples(dataset, tok, split=split, seq_len=seq_len, max_samples=n, model=ref or model,
@@ -494,9 +288,14 @@ def eval_(
         print(f"options: {options_label(**options)} (as generate serves by default; "
               f"--no-quantized-head / --no-int8-activations turn them off)")
     if policy:
-        from .served import evaluate_policies
+        from .evaluation import evaluate_policies
 
         rows = evaluate_policies(loaded, data, policy, ref, batch_size)
+        print(f"{'policy':>18} {'bits read/weight':>17} {'perplexity':>11} {'KL':>9}  tokens at each precision")
+        for r in rows.values():
+            kl = "-" if r["kl"] is None else f"{r['kl']:.4f}"
+            share = ", ".join(f"{b}: {s:.0%}" for b, s in r["share"].items())
+            print(f"{r['policy']:>18} {r['avg_bits_read']:17.3f} {r['perplexity']:11.3f} {kl:>9}  {share}")
         write_json(json_path, {"target": target, "dataset": dataset, "split": split, "seq_len": seq_len,
                                "samples": int(data.shape[0]), "reference": ref_spec if ref is not None else None,
                                "options": options, "policies": rows})
@@ -512,7 +311,7 @@ def eval_(
         bpw = s.get("bits_per_weight")
         kl = "-" if r["kl"] is None else f"{r['kl']:.4f}"
         print(f"{name:>10} {'-' if bpw is None else round(bpw, 3)!s:>12} "
-              f"{'-' if not s else round(mb(s['resident_bytes']), 1)!s:>12} {r['perplexity']:11.3f} {kl:>9}")
+              f"{'-' if not s else round(s['resident_bytes'] / 1e6, 1)!s:>12} {r['perplexity']:11.3f} {kl:>9}")
         rows[name] = dict(r, **s)
     write_json(json_path, {"target": target, "dataset": dataset, "split": split, "seq_len": seq_len,
                            "samples": int(data.shape[0]), "reference": ref_spec if ref is not None else None,
@@ -521,12 +320,12 @@ def eval_(
 
 def _reference(spec: str | None, explicit: bool):
     """The full-precision model for KL; a missing default source only costs the KL column."""
-    from . import models
+    from . import sources
 
     if spec is None:
         return None
     try:
-        return models.load(spec)[0]
+        return sources.load(spec)[0]
     except FqError as exc:
         if explicit:
             raise

@@ -49,7 +49,7 @@ def resolve(policy: dict, manifest: dict, spec: str | None) -> Plan:
     if kind not in ("dynamic", "static-mixed"):
         raise FqError(f"unknown policy '{spec}' (use dynamic, dynamic:BITS, static:B or static-mixed:BITS)")
     if policy.get("kind") != "dynamic":
-        raise FqError(f"policy '{spec}' needs a calibrated checkpoint (export --calib)")
+        raise FqError(f"policy '{spec}' needs a calibrated checkpoint (export with `calib`)")
     units = [u["modules"] for u in policy["units"]]
     edges, smoothing, prefill = policy["bucket_edges"], policy["signal"]["smoothing"], policy["prefill_precision"]
     if kind == "dynamic" and not arg:

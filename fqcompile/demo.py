@@ -11,17 +11,18 @@ from pathlib import Path
 
 import torch
 
-from . import models
+from . import sources
 from .bench import hf_row, prompt_ids, run_policy
-from .calibrate import calibrate
+from .calibrator import calibrate
 from .calibration.data import load_samples
 from .controller import Controller, resolve
-from .export import export
+from .exporter import export
 from .formats import checkpoint as ckpt
 from .kernels import backend
-from .metrics import evaluate
-from .runtime import generate, load, set_int8_activations
-from .served import evaluate_policies
+from .evaluation import evaluate
+from .generation import generate
+from .loader import load, set_int8_activations
+from .evaluation import evaluate_policies
 
 PROMPT = "Write two sentences about the sea."
 SPEED_RUNS = 3  # decode timings per policy; the table shows their median
@@ -36,13 +37,13 @@ def run_demo(out: Path, dataset: str = "self", samples: int = 8, seq_len: int = 
     build = time.perf_counter()
     kernels = backend(torch.device("cpu"))  # the one-time build happens here, before anything is timed
     print(f"[0/5] CPU kernels: {kernels} (ready in {time.perf_counter() - build:.0f} s)")
-    print(f"[1/5] calibrating {models.BUILTIN_NAME} on {dataset} text (small settings; see `fqcompile calibrate`)")
-    policy = calibrate(models.BUILTIN_NAME, calib, dataset=dataset, target_bits=target_bits, samples=12,
+    print(f"[1/5] calibrating {sources.BUILTIN_NAME} on {dataset} text (small settings; see `fqcompile calibrate`)")
+    policy = calibrate(sources.BUILTIN_NAME, calib, dataset=dataset, target_bits=target_bits, samples=12,
                        eval_samples=4, seq_len=128, buckets=4)
     print(f"      policy: {policy['expected']['avg_bits']:.2f} average bits; report in {calib}/report.md")
     print(f"[2/5] exporting with nested GPTQ on the same text (16 x 256 tokens; small settings), ladder [4, 8], "
           f"group size 128 and the fitted policy -> {folder}")
-    export(models.BUILTIN_NAME, folder, ladder=(4, 8), group_size=128, force=True, calib=calib, dataset=dataset,
+    export(sources.BUILTIN_NAME, folder, ladder=(4, 8), group_size=128, force=True, calib=calib, dataset=dataset,
            samples=16, seq_len=256)
     loaded = load(folder, quantized_head=quantized_head)
     set_int8_activations(loaded.model, int8_activations)
@@ -60,11 +61,11 @@ def run_demo(out: Path, dataset: str = "self", samples: int = 8, seq_len: int = 
         speed[spec] = statistics.median(row["decode_tokens_per_s"] for row in runs)
         print(f"--- {spec}: {speed[spec]:.1f} tokens/s decode ({runs[0]['engine']} engine), "
               f"{r['controller']['avg_bits_read']:.2f} bits read per weight ---\n{r['text'].strip()}\n")
-    hf = statistics.median(hf_row(models.BUILTIN_NAME, ids, new_tokens)["decode_tokens_per_s"]
+    hf = statistics.median(hf_row(sources.BUILTIN_NAME, ids, new_tokens)["decode_tokens_per_s"]
                            for _ in range(SPEED_RUNS))
     print(f"--- Hugging Face generate, bf16 (eager): {hf:.1f} tokens/s decode ---")
     print(f"[4/5] evaluating as served against the full-precision model ({samples} x {seq_len} held-out tokens)")
-    ref, tok, _ = models.load(models.BUILTIN_NAME)
+    ref, tok, _ = sources.load(sources.BUILTIN_NAME)
     # seed 7: text the calibration (seeds 0 and 1) never saw
     data = load_samples(dataset, tok, split="eval", seq_len=seq_len, max_samples=samples, model=ref, seed=7)
     rows = evaluate_policies(loaded, data, specs, reference=ref, batch_size=samples)

@@ -1,4 +1,5 @@
-"""FlexLinear: a linear layer over nested-bit weights whose precision can change per call."""
+"""FlexLinear: a linear layer over nested-bit weights whose precision can change per call; and fusion
+of several such layers on one input into one (their planes become row views of the fused one's)."""
 
 import torch
 import torch.nn.functional as F
@@ -65,7 +66,7 @@ class FlexLinear(nn.Module):
         self._calls = {}  # bits -> nested_linear's arguments: a decode step calls ~200 layers
         self._packs = None  # bits -> packed_linear's tensors while the planes are held packed (pack())
         self._packable = None  # whether pack() applies (known after its first try)
-        self._rows = []  # a fused layer's parts and their first rows (llama.fuse) ...
+        self._rows = []  # a fused layer's parts and their first rows (fuse) ...
         self._owner = None  # ... and a part's fused layer, which packs and unpacks for it
 
     @property
@@ -168,13 +169,14 @@ class FlexLinear(nn.Module):
         if int8_activations and (self._packs is not None
                                  or (x.numel() <= MAX_PACKED_BATCH * self.in_features and self.pack())):
             return packed_linear(x, self._packs[bits], self.out_features, self.layout.ladder[0], self.layout.group_size)
-        return nested_linear(x, *self._args(bits), int8_activations)
+        return nested_linear(x, *self.call_args(bits), int8_activations)
 
     def packed(self, bits: int) -> list:
         """packed_linear's tensors for `bits` while the planes are held packed (pack()), else []."""
         return self._packs[bits] if self._packs is not None else []
 
-    def _args(self, bits: int) -> tuple:
+    def call_args(self, bits: int) -> tuple:
+        """nested_linear's arguments after x for `bits` (built once per precision)."""
         call = self._calls.get(bits)
         if call is None:
             call = self._calls[bits] = kernel_args(self.planes(), (self.layout, self.scale, self.zero), bits)
@@ -186,3 +188,28 @@ class FlexLinear(nn.Module):
             f"ladder={list(self.layout.ladder)}, precision={self.precision}"
             + (", int8_activations=True" if self.int8_activations else "")
         )
+
+
+def fuse(parts: list[FlexLinear]) -> FlexLinear:
+    """One FlexLinear over the parts' rows; the parts' planes become views of its planes."""
+    first = parts[0].layout
+    if any(p.layout.in_features != first.in_features or p.layout.group_size != first.group_size
+           or p.layout.ladder != first.ladder or p.n_planes != parts[0].n_planes for p in parts):
+        raise FqError("cannot fuse layers with different inputs or layouts")
+    rows = [p.out_features for p in parts]
+    planes = [torch.cat([p.planes()[i] for p in parts]) for i in range(parts[0].n_planes)]
+    scale = torch.cat([p.scale for p in parts])
+    zero = torch.cat([p.zero for p in parts])
+    bias = None
+    if any(p.bias is not None for p in parts):
+        bias = torch.cat([p.bias.data if p.bias is not None else scale.new_zeros(n, dtype=torch.float32)
+                          for p, n in zip(parts, rows)])
+    fused = FlexLinear(Layout(sum(rows), first.in_features, first.group_size, first.ladder), planes, scale, zero, bias)
+    start = 0
+    for p, n in zip(parts, rows):
+        p.repoint([plane[start:start + n] for plane in fused.planes()], fused.scale[start:start + n],
+                  fused.zero[start:start + n])
+        fused._rows.append((p, start))  # it packs and unpacks for them (pack)
+        p._owner = fused
+        start += n
+    return fused

@@ -7,16 +7,12 @@ the C++ CPU kernel (cpu_nested.cpp, compiled on first use), Triton on CUDA
 a fast one cannot be had. `kernel_args` is the op's arguments for one precision:
 FlexLinear builds them once per precision and calls the op with them (a decode step makes
 ~200 calls).
-
-Imports are absolute on purpose: with the repository root on sys.path (python -m from
-the checkout), transformers probes for the PyPI package `kernels` and imports this folder
-under that name; absolute imports keep that harmless.
 """
 
 import torch
 
 from fqcompile.kernels.ops import MAX_PACKED_BATCH, backend, nested_linear, pack_rows, packed_linear, packs_rows, unpack_rows
-from fqcompile.kernels.reference import quantize_activations, reference_linear
+from fqcompile.kernels.reference import nested_linear_reference, quantize_activations
 
 
 def flex_linear(x: torch.Tensor, planes, meta, precision: int, int8_activations: bool = False) -> torch.Tensor:
@@ -29,6 +25,11 @@ def flex_linear(x: torch.Tensor, planes, meta, precision: int, int8_activations:
     AVX2, at a small accuracy cost (docs/kernels.md).
     """
     return nested_linear(x, *kernel_args(planes, meta, precision), int8_activations)
+
+
+def reference_linear(x: torch.Tensor, planes, meta, precision: int, int8_activations: bool = False) -> torch.Tensor:
+    """flex_linear through the pure-torch reference (the oracle of the tests)."""
+    return nested_linear_reference(x, *kernel_args(planes, meta, precision), int8_activations)
 
 
 def kernel_args(planes, meta, precision: int) -> tuple:

@@ -1,9 +1,9 @@
-"""Build (once per machine, cached) and load the C++ CPU kernels (cpu_nested.cpp, cpu_decode.cpp, cpu_stack.cpp).
+"""Build (once per machine, cached) and load the C++ CPU kernels (SOURCES, with HEADERS).
 
-torch's cpp_extension compiles the file with -march=native on first use, so the cache
-folder is keyed by this CPU's feature flags, the compiler, torch's version and the
-source (path and text); a later process just loads the shared library (ninja finds
-nothing to do).
+torch's cpp_extension compiles them with -march=native on first use, so the cache folder
+is keyed by this CPU's feature flags, the compiler, torch's version and the sources' text
+(not their path: every checkout of the same code shares one build); a later process just
+loads the shared library (ninja finds nothing to do).
 """
 
 import hashlib
@@ -16,8 +16,12 @@ from pathlib import Path
 
 import torch
 
-SOURCES = [Path(__file__).with_name(name) for name in ("cpu_nested.cpp", "cpu_decode.cpp", "cpu_stack.cpp")]
-HEADERS = [Path(__file__).with_name("cpu_ops.h")]
+from fqcompile.files import cache_dir, write_text
+
+SOURCES = [Path(__file__).with_name(name) for name in ("cpu_nested.cpp", "cpu_packed.cpp", "cpu_decode.cpp",
+                                                      "cpu_stack.cpp")]
+HEADERS = [Path(__file__).with_name(name) for name in ("cpu_ops.h", "cpu_simd.h", "cpu_dots_float.h", "cpu_dots_int8.h",
+                                                      "cpu_activations.h")]
 FLAGS = ["-O3", "-march=native", "-fopenmp"] + os.environ.get("FQCOMPILE_CXXFLAGS", "").split()
 STALE_DAYS = 30  # other builds unused this long are removed when a new one is made
 
@@ -33,8 +37,6 @@ def _cpu_flags() -> str:
 
 
 def build_dir() -> Path:
-    from fqcompile.models import cache_dir
-
     compiler = os.environ.get("CXX", "c++")
     # The sources' text, not their path: they are built from copies inside the folder
     # (load), so every checkout and install of the same code shares one build.
@@ -89,9 +91,7 @@ def _copy(source: Path, folder: Path) -> Path:
     target = folder / source.name
     text = source.read_text()
     if not target.is_file() or target.read_text() != text:
-        tmp = target.with_name(f".{target.name}.{os.getpid()}")
-        tmp.write_text(text)
-        os.replace(tmp, target)
+        write_text(target, text)
     return target
 
 

@@ -2,7 +2,7 @@
 implementation serves each device.
 
 nested_linear is every quantized linear; rms_norm, attend and silu_mul are the rest of a
-decode step that costs more in dispatch than in arithmetic (fqcompile/llama.py); entropy is
+decode step that costs more in dispatch than in arithmetic (fqcompile/slim.py); entropy is
 the precision controller's signal, over the whole vocabulary at every step. Each is one op,
 so torch.compile traces around it (fake kernels) and the dispatcher picks the
 implementation by the device: the C++ kernels on CPU, Triton on CUDA (nested_linear),
@@ -15,10 +15,9 @@ import os
 import sys
 
 import torch
-import torch.nn.functional as F
 
-from fqcompile.formats.nested import dequantize_planes
-from fqcompile.kernels.reference import quantize_activations
+from fqcompile.kernels.reference import (attend_reference, entropy_reference, nested_linear_reference,
+                                         rms_norm_reference, silu_mul_reference)
 
 SCHEMA = ("nested_linear(Tensor x, Tensor[] planes, int[] widths, Tensor scale, Tensor zero, "
           "int low, int group_size, bool int8_activations=False) -> Tensor")
@@ -31,67 +30,13 @@ LIB.define("entropy(Tensor logits) -> Tensor")
 LIB.define("silu_mul(Tensor gate_up) -> Tensor")
 
 
-def reference(x, planes, widths, scale, zero, low, group_size, int8_activations=False):
-    """Dequantize the slice held by `planes`, then F.linear: the oracle for every kernel.
-
-    int8_activations: the activations are first quantized in blocks (quantize_activations).
-    """
-    if int8_activations:
-        x = quantize_activations(x)
-    weight = dequantize_planes(planes, widths, scale, zero, low, group_size, x.shape[-1], dtype=x.dtype)
-    return F.linear(x, weight)
-
-
 # Serves every device that has no kernel of its own.
-LIB.impl("nested_linear", reference, "CompositeExplicitAutograd")
+LIB.impl("nested_linear", nested_linear_reference, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("fqcompile::nested_linear")
 def _fake(x, planes, widths, scale, zero, low, group_size, int8_activations=False):
     return x.new_empty(*x.shape[:-1], scale.shape[0])
-
-
-def rms_norm_reference(x, weight, eps):
-    """RMSNorm as Hugging Face's Llama computes it (in float32, weight applied in x's dtype)."""
-    xf = x.float()
-    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-
-
-def attend_reference(qkv, cos, sin, k_cache, v_cache, start, heads, mask=None):
-    """One attention step over a KV cache, in place for the cache.
-
-    qkv [B, T, (H + 2 KV) * D] (a fused q/k/v projection); cos, sin [B, T, D] RoPE tables
-    for the T positions, sin with its first half negated (so rotate_half(x) * sin_hf ==
-    roll(x, D/2) * sin); k_cache, v_cache [B, KV, L, D]. RoPE goes on q and k, k and v
-    into cache slots start .. start + T - 1, and every query head attends to slots
-    [0, start + T) where mask [B, 1, T, start + T] (bool) allows (all of them if None;
-    every query must be allowed at least one slot). Returns [B, T, H * D].
-    """
-    b, t, _ = qkv.shape
-    kv, d = k_cache.shape[1], k_cache.shape[-1]
-    qkv = qkv.reshape(b, t, heads + 2 * kv, d)
-    qk = qkv[:, :, :heads + kv]
-    qk = torch.addcmul(qk * cos[:, :, None], qk.roll(d // 2, -1), sin[:, :, None])
-    k_cache.narrow(2, start, t).copy_(qk[:, :, heads:].transpose(1, 2))
-    v_cache.narrow(2, start, t).copy_(qkv[:, :, heads + kv:].transpose(1, 2))
-    att = F.scaled_dot_product_attention(qk[:, :, :heads].transpose(1, 2), k_cache.narrow(2, 0, start + t),
-                                         v_cache.narrow(2, 0, start + t), attn_mask=mask, enable_gqa=kv != heads)
-    return att.transpose(1, 2).reshape(b, t, heads * d)
-
-
-def entropy_reference(logits):
-    """Entropy in nats of softmax(logits) over the last dimension."""
-    from fqcompile.metrics import entropy
-
-    # float64 stays float64 (tests compare against it); other types compute and answer in float32
-    # (a bfloat16 entropy would blur bucket edges ~1e-3 apart)
-    return entropy(torch.log_softmax(logits if logits.dtype == torch.float64 else logits.float(), dim=-1))
-
-
-def silu_mul_reference(gate_up):
-    """silu(gate) * up for a fused gate/up projection's output [..., 2I] (gate first)."""
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
 
 
 LIB.impl("rms_norm", rms_norm_reference, "CompositeExplicitAutograd")
@@ -173,7 +118,7 @@ def _impl(x) -> str:
 def nested_linear(x, planes, widths, scale, zero, low: int, group_size: int,
                   int8_activations: bool = False) -> torch.Tensor:
     if _impl(x) == "reference":
-        return reference(x, planes, widths, scale, zero, low, group_size, int8_activations)
+        return nested_linear_reference(x, planes, widths, scale, zero, low, group_size, int8_activations)
     return _OP(x, planes, widths, scale, zero, low, group_size, int8_activations)
 
 

@@ -44,13 +44,13 @@ def breakdown(checkpoint: str, bits: int, quantized_head: bool, int8: bool, new_
     with the per-op Python loop instead of the one-call C++ stack; then a pass with the
     stack's projections, attention and whole calls clocked inside C++, the quantized head's
     calls and a float head's matmul timed from Python (means per step, so they add up)."""
-    from fqcompile import llama, runtime
+    from fqcompile import generation, loader, slim
     from fqcompile.flex_linear import FlexLinear
 
-    loaded = runtime.load(checkpoint, precision=bits, quantized_head=quantized_head)
-    runtime.set_precision(loaded.model, bits)
-    runtime.set_int8_activations(loaded.model, int8)
-    dec = runtime.decoder(loaded)
+    loaded = loader.load(checkpoint, precision=bits, quantized_head=quantized_head)
+    loader.set_precision(loaded.model, bits)
+    loader.set_int8_activations(loaded.model, int8)
+    dec = generation.decoder(loaded)
     clock, marks = {"linear": 0.0, "head": 0.0, "attend": 0.0, "stack": 0.0, "stack_linear": 0.0}, []
 
     def mark(step, _logits):
@@ -63,7 +63,7 @@ def breakdown(checkpoint: str, bits: int, quantized_head: bool, int8: bool, new_
     def steps(mean: bool = False) -> float:
         """The median decode step (or the mean, to match the clocks' sums)."""
         marks.clear()
-        llama.generate(dec, [prompt], new_tokens, stop_ids=[], pad=0, on_logits=mark)
+        slim.generate(dec, [prompt], new_tokens, stop_ids=[], pad=0, on_logits=mark)
         gaps = sorted(b - a for a, b in zip(marks, marks[1:]))
         return sum(gaps) / len(gaps) if mean else gaps[len(gaps) // 2]
 
@@ -77,12 +77,12 @@ def breakdown(checkpoint: str, bits: int, quantized_head: bool, int8: bool, new_
 
     steps()  # warm-up
     step = steps()
-    build = llama.Llama._build_stack
-    llama.Llama._build_stack = lambda self: None
+    build = slim.Llama._build_stack
+    slim.Llama._build_stack = lambda self: None
     try:
         loop_step = steps()
     finally:
-        llama.Llama._build_stack = build
+        slim.Llama._build_stack = build
     run, began, hooks = FlexLinear.run, {}, []
     FlexLinear.run = timed(run, "linear")  # the quantized head (and every projection if there is no stack)
     if not isinstance(dec.head, FlexLinear):  # a float head is an nn.Linear: time it by hooks
@@ -96,14 +96,14 @@ def breakdown(checkpoint: str, bits: int, quantized_head: bool, int8: bool, new_
             stack.set_timing(True)
         return stack
 
-    llama.Llama._build_stack = build_timed
+    slim.Llama._build_stack = build_timed
     try:
         timed_step = steps(mean=True)
         if dec.stack is not None:  # (checked below)
             clock["stack_linear"], clock["attend"], clock["stack"] = dec.stack.timings()
     finally:
         FlexLinear.run = run
-        llama.Llama._build_stack = build
+        slim.Llama._build_stack = build
         for h in hooks:
             h.remove()
     if dec.stack is None:

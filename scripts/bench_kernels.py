@@ -145,11 +145,11 @@ def perplexity_check(data: Path, samples: int, ladder) -> dict:
     import tempfile
 
     import fqcompile
-    from fqcompile import models
+    from fqcompile import sources
     from fqcompile.calibration.data import load_samples
 
     with tempfile.TemporaryDirectory() as tmp:
-        folder = fqcompile.export(models.BUILTIN_NAME, Path(tmp) / "ckpt", ladder=ladder, progress=False)
+        folder = fqcompile.export(sources.BUILTIN_NAME, Path(tmp) / "ckpt", ladder=ladder, progress=False)
         loaded = fqcompile.load(folder)
     chunks = load_samples(str(data), loaded.tokenizer, split="eval", seq_len=512, max_samples=samples)
     found = {}

@@ -33,11 +33,11 @@ SHAPE = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num
 def build(folder: Path) -> None:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from fqcompile import models
+    from fqcompile import sources
 
     if (folder / "config.json").is_file():
         return
-    tok = AutoTokenizer.from_pretrained(models.resolve(models.BUILTIN_NAME))
+    tok = AutoTokenizer.from_pretrained(sources.resolve(sources.BUILTIN_NAME))
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id,
                                          eos_token_id=tok.eos_token_id, **SHAPE))

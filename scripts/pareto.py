@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 
 import fqcompile
-from fqcompile import models
-from fqcompile.calibrate import calibrate
+from fqcompile import sources
+from fqcompile.calibrator import calibrate
 from fqcompile.calibration.data import load_samples
-from fqcompile.served import evaluate_policies
+from fqcompile.evaluation import evaluate_policies
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parent.parent / "shared" / "data" / "austen"
@@ -37,11 +37,11 @@ def main():
     args = ap.parse_args()
     torch.manual_seed(0)
     start = time.perf_counter()
-    calibrate(models.BUILTIN_NAME, args.calib, dataset=str(DATA), progress=False)
+    calibrate(sources.BUILTIN_NAME, args.calib, dataset=str(DATA), progress=False)
     with tempfile.TemporaryDirectory() as work:
-        ckpt = fqcompile.export(models.BUILTIN_NAME, Path(work) / "ckpt", calib=args.calib, progress=False)
+        ckpt = fqcompile.export(sources.BUILTIN_NAME, Path(work) / "ckpt", calib=args.calib, progress=False)
         loaded = fqcompile.load(ckpt)
-        ref = models.load(models.BUILTIN_NAME)[0]
+        ref = sources.load(sources.BUILTIN_NAME)[0]
         data = load_samples(str(DATA), loaded.tokenizer, split="eval", seq_len=args.seq_len, max_samples=args.samples)
         bits = [float(b) for b in args.bits.split(",")]
         specs = ["static:8", "static:4"] + [f"static-mixed:{b:g}" for b in bits] + [f"dynamic:{b:g}" for b in bits]

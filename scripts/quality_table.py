@@ -22,12 +22,11 @@ from pathlib import Path
 import torch
 
 import fqcompile
-from fqcompile import models
+from fqcompile import sources
 from fqcompile.calibration.data import load_samples
 from fqcompile.formats import gptq_format
 from fqcompile.formats.checkpoint import precision_stats
-from fqcompile.metrics import FULL
-from fqcompile.runtime import dense_weights
+from fqcompile.loader import dense_weights
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "austen"
@@ -36,7 +35,7 @@ GPTQMODEL_PYTHON = Path("/work/gptqmodel-venv/bin/python")
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=models.BUILTIN_NAME)
+    ap.add_argument("--model", default=sources.BUILTIN_NAME)
     ap.add_argument("--dataset", default=str(DEFAULT_DATA))
     ap.add_argument("--ladders", nargs="+", default=["4,8", "3,4,6,8"])
     ap.add_argument("--methods", default="rtn,gptq")
@@ -56,7 +55,7 @@ def main():
     methods = args.methods.split(",")
     widths = sorted({b for lad in ladders for b in lad})
 
-    ref, tok, folder = models.load(args.model)
+    ref, tok, folder = sources.load(args.model)
     samples = load_samples(args.dataset, tok, split="eval", seq_len=args.seq_len, max_samples=args.samples)
     calib = dict(dataset=args.dataset, samples=args.calib_samples, seq_len=args.calib_seq_len)
     rows, timings = [], {}
@@ -94,7 +93,7 @@ def main():
                                 "--desc-act" if act == "on" else "--no-desc-act", "--out", str(out)],
                                check=True, cwd=work, env={**os.environ, "GPTQMODEL_CPU_WORKERS": "2"})  # it writes logs/ into cwd
                 timings[out.name] = round(time.perf_counter() - start, 1)
-                model, _, _ = models.load(args.model)
+                model, _, _ = sources.load(args.model)
                 with torch.no_grad():
                     for name, weight in gptq_format.read(out).items():
                         model.get_submodule(name).weight.copy_(weight)

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from fqcompile import models
+from fqcompile import sources
 from fqcompile.calibration.data import load_samples
 from fqcompile.formats.nested import quantize_rtn
-from fqcompile.metrics import evaluate
+from fqcompile.evaluation import evaluate
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "austen"
 G = 128
@@ -49,7 +49,7 @@ def main():
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "slice-dequant.md"))
     args = ap.parse_args()
-    ref, tok, _ = models.load(models.BUILTIN_NAME)
+    ref, tok, _ = sources.load(sources.BUILTIN_NAME)
     samples = load_samples(str(DATA), tok, split="eval", seq_len=512, max_samples=args.samples)
     linears = {n: m.weight.detach().clone() for n, m in ref.named_modules()
                if isinstance(m, torch.nn.Linear) and m is not ref.get_output_embeddings()}

@@ -25,9 +25,9 @@ def austen() -> Path:
 @pytest.fixture(scope="session")
 def smol_dir() -> Path:
     """The built-in SmolLM2 model as a cached HF folder (converted once per machine)."""
-    from fqcompile import models
+    from fqcompile import sources
 
-    return models.resolve(models.BUILTIN_NAME)
+    return sources.resolve(sources.BUILTIN_NAME)
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fqcompile
-from fqcompile.calibrate import calibrate
+from fqcompile.calibrator import calibrate
 from fqcompile.calibration import policy as pol
 from fqcompile.errors import FqError
 from fqcompile.formats import checkpoint as ckpt

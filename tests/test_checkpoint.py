@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fqcompile
-from fqcompile import models
+from fqcompile import sources
 from fqcompile.errors import FqError
 from fqcompile.flex_linear import FlexLinear
 from fqcompile.formats import checkpoint as ckpt
@@ -20,7 +20,7 @@ from fqcompile.processes import python_command
 
 
 def test_loaded_layers_equal_float64_slices_of_source_weights(tiny_dir, tiny_ckpt, oracle_weight):
-    source, _, _ = models.load(str(tiny_dir))
+    source, _, _ = sources.load(str(tiny_dir))
     loaded = fqcompile.load(tiny_ckpt)
     layers = {n: m for n, m in loaded.model.named_modules() if isinstance(m, FlexLinear)}
     assert len(layers) == 2 * 7  # q, k, v, o, gate, up, down per block
@@ -41,7 +41,7 @@ def test_loaded_layers_equal_float64_slices_of_source_weights(tiny_dir, tiny_ckp
 
 
 def test_logits_track_the_source_model(tiny_dir, tiny_ckpt):
-    source, _, _ = models.load(str(tiny_dir))
+    source, _, _ = sources.load(str(tiny_dir))
     loaded = fqcompile.load(tiny_ckpt)
     ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(1))
     ref = source(ids).logits
@@ -177,7 +177,7 @@ def test_any_ladder_exports_and_runs(tiny_dir, tmp_path, ladder):
     out = fqcompile.export(str(tiny_dir), tmp_path / "ck", ladder=ladder, group_size=32, progress=False)
     loaded = fqcompile.load(out)
     ids = torch.tensor([[1, 5, 9, 200, 31]])
-    source, _, _ = models.load(str(tiny_dir))
+    source, _, _ = sources.load(str(tiny_dir))
     ref = source(ids).logits
     errors = []
     for bits in ladder:
@@ -234,7 +234,7 @@ def test_bf16_model_keeps_its_dtype(tiny_dir, tmp_path):
     loaded = fqcompile.load(out)
     ids = torch.tensor([[1, 17, 300, 42]])
     logits = loaded.model(ids).logits
-    ref = models.load(str(bf16))[0](ids).logits  # the bf16 weights, computed in fp32
+    ref = sources.load(str(bf16))[0](ids).logits  # the bf16 weights, computed in fp32
     assert logits.dtype == torch.bfloat16
     assert ((logits.float() - ref).norm() / ref.norm()) < 0.05
 

@@ -7,10 +7,10 @@ import fqcompile
 from fqcompile.calibration.data import load_samples
 from fqcompile.controller import Controller, Plan, resolve
 from fqcompile.errors import FqError
-from fqcompile.metrics import evaluate
-from fqcompile.served import evaluate_served
+from fqcompile.evaluation import evaluate
+from fqcompile.evaluation import evaluate_served
 from fqcompile.formats import checkpoint as ckpt
-from fqcompile.runtime import flex_layers
+from fqcompile.loader import flex_layers
 
 
 @pytest.fixture
@@ -140,9 +140,9 @@ def test_batch_streaming_and_sampling_keep_working(loaded):
 
 
 def test_served_eval_of_a_static_plan_matches_the_teacher_forced_pass(loaded, tiny_dir, austen):
-    from fqcompile import models
+    from fqcompile import sources
 
-    ref = models.load(str(tiny_dir))[0]
+    ref = sources.load(str(tiny_dir))[0]
     samples = load_samples(str(austen / "emma.txt"), loaded.tokenizer, split="eval", seq_len=24, max_samples=3)
     fqcompile.set_precision(loaded.model, 4)
     plain = evaluate(loaded.model, samples, precisions=[4], reference=ref, progress=False)[4]

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from fqcompile import models
+from fqcompile import sources
 from fqcompile.calibration.data import encode, load_samples
 from fqcompile.errors import FqError
 
@@ -68,7 +68,7 @@ def test_bad_datasets_refused(tok, tmp_path):
 
 
 def test_self_samples_are_seeded(tiny_dir):
-    model, tok, _ = models.load(str(tiny_dir))
+    model, tok, _ = sources.load(str(tiny_dir))
     a = load_samples("self", tok, split="calib", seq_len=12, max_samples=3, model=model, seed=5)
     b = load_samples("self", tok, split="calib", seq_len=12, max_samples=3, model=model, seed=5)
     c = load_samples("self", tok, split="eval", seq_len=12, max_samples=3, model=model, seed=5)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from fqcompile.formats import gptq
+from fqcompile.calibration import gptq
 from fqcompile.formats import gptq_format
 from fqcompile.formats.nested import decode, group_grid, quantize_rtn
 
@@ -131,12 +131,12 @@ def test_gptq_export_is_deterministic_and_logs_every_layer(tiny_dir, austen, tmp
 
 def test_gptq_checkpoint_loads_and_stays_close_to_the_model(tiny_dir, austen, tmp_path):
     import fqcompile
-    from fqcompile import models
+    from fqcompile import sources
     from fqcompile.calibration.data import load_samples
 
     out = gptq_export(tiny_dir, tmp_path / "g", dataset=str(austen))
     rtn = fqcompile.export(str(tiny_dir), tmp_path / "r", ladder=(4, 8), group_size=32, progress=False)
-    ref, tok, _ = models.load(str(tiny_dir))
+    ref, tok, _ = sources.load(str(tiny_dir))
     data = load_samples(str(austen), tok, split="eval", seq_len=64, max_samples=8)
     kl = {}
     for name, folder in (("gptq", out), ("rtn", rtn)):
@@ -149,12 +149,12 @@ def test_gptq_checkpoint_loads_and_stays_close_to_the_model(tiny_dir, austen, tm
 
 def test_act_order_is_stored_and_matches_the_layer_inputs(tiny_dir, austen, tmp_path):
     """The stored visiting order of the first layer is the order its inputs' Hessian dictates."""
-    from fqcompile import models
+    from fqcompile import sources
     from fqcompile.calibration.data import load_samples
 
     out = gptq_export(tiny_dir, tmp_path / "ao", dataset=str(austen), gptq=gptq.GPTQConfig(act_order=True))
     meta = load_file(str(out / "meta.safetensors"))
-    model, tok, _ = models.load(str(tiny_dir))
+    model, tok, _ = sources.load(str(tiny_dir))
     data = load_samples(str(austen), tok, split="calib", seq_len=64, max_samples=8)
     first = model.model.layers[0]
     seen = []
@@ -175,17 +175,17 @@ def test_gptq_leaves_every_block_unloaded(tiny_dir, austen):
     """Block-by-block: after the run no block holds real weights (peak memory ~ one block)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from fqcompile import sequential
+    from fqcompile.calibration import gptq_blocks
     from fqcompile.calibration.data import load_samples
-    from fqcompile.export import quantizable
+    from fqcompile.sources import quantizable
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_dir))
     tok = AutoTokenizer.from_pretrained(tiny_dir)
     data = load_samples(str(austen), tok, split="calib", seq_len=32, max_samples=4)
     targets = [n for n, _ in quantizable(model)]
-    results, log = sequential.quantize_model(model, sequential.weight_files(tiny_dir), targets, data, (4, 8), 32,
-                                             gptq.GPTQConfig(), progress=False)
+    results, log = gptq_blocks.quantize_model(model, gptq_blocks.weight_files(tiny_dir), targets, data, (4, 8), 32,
+                                              gptq.GPTQConfig(), progress=False)
     assert set(results) == set(targets)
     assert all(p.is_meta for p in model.parameters())
 

@@ -10,7 +10,7 @@ import torch
 from fqcompile.flex_linear import FlexLinear
 from fqcompile.formats.nested import Layout, pack_planes, quantize_rtn
 from fqcompile.kernels import backend, flex_linear
-from fqcompile.models import cache_dir
+from fqcompile.files import cache_dir
 from fqcompile.processes import python_command
 
 LADDERS = [(4, 8), (2, 3, 4, 6, 8), (3, 8), (8,), (4,)]

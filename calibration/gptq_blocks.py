@@ -21,10 +21,10 @@ import torch
 from rich.progress import Progress
 from safetensors import safe_open
 
-from .errors import FqError
-from .formats import gptq
-from .formats.nested import decode
-from .runtime import materialize_buffers
+from fqcompile.calibration import gptq
+from fqcompile.errors import FqError
+from fqcompile.formats.nested import decode_codes
+from fqcompile.sources import materialize_buffers
 
 
 class _Stop(Exception):
@@ -67,7 +67,7 @@ def materialize(model, prefix: str, files: dict[str, Path]) -> torch.nn.Module:
     except RuntimeError as exc:
         raise FqError(f"the weights under '{prefix}' do not match the model built from config.json "
                       f"({str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else exc}); "
-                      f"use --method rtn") from None
+                      f"use `method='rtn'`") from None
     return module
 
 
@@ -124,7 +124,7 @@ def input_groups(block, names: list[str], hidden, kwargs) -> list[list[str]]:
     found = [n for g in groups for n in g]
     if sorted(found) != sorted(names):
         raise FqError(f"could not trace every linear layer of a decoder block (not called once each: "
-                      f"{', '.join(sorted(set(names) ^ set(found)) or names)}); use --method rtn")
+                      f"{', '.join(sorted(set(names) ^ set(found)) or names)}); use `method='rtn'`")
     return groups
 
 
@@ -169,22 +169,22 @@ def rss_mib() -> float | None:
 
 @torch.inference_mode()
 def quantize_model(model, files, targets: list[str], samples, ladder, group_size, config: gptq.GPTQConfig,
-                   propagate: int | None = None, true_sequential: bool = True, batch_size: int = 8,
-                   progress: bool = True):
+                   batch_size: int = 8, progress: bool = True):
     """GPTQ every linear in `targets` block by block (module doc).
 
     `model` is on the meta device. Returns ({name: gptq.Quantized}, log) where the log
     holds each layer's relative output error per rung (GPTQ and RTN) and the peak memory.
     """
     before = rss_mib()
-    propagate = ladder[0] if propagate is None else propagate
+    propagate = ladder[0] if config.propagate is None else config.propagate
+    true_sequential = config.true_sequential
     if propagate not in ladder:
         raise FqError(f"propagate precision {propagate} is not in the ladder {list(ladder)}")
     decoder = model.get_decoder()
     layer_names = {id(layer): n for n, layer in model.named_modules() if any(layer is x for x in decoder.layers)}
     outside = [t for t in targets if not any(t.startswith(p + ".") for p in layer_names.values())]
     if outside:
-        raise FqError(f"GPTQ quantizes linear layers inside decoder blocks only, not {outside[0]}; use --method rtn")
+        raise FqError(f"GPTQ quantizes linear layers inside decoder blocks only, not {outside[0]}; use `method='rtn'`")
     embed = model.get_input_embeddings()
     embed_name = next(n for n, m in model.named_modules() if m is embed)
     materialize(model, embed_name, files)
@@ -218,9 +218,7 @@ def quantize_model(model, files, targets: list[str], samples, ladder, group_size
                     results[full] = part
                     log["layers"][full] = {"loss": gptq.losses(m.weight, part, h, group_size, ladder), "damp": q.damp,
                                            "rung_weights": weights}
-                    g_idx = torch.arange(m.in_features) // group_size
-                    m.weight.copy_(decode(part.codes >> (ladder[-1] - propagate), part.scale[:, g_idx],
-                                          part.zero[:, g_idx], ladder[0], propagate))
+                    m.weight.copy_(decode_codes(part.codes, part.scale, part.zero, ladder, propagate, group_size))
             inputs = [(_call(block, hidden, kwargs), kwargs) for hidden, kwargs in inputs]
             block.to("meta")
             bar.advance(task)

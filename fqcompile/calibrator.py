@@ -13,13 +13,15 @@ from pathlib import Path
 
 import torch
 
-from . import models
-from .calibration import measure as m
+from . import sources
+from .calibration import sensitivity as m
 from .calibration import policy as pol
 from .calibration.data import load_samples
+from .calibration.report import write_report
 from .calibration.validate import run_plans
 from .errors import FqError
-from .export import quantizable
+from .files import write_json
+from .sources import quantizable
 from .formats.checkpoint import sha256
 from .formats.nested import check_ladder
 
@@ -49,12 +51,6 @@ def _check_folder(out: Path, settings: dict) -> None:
         if diff:
             raise FqError(f"{out} holds a calibration with other settings ({', '.join(diff)}): "
                           f"use another folder or delete it")
-
-
-def _write_json(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    tmp.replace(path)
 
 
 def calibrate(
@@ -93,7 +89,7 @@ def calibrate(
     if buckets < 1 or not 0 <= smoothing < 1 or samples < 2 or eval_samples < 1:
         raise FqError("need buckets >= 1, 0 <= smoothing < 1, samples >= 2, eval samples >= 1")
 
-    folder = models.resolve(model)
+    folder = sources.resolve(model)
     # local data by absolute path, so a rerun from another folder is recognised as the same
     dataset_id = str(Path(dataset).resolve()) if Path(dataset).exists() else dataset
     settings = {
@@ -102,13 +98,13 @@ def calibrate(
         "seq_len": seq_len, "seed": seed,
     }
     _check_folder(out, settings)  # before minutes of sampling and measuring
-    fp_model, tok, _ = models.load(model)
+    fp_model, tok, _ = sources.load(model)
     calib = load_samples(dataset, tok, split="calib", seq_len=seq_len, max_samples=samples, model=fp_model, seed=seed)
     held_out = load_samples(dataset, tok, split="eval", seq_len=seq_len, max_samples=eval_samples, model=fp_model,
                             seed=seed)
     if not (out / SETTINGS).is_file():  # only now: bad data must not leave a folder behind
         out.mkdir(parents=True, exist_ok=True)
-        _write_json(out / SETTINGS, settings)
+        write_json(out / SETTINGS, settings)
     units = m.units_of(fp_model, [n for n, _ in quantizable(fp_model)], unit)
     measure_start = time.perf_counter()
     results = m.measure(fp_model, calib, units, ladder, group_size, out, batch_size, progress)
@@ -193,10 +189,8 @@ def calibrate(
         "seconds": {"measure": measure_seconds, "validate": validate_seconds,
                     "total": time.perf_counter() - start},
     }
-    _write_json(out / "table.json", summary)
-    _write_json(out / POLICY, policy)
-    from .calibration.report import write_report
-
+    write_json(out / "table.json", summary)
+    write_json(out / POLICY, policy)
     write_report(out, summary, policy, dkl, shares, base, token_share, ladder)
     return policy
 
