@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from fqcompile import sources
-from fqcompile.calibration.data import encode, load_samples
+from fqcompile.calibration.data import load_samples
+from fqcompile.sources import encode
 from fqcompile.errors import FqError
 
 
