@@ -125,7 +125,7 @@ def hf_row(source: str, ids: list[int], new_tokens: int, dtype: str = "bfloat16"
 def source_gguf(source: str) -> Path | None:
     """The GGUF file a checkpoint's source model came from (None for other sources)."""
     if source in sources.BUILTIN:
-        return sources._builtin_gguf(source)
+        return sources.builtin_gguf(source)
     return Path(source) if source.endswith(".gguf") and Path(source).is_file() else None
 
 

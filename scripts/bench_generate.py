@@ -77,12 +77,12 @@ def breakdown(checkpoint: str, bits: int, quantized_head: bool, int8: bool, new_
 
     steps()  # warm-up
     step = steps()
-    build = slim.Llama._build_stack
-    slim.Llama._build_stack = lambda self: None
+    dec.use_stack = False
     try:
         loop_step = steps()
     finally:
-        slim.Llama._build_stack = build
+        dec.use_stack = True
+    build = slim.Llama._build_stack
     run, began, hooks = FlexLinear.run, {}, []
     FlexLinear.run = timed(run, "linear")  # the quantized head (and every projection if there is no stack)
     if not isinstance(dec.head, FlexLinear):  # a float head is an nn.Linear: time it by hooks

@@ -131,7 +131,7 @@ def greedy_logits(dec, rows, steps, pad):
     return torch.stack(seen)
 
 
-def test_cpp_stack_is_the_per_op_loop_bit_for_bit(tiny_ckpt, monkeypatch):
+def test_cpp_stack_is_the_per_op_loop_bit_for_bit(tiny_ckpt):
     """The one-call C++ stack (kernels/cpu_stack.cpp) against the per-op loop, on a mixed plan.
 
     Layer 0 at 4 bits with int8 activations on its attention, layer 1 at 8 bits; padded
@@ -148,12 +148,12 @@ def test_cpp_stack_is_the_per_op_loop_bit_for_bit(tiny_ckpt, monkeypatch):
     dec = slim.Llama(loaded.model)
     fast = greedy_logits(dec, rows, 12, tok.eos_token_id)
     assert dec.stack is not None and dec.stack_plan()[0][:8] == [4, 4, 4, 4, 8, 8, 8, 8]
-    monkeypatch.setattr(slim.Llama, "_build_stack", lambda self: None)
+    dec.use_stack = False
     slow = greedy_logits(dec, rows, 12, tok.eos_token_id)
     assert torch.equal(fast, slow)
 
 
-def test_stack_holds_the_packed_rows_in_place_of_the_planes(tmp_path, smol_dir, monkeypatch):
+def test_stack_holds_the_packed_rows_in_place_of_the_planes(tmp_path, smol_dir):
     """int8 decode on AVX2 builds reads the planes packed 8 rows at a time: the layers then hold
     nothing else (fused parts hold row views of their fused layer's packs), the stack agrees
     with the per-op loop bit for bit at 8 and at 4 bits, and float activations get the nested
@@ -182,11 +182,11 @@ def test_stack_holds_the_packed_rows_in_place_of_the_planes(tmp_path, smol_dir, 
             q, k = dec.blocks[0]["qkv"].parts[:2]
             assert q.packed(8)[0].data_ptr() == runs[0].packed(8)[0].data_ptr()  # views, not copies
             assert k.packed(8)[0].data_ptr() == runs[0].packed(8)[0][q.out_features // 8:].data_ptr()
-    monkeypatch.setattr(slim.Llama, "_build_stack", lambda self: None)
+    dec.use_stack = False
     for bits in (8, 4):
         fqcompile.set_precision(loaded.model, bits)
         assert torch.equal(fast[bits], greedy_logits(dec, rows, 6, tok.eos_token_id))
-    monkeypatch.undo()
+    dec.use_stack = True
     loader.set_int8_activations(loaded.model, False)
     fqcompile.set_precision(loaded.model, 8)
     assert torch.equal(float_logits, greedy_logits(dec, rows, 4, tok.eos_token_id))

