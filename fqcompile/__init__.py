@@ -1,7 +1,8 @@
 """fqcompile: switchable multi-precision (nested-bit) checkpoints for causal LMs.
 
-Public API:
-    export(model, out, ladder=(4, 8), group_size=128)  -> checkpoint folder
+Public API, in pipeline order:
+    calibrate(model, out, dataset="self", target_bits=None)  -> the fitted switching policy
+    export(model, out, ladder=(4, 8), group_size=128, calib=None)  -> checkpoint folder
     load(folder, precision=None)                        -> Loaded(model, tokenizer, manifest, folder)
     set_precision(model, bits); set_int8_activations(model, on=True)
     generate(loaded, prompt); evaluate(model, samples, ...)

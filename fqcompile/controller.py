@@ -6,7 +6,7 @@ precision the policy gives for the bucket of each row's signal (rows are indepen
 FlexLinear runs rows at different precisions through their own slices). After a call:
 the entropy of each row's last next-token distribution becomes the next step's signal.
 That works under Hugging Face `generate` (sampling, streaming, stopping criteria and
-batches are untouched) and under the "as served" evaluation in metrics.py.
+batches are untouched) and under the "as served" evaluation in evaluation.py.
 """
 
 import bisect

@@ -4,7 +4,7 @@
 // activations are a few hundred floats, so torch's composite versions of these steps
 // (~6 dispatched ops per RMSNorm; RoPE, two cache writes and SDPA per attention) cost more
 // in dispatch than in arithmetic. Here each is one call over plain loops, float32 only:
-// kernels/ops.py sends other dtypes to the references there, which define the semantics.
+// kernels/ops.py sends other dtypes to the references (kernels/reference.py), which define the semantics.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -131,7 +131,7 @@ at::Tensor fqcompile::rms_norm(const at::Tensor& x, const at::Tensor& weight, do
 
 namespace {
 
-// out[i] = x[i] cos[i] + x[(i + D/2) % D] sin[i]; sin has its first half negated (llama.py).
+// out[i] = x[i] cos[i] + x[(i + D/2) % D] sin[i]; sin has its first half negated (slim.py).
 void rope(const float* __restrict x, const float* __restrict cos, const float* __restrict sin, int64_t d,
           float* __restrict out) {
   const int64_t half = d / 2;

@@ -1,4 +1,4 @@
-// fqcompile.Stack: a Llama-family decoder stack run in one call (fqcompile/llama.py's CPU path).
+// fqcompile.Stack: a Llama-family decoder stack run in one call (fqcompile/slim.py's CPU path).
 //
 // A decode step of a small model is ~10 ops a layer, and each op called from Python costs
 // a few microseconds of dispatch: on SmolLM2 (30 layers) that was about a third of the step.
@@ -78,7 +78,7 @@ struct Stack : torch::CustomClassHolder {
   }
 
   void set_cache(int64_t i, const at::Tensor& k_cache, const at::Tensor& v_cache) {
-    layer(i).k_cache = k_cache;  // views of llama.py's cache: written in place
+    layer(i).k_cache = k_cache;  // views of slim.py's cache: written in place
     layer(i).v_cache = v_cache;
   }
 

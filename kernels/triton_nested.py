@@ -80,7 +80,7 @@ def launch(x2: torch.Tensor, planes, widths, scale, zero, low: int, group_size: 
 
 def nested_linear(x, planes, widths, scale, zero, low: int, group_size: int,
                   int8_activations: bool = False) -> torch.Tensor:
-    """The op's CUDA implementation (same signature as kernels/ops.py's reference).
+    """The op's CUDA implementation (same signature as kernels/reference.py's nested_linear_reference).
 
     The int8-activation mode only changes the numbers here (the activations are
     quantized, then the same kernel runs): it exists for the CPU's integer dot products.

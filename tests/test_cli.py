@@ -243,3 +243,18 @@ def test_export_gptq_from_the_command_line(tiny_dir, austen, tmp_path):
     assert manifest["quantizer"]["true_sequential"] is False
     assert "gptq-log.json" in manifest["files"]
     assert run("inspect", out, "--verify").returncode == 0
+
+
+def test_library_errors_name_parameters_and_the_cli_says_flags(tiny_dir, tiny_ckpt):
+    import fqcompile
+    from fqcompile.cli_options import as_flags
+
+    with pytest.raises(fqcompile.FqError, match=r"use `force=True` to overwrite"):
+        fqcompile.export(str(tiny_dir), tiny_ckpt)
+    with pytest.raises(fqcompile.FqError, match=r"`method='gptq'` needs calibration text: pass `dataset`"):
+        fqcompile.export(str(tiny_dir), tiny_ckpt.parent / "new", method="gptq")
+    assert_refused(invoke("export", "--out", tiny_ckpt, "--model", tiny_dir), "(use --force to overwrite it)")
+    assert_refused(invoke("export", "--out", tiny_ckpt.parent / "new", "--model", tiny_dir, "--method", "gptq"),
+                   "--method gptq needs calibration text: pass --dataset")
+    assert as_flags("use `engine='hf'`, set `seq_len=64` or `true_sequential`; keep `pip install x`") == \
+        "use --engine hf, set --seq-len 64 or --true-sequential; keep `pip install x`"
