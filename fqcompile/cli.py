@@ -285,8 +285,8 @@ def eval_(
     data = load_samples(dataset, tok, split=split, seq_len=seq_len, max_samples=n, model=ref or model,
                         seed=seed, text_column=text_column)
     if options is not None:
-        print(f"options: {options_label(**options)} (as generate serves by default; "
-              f"--no-quantized-head / --no-int8-activations turn them off)")
+        served = "" if all(options.values()) else " (generate serves 8-bit head, int8 activations by default)"
+        print(f"options: {options_label(**options)}{served}")
     if policy:
         from .evaluation import evaluate_policies
 

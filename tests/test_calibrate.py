@@ -81,7 +81,7 @@ def test_refusals_leave_folders_untouched(calib_dir, tiny_dir, austen, tmp_path)
 
 def test_export_takes_only_a_matching_calibration(calib_dir, tiny_dir, smol_dir, tmp_path):
     out = fqcompile.export(str(tiny_dir), tmp_path / "ck", ladder=(4, 8), group_size=32, progress=False,
-                           calib=calib_dir)
+                           calib=calib_dir, samples=8, seq_len=64)  # GPTQ on a little of the calibration's text
     assert json.loads((out / ckpt.POLICY).read_text()) == json.loads((calib_dir / "policy.json").read_text())
     # the calibration's text is there, so GPTQ (on that text) is the default quantizer
     quantizer = ckpt.read_manifest(out)["quantizer"]
