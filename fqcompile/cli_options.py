@@ -24,8 +24,7 @@ class OneLineErrors(TyperGroup):
     """Every expected failure becomes one line on stderr and a non-zero exit (also under CliRunner)."""
 
     def main(self, args=None, prog_name=None, **extra):
-        for key, value in QUIET_LIBRARIES.items():
-            os.environ.setdefault(key, value)
+        quiet_libraries()
         extra.pop("standalone_mode", None)
         try:
             code = super().main(args, prog_name or "fqcompile", standalone_mode=False, **extra)
@@ -42,6 +41,19 @@ class OneLineErrors(TyperGroup):
                 raise
             _fail(f"internal error: {type(exc).__name__}: {exc} (FQCOMPILE_DEBUG=1 shows the traceback)", 1)
         sys.exit(code if isinstance(code, int) else 0)
+
+
+def quiet_libraries() -> None:
+    """Set the environment before the libraries are imported; those already imported (a test
+    process, a notebook) are told directly."""
+    for key, value in QUIET_LIBRARIES.items():
+        os.environ.setdefault(key, value)
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()
+        sys.modules["datasets"].logging.set_verbosity_error()
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
+        sys.modules["transformers"].utils.logging.set_verbosity_error()
 
 
 def as_flags(message: str) -> str:

@@ -67,7 +67,7 @@ def test_help_and_refusals_import_no_heavy_library(tiny_ckpt):
 
 
 def test_inspect_and_json(tiny_ckpt, tmp_path):
-    out = run("inspect", tiny_ckpt, "--verify", "--json", tmp_path / "i.json")
+    out = invoke("inspect", tiny_ckpt, "--verify", "--json", tmp_path / "i.json")
     assert out.returncode == 0, out.stderr
     assert "SHA-256 verified" in out.stdout and "plane-1.safetensors" in out.stdout
     assert "group size 32 does not divide in_features [72, 196]" in out.stdout  # ragged last groups, said
@@ -78,7 +78,7 @@ def test_inspect_and_json(tiny_ckpt, tmp_path):
 
 
 def test_generate_streams_and_reports(tiny_ckpt, tmp_path):
-    out = run("generate", tiny_ckpt, "--prompt", "Hello", "--precision", "4", "--max-new-tokens", "6",
+    out = invoke("generate", tiny_ckpt, "--prompt", "Hello", "--precision", "4", "--max-new-tokens", "6",
               "--temperature", "0.8", "--top-p", "0.9", "--seed", "3", "--json", tmp_path / "g.json")
     assert out.returncode == 0, out.stderr
     data = json.loads((tmp_path / "g.json").read_text())
@@ -90,7 +90,7 @@ def test_generate_streams_and_reports(tiny_ckpt, tmp_path):
 def test_generate_engines_agree_greedy(tiny_ckpt, tmp_path):
     texts = {}
     for engine in ("slim", "hf"):
-        out = run("generate", tiny_ckpt, "--prompt", "Hello there", "--prompt", "A", "--precision", "8",
+        out = invoke("generate", tiny_ckpt, "--prompt", "Hello there", "--prompt", "A", "--precision", "8",
                   "--max-new-tokens", "8", "--engine", engine, "--json", tmp_path / f"{engine}.json")
         assert out.returncode == 0, out.stderr
         assert f"engine {engine}" in out.stderr
@@ -98,10 +98,8 @@ def test_generate_engines_agree_greedy(tiny_ckpt, tmp_path):
     assert texts["slim"] == texts["hf"] and len(texts["slim"]) == 2
 
 
-@pytest.mark.parametrize("where", ["checkout", "elsewhere"])
-def test_bench_reports_every_policy_and_the_baseline(tiny_ckpt, tmp_path, where):
-    out = run("bench", tiny_ckpt, "--new-tokens", "4", "--prompt-tokens", "8", "--json", tmp_path / "b.json",
-              cwd=REPO if where == "checkout" else tmp_path)
+def test_bench_reports_every_policy_and_the_baseline(tiny_ckpt, tmp_path):
+    out = run("bench", tiny_ckpt, "--new-tokens", "4", "--prompt-tokens", "8", "--json", tmp_path / "b.json")  # checkout
     assert out.returncode == 0, out.stderr
     rows = json.loads((tmp_path / "b.json").read_text())["rows"]
     fast = ", 8-bit head, int8 activations"  # the default serving options
@@ -109,6 +107,14 @@ def test_bench_reports_every_policy_and_the_baseline(tiny_ckpt, tmp_path, where)
     assert all(r["decode_tokens_per_s"] > 0 and r["prefill_tokens_per_s"] > 0 for r in rows)
     assert rows[0]["engine"] == "slim" and rows[0]["avg_bits_read"] < rows[1]["avg_bits_read"]
     assert f"| static:4{fast} | slim |" in out.stdout
+
+
+def test_bench_runs_from_any_folder(tiny_ckpt, tmp_path):
+    out = run("bench", tiny_ckpt, "--policy", "static:8", "--new-tokens", "4", "--prompt-tokens", "8", "--no-baseline",
+              "--json", tmp_path / "b.json", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    (row,) = json.loads((tmp_path / "b.json").read_text())["rows"]
+    assert row["policy"].startswith("static:8") and row["decode_tokens_per_s"] > 0
 
 
 def test_bench_repeats_report_medians(tiny_ckpt, tmp_path):
@@ -129,7 +135,7 @@ def test_bench_refuses_a_bad_policy_before_running(tiny_ckpt, tmp_path):
 
 
 def test_eval_json_on_local_text(tiny_dir, tiny_ckpt, tmp_path, austen):
-    out = run("eval", tiny_ckpt, "--dataset", austen / "emma.txt", "--samples", "2", "--seq-len", "64",
+    out = invoke("eval", tiny_ckpt, "--dataset", austen / "emma.txt", "--samples", "2", "--seq-len", "64",
               "--reference", tiny_dir, "--json", tmp_path / "e.json")
     assert out.returncode == 0, out.stderr
     data = json.loads((tmp_path / "e.json").read_text())
@@ -142,8 +148,8 @@ def test_eval_json_on_local_text(tiny_dir, tiny_ckpt, tmp_path, austen):
 def test_eval_defaults_to_the_fast_options_at_little_cost(tiny_ckpt, tmp_path, austen):
     args = ("eval", tiny_ckpt, "--dataset", austen / "emma.txt", "--samples", "2", "--seq-len", "64",
             "--no-reference", "--precision", "8")
-    exact = run(*args, "--no-int8-activations", "--no-quantized-head", "--json", tmp_path / "a.json")
-    default = run(*args, "--json", tmp_path / "b.json")
+    exact = invoke(*args, "--no-int8-activations", "--no-quantized-head", "--json", tmp_path / "a.json")
+    default = invoke(*args, "--json", tmp_path / "b.json")
     assert exact.returncode == 0 and default.returncode == 0, default.stderr
     assert "options: 8-bit head, int8 activations" in default.stdout
     assert "options: float head and activations" in exact.stdout
@@ -161,7 +167,7 @@ def test_eval_checkpoint_without_reachable_source_still_reports_perplexity(tiny_
     shutil.copytree(tiny_ckpt, copy)
     manifest["source"]["model"] = str(tmp_path / "gone")
     (copy / ckpt.MANIFEST).write_text(json.dumps(manifest))
-    out = run("eval", copy, "--dataset", austen / "emma.txt", "--samples", "1", "--seq-len", "32", "--precision", "4",
+    out = invoke("eval", copy, "--dataset", austen / "emma.txt", "--samples", "1", "--seq-len", "32", "--precision", "4",
               "--json", tmp_path / "e.json")
     assert out.returncode == 0, out.stderr
     assert "KL not reported" in out.stderr
@@ -232,7 +238,7 @@ def test_bad_input_is_refused_in_one_line(tiny_dir, tiny_ckpt, damaged, tmp_path
 
 def test_export_gptq_from_the_command_line(tiny_dir, austen, tmp_path):
     out = tmp_path / "g"
-    result = run("export", "--out", out, "--model", tiny_dir, "--group-size", "32", "--dataset", austen,
+    result = invoke("export", "--out", out, "--model", tiny_dir, "--group-size", "32", "--dataset", austen,
                  "--samples", "4", "--seq-len", "32", "--no-act-order", "--no-true-sequential", "--rung-weights",
                  "8:0.5")
     assert result.returncode == 0, result.stderr
@@ -242,7 +248,7 @@ def test_export_gptq_from_the_command_line(tiny_dir, austen, tmp_path):
     assert manifest["quantizer"]["rung_weights"] == {"4": 1.0, "8": 0.5}
     assert manifest["quantizer"]["true_sequential"] is False
     assert "gptq-log.json" in manifest["files"]
-    assert run("inspect", out, "--verify").returncode == 0
+    assert invoke("inspect", out, "--verify").returncode == 0
 
 
 def test_library_errors_name_parameters_and_the_cli_says_flags(tiny_dir, tiny_ckpt):

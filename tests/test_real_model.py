@@ -88,8 +88,11 @@ def test_fast_kernels_give_the_reference_perplexity(exported, austen, monkeypatc
 
 def test_generate_from_checkpoint_in_a_fresh_process(exported):
     out = subprocess.run(
+        # The exact (float-activation) path: with both fast options this RTN checkpoint's greedy
+        # answer flips at a near-tie (docs/results.md); the GPTQ export's does not.
         python_command("-m", "fqcompile.cli", "generate", str(exported[0]), "--chat", "--no-stream",
-                       "--prompt", "What is the capital of France?", "--precision", "8", "--max-new-tokens", "12"),
+                       "--prompt", "What is the capital of France?", "--precision", "8", "--max-new-tokens", "12",
+                       "--no-int8-activations", "--no-quantized-head"),
         capture_output=True, text=True, timeout=300, cwd=Path(exported[0]).parent,
     )
     assert out.returncode == 0, out.stderr
