@@ -34,7 +34,7 @@ demo: setup
 	$(VENV)/bin/fqcompile demo
 
 test: setup
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q --durations=25
 
 test-fast: setup
 	$(VENV)/bin/pytest -q -m "not slow"
