@@ -1,9 +1,9 @@
 """Build (once per machine, cached) and load the C++ CPU kernels (SOURCES, with HEADERS).
 
 torch's cpp_extension compiles them with -march=native on first use, so the cache folder
-is keyed by this CPU's feature flags, the compiler, torch's version and the sources' text
-(not their path: every checkout of the same code shares one build); a later process just
-loads the shared library (ninja finds nothing to do).
+is keyed by this CPU's feature flags, the compiler, torch's version and install, and the
+sources' text (not their path: every checkout of the same code on one venv shares one
+build); a later process just loads the shared library (ninja finds nothing to do).
 """
 
 import hashlib
@@ -39,9 +39,11 @@ def _cpu_flags() -> str:
 def build_dir() -> Path:
     compiler = os.environ.get("CXX", "c++")
     # The sources' text, not their path: they are built from copies inside the folder
-    # (load), so every checkout and install of the same code shares one build.
-    key = "\n".join([_cpu_flags(), compiler, " ".join(FLAGS), torch.__version__, sys.version,
-                     *(f"{path.name}\n{path.read_text()}" for path in SOURCES + HEADERS)])
+    # (load), so every checkout of the same code shares one build. torch's location is in
+    # the key because the build commands name its headers: another venv would rebuild the
+    # library in place, silently, on every switch.
+    key = "\n".join([_cpu_flags(), compiler, " ".join(FLAGS), torch.__version__, str(Path(torch.__file__).parent),
+                     sys.version, *(f"{path.name}\n{path.read_text()}" for path in SOURCES + HEADERS)])
     tag = hashlib.sha256(key.encode()).hexdigest()[:16]
     return cache_dir() / "kernels" / f"cpu-{tag}"
 
