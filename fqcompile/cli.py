@@ -337,8 +337,10 @@ def _reference(spec: str | None, explicit: bool):
 def demo(
     out: Path = typer.Option(Path("out/demo"), help="working folder for the demo's outputs"),
     dataset: str = typer.Option("self", help="text: 'self' (sampled from the model) or local files"),
-    samples: int = typer.Option(8, min=2, help="held-out samples for the final table"),
-    seq_len: int = typer.Option(192, min=16),
+    samples: int = typer.Option(4, min=2, help="held-out samples for the final table"),
+    seq_len: int = typer.Option(128, min=16),
+    method: str = typer.Option("rtn", help="export quantizer: rtn (seconds) or gptq (better low-bit slices, "
+                                           "about five more minutes on two cores)"),
     target_bits: float = typer.Option(6.0, help="average bits the dynamic policy aims for"),
     new_tokens: int = typer.Option(64, min=2, help="greedy tokens decoded per policy for the speed column"),
     quantized_head: QuantizedHead = None,
@@ -348,7 +350,7 @@ def demo(
     from .demo import run_demo
 
     run_demo(out, dataset=dataset, samples=samples, seq_len=seq_len, target_bits=target_bits, new_tokens=new_tokens,
-             fast=fast_options(quantized_head, int8_activations))
+             fast=fast_options(quantized_head, int8_activations), method=method)
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """`fqcompile demo`: the main job end to end on the built-in model, with a results table.
 
-Calibrate, export (nested GPTQ with the fitted policy), load, generate under each policy,
+Calibrate, export (with the fitted policy; round-to-nearest by default, nested GPTQ on request), load, generate under each policy,
 time each policy's decode the way `fqcompile bench` does (after the one-time kernel build
 and a warm-up), time Hugging Face bf16 the same way, and evaluate each policy as served.
 """
@@ -28,23 +28,32 @@ PROMPT = "Write two sentences about the sea."
 SPEED_RUNS = 3  # decode timings per policy; the table shows their median
 
 
-def run_demo(out: Path, dataset: str = "self", samples: int = 8, seq_len: int = 192, target_bits: float = 6.0,
-             new_tokens: int = 64, fast: tuple[bool, bool] = (True, True)) -> None:
+def run_demo(out: Path, dataset: str = "self", samples: int = 4, seq_len: int = 128, target_bits: float = 6.0,
+             new_tokens: int = 64, fast: tuple[bool, bool] = (True, True), method: str = "rtn") -> None:
+    """The main job end to end with small settings; `method` "gptq" gives better low-bit slices but
+    takes about five more minutes on two cores (docs/results.md)."""
     quantized_head, int8_activations = fast
     start = time.perf_counter()
+    stages = {}
     out = Path(out)
     calib, folder = out / "calibration", out / "smollm2-135m-nested"
-    build = time.perf_counter()
     kernels = backend(torch.device("cpu"))  # the one-time build happens here, before anything is timed
-    print(f"[0/5] CPU kernels: {kernels} (ready in {time.perf_counter() - build:.0f} s)")
+    stages["kernel build"] = time.perf_counter() - start
+    print(f"[0/5] CPU kernels: {kernels} (ready in {stages['kernel build']:.0f} s)")
     print(f"[1/5] calibrating {sources.BUILTIN_NAME} on {dataset} text (small settings; see `fqcompile calibrate`)")
-    policy = calibrate(sources.BUILTIN_NAME, calib, dataset=dataset, target_bits=target_bits, samples=12,
-                       eval_samples=4, seq_len=128, buckets=4)
+    mark = time.perf_counter()
+    policy = calibrate(sources.BUILTIN_NAME, calib, dataset=dataset, target_bits=target_bits, samples=6,
+                       eval_samples=2, seq_len=96, buckets=4)
+    stages["calibrate"] = time.perf_counter() - mark
     print(f"      policy: {policy['expected']['avg_bits']:.2f} average bits; report in {calib}/report.md")
-    print(f"[2/5] exporting with nested GPTQ on the same text (16 x 256 tokens; small settings), ladder [4, 8], "
-          f"group size 128 and the fitted policy -> {folder}")
-    export(sources.BUILTIN_NAME, folder, ladder=(4, 8), group_size=128, force=True, calib=calib, dataset=dataset,
-           samples=16, seq_len=256)
+    what = "nested GPTQ on the same text (16 x 256 tokens)" if method == "gptq" else "round-to-nearest (no data)"
+    print(f"[2/5] exporting with {what}, ladder [4, 8], group size 128 and the fitted policy -> {folder}")
+    mark = time.perf_counter()
+    gptq = dict(dataset=dataset, samples=16, seq_len=256) if method == "gptq" else {}
+    export(sources.BUILTIN_NAME, folder, ladder=(4, 8), group_size=128, force=True, calib=calib, method=method,
+           **gptq)
+    stages["export"] = time.perf_counter() - mark
+    mark = time.perf_counter()
     loaded = load(folder, quantized_head=quantized_head)
     set_int8_activations(loaded.model, int8_activations)
     options = ", ".join([*(["8-bit head"] if quantized_head else []), *(["int8 activations"] if int8_activations else [])])
@@ -64,12 +73,15 @@ def run_demo(out: Path, dataset: str = "self", samples: int = 8, seq_len: int = 
     hf = statistics.median(hf_row(sources.BUILTIN_NAME, ids, new_tokens)["decode_tokens_per_s"]
                            for _ in range(SPEED_RUNS))
     print(f"--- Hugging Face generate, bf16 (eager): {hf:.1f} tokens/s decode ---")
+    stages["generate and time"] = time.perf_counter() - mark
+    mark = time.perf_counter()
     print(f"[4/5] evaluating as served against the full-precision model ({samples} x {seq_len} held-out tokens)")
     ref, tok, _ = sources.load(sources.BUILTIN_NAME)
     # seed 7: text the calibration (seeds 0 and 1) never saw
     data = load_samples(dataset, tok, split="eval", seq_len=seq_len, max_samples=samples, model=ref, seed=7)
     rows = evaluate_policies(loaded, data, specs, reference=ref, batch_size=samples)
     fp = evaluate(ref, data, progress=False)[None]
+    stages["evaluate"] = time.perf_counter() - mark
     stats = ckpt.precision_stats(loaded.manifest)
     print("[5/5] results")
     print("| policy | bits read/weight | checkpoint MB | perplexity | KL vs full precision | decode tokens/s |")
@@ -83,4 +95,5 @@ def run_demo(out: Path, dataset: str = "self", samples: int = 8, seq_len: int = 
               f"{r['perplexity']:.3f} | {r['kl']:.4f} | {speed[spec]:.1f} ({speed[spec] / hf:.1f}x) |")
     print(f"checkpoint MB = bytes resident under that policy (planes it needs + scales/zeros + unquantized tensors); "
           f"decode tokens/s at batch 1 after a warm-up, as `fqcompile bench` times them; options: "
-          f"{options or 'none'}; demo took {time.perf_counter() - start:.0f} s")
+          f"{options or 'none'}")
+    print(f"demo took {time.perf_counter() - start:.0f} s: " + ", ".join(f"{k} {v:.0f} s" for k, v in stages.items()))

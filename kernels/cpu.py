@@ -26,7 +26,8 @@ FLAGS = ["-O3", "-march=native", "-fopenmp"] + os.environ.get("FQCOMPILE_CXXFLAG
 STALE_DAYS = 30  # other builds unused this long are removed when a new one is made
 
 
-def _cpu_flags() -> str:
+def cpu_flags() -> str:
+    """This CPU's feature flags (the /proc/cpuinfo line), or the platform's processor name."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith(("flags", "Features")):
@@ -42,7 +43,7 @@ def build_dir() -> Path:
     # (load), so every checkout of the same code shares one build. torch's location is in
     # the key because the build commands name its headers: another venv would rebuild the
     # library in place, silently, on every switch.
-    key = "\n".join([_cpu_flags(), compiler, " ".join(FLAGS), torch.__version__, str(Path(torch.__file__).parent),
+    key = "\n".join([cpu_flags(), compiler, " ".join(FLAGS), torch.__version__, str(Path(torch.__file__).parent),
                      sys.version, *(f"{path.name}\n{path.read_text()}" for path in SOURCES + HEADERS)])
     tag = hashlib.sha256(key.encode()).hexdigest()[:16]
     return cache_dir() / "kernels" / f"cpu-{tag}"
