@@ -75,7 +75,7 @@ def load() -> None:
     (folder / "src").mkdir(parents=True, exist_ok=True)
     first = not any(folder.glob("*.so"))
     if first:
-        print("fqcompile: compiling the CPU kernels (once per machine, about a minute)...", file=sys.stderr)
+        print("fqcompile: compiling the CPU kernels (once per venv, about a minute)...", file=sys.stderr)
     sources = [_copy(path, folder / "src") for path in SOURCES + HEADERS][:len(SOURCES)]
     start = time.perf_counter()
     cpp_extension.load(
