@@ -29,7 +29,7 @@ from .formats import checkpoint as ckpt
 from .files import atomic_file
 from .processes import python_command
 from .generation import choose_engine, decoder
-from .loader import load, read_policy, set_int8_activations
+from .loader import load, options_label, read_policy, set_int8_activations
 
 LLAMA_CPP_TYPES = ("Q8_0", "Q4_0")
 BENCH_TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, must be "
@@ -98,14 +98,20 @@ def policy_row(folder: str, spec: str, ids: list[int], new_tokens: int, engine: 
     set_int8_activations(loaded.model, int8_activations)
     run_policy(loaded, spec, ids[:4], 2, engine)  # warm-up: kernel load, fusion, first-call costs
     row = run_policy(loaded, spec, ids, new_tokens, engine)
-    row["policy"] += "".join([", 8-bit head" if quantized_head else "", ", int8 activations" if int8_activations else ""])
+    if quantized_head or int8_activations:
+        row["policy"] += ", " + options_label(quantized_head, int8_activations)
     return row
 
 
 def hf_row(source: str, ids: list[int], new_tokens: int, dtype: str = "bfloat16") -> dict:
     """The source model in `dtype` through Hugging Face `generate` (eager attention)."""
     model, tok, _ = sources.load(source)
-    model = model.to(getattr(torch, dtype))
+    return hf_timing(model.to(getattr(torch, dtype)), tok, ids, new_tokens)
+
+
+def hf_timing(model, tok, ids: list[int], new_tokens: int) -> dict:
+    """hf_row's timing of an already loaded Hugging Face model."""
+    dtype = str(model.dtype).removeprefix("torch.")
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     prompt = torch.tensor([ids])
     with torch.inference_mode():

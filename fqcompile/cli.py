@@ -12,7 +12,7 @@ from pathlib import Path
 import typer
 
 from .cli_options import (MODEL_HELP, POLICY_HELP, Int8Activations, JsonPath, OneLineErrors, QuantizedHead,
-                          check_json_path, fast_options, options_label, parse_ladder, parse_percent,
+                          check_json_path, fast_options, parse_ladder, parse_percent,
                           parse_rung_weights, write_json)
 from .errors import FqError
 
@@ -158,7 +158,7 @@ def generate(
 
     from .controller import Controller, resolve
     from .generation import generate as run_generate
-    from .loader import load, set_int8_activations
+    from .loader import load, options_label, set_int8_activations
 
     static_bits = int(spec.split(":")[1]) if spec and spec.startswith("static:") else None
     loaded = load(folder, precision=static_bits, verify=verify, quantized_head=quantized_head)  # a static precision reads only its planes
@@ -255,7 +255,7 @@ def eval_(
     from .calibration.data import SELF, load_samples
     from .formats import checkpoint as ckpt
     from .evaluation import FULL, evaluate
-    from .loader import load, set_int8_activations
+    from .loader import load, options_label, set_int8_activations
 
     is_ckpt = (Path(target) / ckpt.MANIFEST).is_file()
     options = None

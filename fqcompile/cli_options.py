@@ -94,11 +94,6 @@ def fast_options(quantized_head: bool | None, int8_activations: bool | None) -> 
     return quantized_head is not False, int8_activations is not False
 
 
-def options_label(quantized_head: bool, int8_activations: bool) -> str:
-    on = [name for name, flag in (("8-bit head", quantized_head), ("int8 activations", int8_activations)) if flag]
-    return ", ".join(on) if on else "float head and activations"
-
-
 def parse_ladder(text: str) -> tuple[int, ...]:
     from .formats.nested import check_ladder
 

@@ -150,6 +150,12 @@ def set_precision(model, bits: int) -> None:
         layer.set_precision(bits)
 
 
+def options_label(quantized_head: bool, int8_activations: bool) -> str:
+    """How the serving options in force are named in reports ("8-bit head, int8 activations")."""
+    on = [name for name, flag in (("8-bit head", quantized_head), ("int8 activations", int8_activations)) if flag]
+    return ", ".join(on) if on else "float head and activations"
+
+
 def set_int8_activations(model, on: bool = True) -> None:
     """Quantize every quantized layer's inputs to int8 in blocks of 16 (faster decode on CPUs
     with AVX-512 VNNI or AVX2, where decode reads a repacked copy of the 4-bit slices: see
