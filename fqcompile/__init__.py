@@ -18,7 +18,8 @@ __version__ = "0.1.0"
 # name -> module. The modules are named apart from the functions (exporter, not export): a
 # submodule import binds its name on the package, which would hide a function of that name.
 _API = {"FqError": "errors", "calibrate": "calibrator", "evaluate": "evaluation", "export": "exporter",
-        "Loaded": "loader", "generate": "generation", "load": "loader", "set_int8_activations": "loader", "set_precision": "loader"}
+        "Loaded": "loader", "generate": "generation", "load": "loader", "set_int8_activations": "loader",
+        "set_precision": "loader"}
 __all__ = sorted(_API)
 
 

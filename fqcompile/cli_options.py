@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 import typer
 from typer.core import TyperGroup
 
+from . import files
 from .errors import FqError
 
 # The CLI's own output is the progress; libraries' sub-second bars and advice only clutter
@@ -110,12 +111,10 @@ def check_json_path(path: Path | None) -> None:
 
 
 def write_json(path: Path | None, data) -> None:
-    from .files import write_json as write
-
     if path is None:
         return
     try:
-        write(Path(path), data, sort_keys=True)
+        files.write_json(Path(path), data, sort_keys=True)
     except OSError as exc:
         raise FqError(f"cannot write --json {path}: {exc.strerror or exc}") from None
 
