@@ -9,11 +9,14 @@ error: compensating the 4-bit error moves weights that the 8-bit slice had right
 So every rung r keeps its own running copy W_r of the weights (a "stream"), updated with
 its own errors only, exactly as single-precision GPTQ at r bits would be. The streams
 meet in one place, the choice of each master code, which must serve all rungs at once:
-the code is picked among one candidate per rung (the r-bit cell nearest to W_r, refined
+the code is picked among one candidate per rung (the r-bit code nearest to W_r, refined
 towards the higher rungs' stream values inside that cell) by the smallest
     Σ_r λ_r (W_r − deq_r(q))²,   λ_r = weight_r · 4^(r − B),
-i.e. each rung's error in units of its own step size; weight_r (default 1) says how much
-a rung matters. With a one-rung ladder this is plain GPTQ.
+i.e. each rung's error in units of its own step size (formats.nested.choose_codes, which
+RTN shares); weight_r (default 1) says how much a rung matters. With a one-rung ladder
+this is plain GPTQ. Either grid of the format works (formats/nested.py); on the
+zero-exact one every rung's stream sees 0 as a level, so its error feedback can settle
+near-zero weights exactly.
 
 Group grids follow the format (formats/nested.py): one scale and zero per group, of the
 lowest rung. Without act-order a group's grid is fitted when its first column comes up,
@@ -28,7 +31,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from fqcompile.errors import FqError
-from fqcompile.formats.nested import decode_codes, group_grid, group_range, quantize_rtn
+from fqcompile.formats.nested import Layout, choose_codes, decode_codes, group_grid, group_range, quantize_rtn, rung_weights
 
 
 TILTS = (1 / 256, 1 / 64, 1 / 16, 1 / 4, 1.0)  # weights tried for the rungs above the lowest
@@ -75,25 +78,12 @@ def relative_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> flo
     return (num / den).item() if den > 0 else 0.0
 
 
-def candidates(u: torch.Tensor, ladder) -> torch.Tensor:
-    """One B-bit code per rung: [R, N] from stream values u [R, N] in lowest-bucket units."""
-    low, out = ladder[0], []
-    for r, rung in enumerate(ladder):
-        q = torch.floor(u[r] * 2 ** (rung - low)).clamp(0, 2**rung - 1)
-        for b in range(r + 1, len(ladder)):  # refine inside the chosen cell, towards stream b
-            span = 2 ** (ladder[b] - ladder[b - 1])
-            want = torch.floor(u[b] * 2 ** (ladder[b] - low))
-            q = torch.minimum(torch.maximum(want, q * span), q * span + span - 1)
-        out.append(q)
-    return torch.stack(out)
-
-
-def quantize(w: torch.Tensor, h: torch.Tensor, group_size: int, ladder, config: GPTQConfig = GPTQConfig()) -> Quantized:
+def quantize(w: torch.Tensor, h: torch.Tensor, layout: Layout, config: GPTQConfig = GPTQConfig()) -> Quantized:
     """Nested GPTQ of W [N, K] given H = Σ xxᵀ of its inputs [K, K] (module doc)."""
     if not torch.isfinite(w).all() or not torch.isfinite(h).all():
         raise FqError("weights or calibration activations contain NaN or Inf")
-    ladder = tuple(ladder)
-    low, top, rungs = ladder[0], ladder[-1], len(ladder)
+    ladder, group_size = layout.ladder, layout.group_size
+    low, rungs = ladder[0], len(ladder)
     w0 = w.detach().to(torch.float32)
     n, k = w0.shape
     h = h.detach().to(torch.float64).clone()
@@ -102,9 +92,7 @@ def quantize(w: torch.Tensor, h: torch.Tensor, group_size: int, ladder, config: 
     w = w0.clone()
     w[:, dead] = 0.0
 
-    lam = torch.tensor([config.rung_weights.get(b, 1.0) * 4.0 ** (b - top) for b in ladder]).view(rungs, 1, 1)
-    shifts = torch.tensor([2.0 ** (top - b) for b in ladder]).view(rungs, 1, 1)
-    cells = torch.tensor([2.0 ** (b - low) for b in ladder]).view(rungs, 1)
+    lam, offsets = rung_weights(ladder, config.rung_weights), layout.offsets()
     groups = -(-k // group_size)
     if config.act_order:
         order = torch.argsort(h.diagonal(), descending=True, stable=True)
@@ -128,15 +116,7 @@ def quantize(w: torch.Tensor, h: torch.Tensor, group_size: int, ladder, config: 
                 scale[:, g], zero[:, g] = group_grid(part.amin((0, 2)), part.amax((0, 2)), low)
             s, z = scale[:, g].float(), zero[:, g].float()
             x = streams[:, :, j]  # [R, N]
-            cands = candidates(x / s + z + 0.5, ladder)  # [R candidates, N]
-            # value of every candidate at every rung: [R rungs, R candidates, N]
-            s_b, z_b = s / cells, (z + 0.5) * cells - 0.5
-            values = (torch.floor(cands / shifts) - z_b.unsqueeze(1)) * s_b.unsqueeze(1)
-            cost = (lam * (x.unsqueeze(1) - values) ** 2).sum(0)
-            best = cost.argmin(0, keepdim=True)
-            q = cands.gather(0, best)[0]
-            codes[:, col] = q
-            deq = values.gather(1, best.unsqueeze(0).expand(rungs, 1, n))[:, 0]
+            codes[:, col], deq = choose_codes(x, s, z, ladder, offsets, lam)
             err = (x - deq) / factor[j, j]
             streams[:, :, j:i2] -= err.unsqueeze(-1) * factor[j, j:i2]
             errors[:, :, j - i1] = err
@@ -145,7 +125,7 @@ def quantize(w: torch.Tensor, h: torch.Tensor, group_size: int, ladder, config: 
     return Quantized(codes.to(torch.uint8), scale, zero, order.to(torch.int32), damp)
 
 
-def balance(w: torch.Tensor, h: torch.Tensor, group_size: int, ladder, config: GPTQConfig = GPTQConfig()):
+def balance(w: torch.Tensor, h: torch.Tensor, layout: Layout, config: GPTQConfig = GPTQConfig()):
     """Nested GPTQ with the rung weights chosen for this layer: (Quantized, weights, losses).
 
     Unless `config.rung_weights` fixes them, the lowest rung gets weight 1 and every other
@@ -156,16 +136,16 @@ def balance(w: torch.Tensor, h: torch.Tensor, group_size: int, ladder, config: G
     lets middle rungs outvote the top; on the built-in model's [3, 4, 6, 8] it helped the
     4-bit slice and hurt the 3-bit one: docs/results.md.)
     """
-    ladder = tuple(ladder)
-    rtn = quantize_rtn(w, group_size, ladder)
+    ladder = layout.ladder
+    rtn = quantize_rtn(w, layout.group_size, ladder, layout.grid)
     if config.rung_weights or len(ladder) == 1:
-        q = quantize(w, h, group_size, ladder, config)
-        return q, {b: config.rung_weights.get(b, 1.0) for b in ladder}, losses(w, q, h, group_size, ladder, rtn)
+        q = quantize(w, h, layout, config)
+        return q, {b: config.rung_weights.get(b, 1.0) for b in ladder}, losses(w, q, h, layout, rtn)
 
     def attempt(index):
         weights = {b: 1.0 if b == ladder[0] else TILTS[index] for b in ladder}
-        q = quantize(w, h, group_size, ladder, replace(config, rung_weights=weights))
-        loss = losses(w, q, h, group_size, ladder, rtn)
+        q = quantize(w, h, layout, replace(config, rung_weights=weights))
+        loss = losses(w, q, h, layout, rtn)
         ratios = [loss[b]["gptq"] / max(loss[b]["rtn"], 1e-30) for b in ladder]
         tried[index] = (all(r <= config.upper_budget for r in ratios[1:]), max(ratios), (q, weights, loss))
         return tried[index][0]
@@ -184,13 +164,13 @@ def balance(w: torch.Tensor, h: torch.Tensor, group_size: int, ladder, config: G
     return tried[chosen][2]
 
 
-def losses(w: torch.Tensor, q: Quantized, h: torch.Tensor, group_size: int, ladder, rtn=None) -> dict:
-    """Per rung: ‖X(W − Ŵ)ᵀ‖² / ‖XWᵀ‖² of these codes ("gptq") and of plain RTN ("rtn")."""
+def losses(w: torch.Tensor, q: Quantized, h: torch.Tensor, layout: Layout, rtn=None) -> dict:
+    """Per rung: ‖X(W − Ŵ)ᵀ‖² / ‖XWᵀ‖² of these codes ("gptq") and of plain RTN ("rtn") on the same grid."""
     w, h = w.detach().to(torch.float32), h.detach().to(torch.float32)
-    rtn = rtn or quantize_rtn(w, group_size, ladder)
+    rtn = rtn or quantize_rtn(w, layout.group_size, layout.ladder, layout.grid)
     out = {}
-    for b in ladder:
-        ours = decode_codes(q.codes, q.scale, q.zero, ladder, b, group_size)
-        plain = decode_codes(*rtn, ladder, b, group_size)
+    for b in layout.ladder:
+        ours = decode_codes(q.codes, q.scale, q.zero, layout, b)
+        plain = decode_codes(*rtn, layout, b)
         out[b] = {"gptq": relative_error(w, ours, h), "rtn": relative_error(w, plain, h)}
     return out

@@ -23,7 +23,7 @@ from safetensors import safe_open
 
 from fqcompile.calibration import gptq
 from fqcompile.errors import FqError
-from fqcompile.formats.nested import decode_codes
+from fqcompile.formats.nested import Layout, decode_codes
 from fqcompile.sources import materialize_buffers
 
 
@@ -168,7 +168,7 @@ def rss_mib() -> float | None:
 
 
 @torch.inference_mode()
-def quantize_model(model, files, targets: list[str], samples, ladder, group_size, config: gptq.GPTQConfig,
+def quantize_model(model, files, targets: list[str], samples, ladder, group_size, grid: str, config: gptq.GPTQConfig,
                    batch_size: int = 8, progress: bool = True):
     """GPTQ every linear in `targets` block by block (module doc).
 
@@ -207,7 +207,8 @@ def quantize_model(model, files, targets: list[str], samples, ladder, group_size
                 linears = [block.get_submodule(n) for n in group]
                 h = early[group[0]] if early else hessian(block, linears[0], inputs)
                 stacked = torch.cat([m.weight for m in linears])
-                q, weights, _ = gptq.balance(stacked, h, group_size, ladder, config)
+                layout = Layout(*stacked.shape, group_size, ladder, grid)
+                q, weights, _ = gptq.balance(stacked, h, layout, config)
                 row = 0
                 for name, m in zip(group, linears):
                     rows = slice(row, row + m.out_features)
@@ -216,9 +217,9 @@ def quantize_model(model, files, targets: list[str], samples, ladder, group_size
                                           q.damp)
                     full = f"{prefix}.{name}"
                     results[full] = part
-                    log["layers"][full] = {"loss": gptq.losses(m.weight, part, h, group_size, ladder), "damp": q.damp,
+                    log["layers"][full] = {"loss": gptq.losses(m.weight, part, h, layout), "damp": q.damp,
                                            "rung_weights": weights}
-                    m.weight.copy_(decode_codes(part.codes, part.scale, part.zero, ladder, propagate, group_size))
+                    m.weight.copy_(decode_codes(part.codes, part.scale, part.zero, layout, propagate))
             inputs = [(_call(block, hidden, kwargs), kwargs) for hidden, kwargs in inputs]
             block.to("meta")
             bar.advance(task)

@@ -13,10 +13,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from fqcompile.errors import FqError
-from fqcompile.formats.nested import Layout, check_ladder, plane_widths
+from fqcompile.formats.nested import GRIDS, Layout, check_ladder, plane_widths
 
 FORMAT = "fqcompile-nested"
-FORMAT_VERSION = 1
+FORMAT_VERSIONS = tuple(sorted(set(GRIDS.values())))  # what this fqcompile reads; a grid sets the version
 MANIFEST = "fqcompile.json"
 POLICY = "policy.json"
 DENSE = "dense.safetensors"
@@ -44,7 +44,7 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], **metadata: str) 
 
 def write_manifest(folder: Path, manifest: dict) -> None:
     """Hash every file in `folder` into the manifest and write it (last)."""
-    manifest = dict(manifest, format=FORMAT, format_version=FORMAT_VERSION)
+    manifest = dict(manifest, format=FORMAT, format_version=GRIDS[manifest["grid"]])
     manifest["files"] = {
         p.name: {"bytes": p.stat().st_size, "sha256": sha256(p)}
         for p in sorted(folder.iterdir())
@@ -65,18 +65,21 @@ def read_manifest(folder: Path) -> dict:
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise FqError(f"{path}: not an {FORMAT} manifest")
         version = manifest.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in FORMAT_VERSIONS:
             raise FqError(
                 f"{folder}: checkpoint format version {version} is not supported "
-                f"(this fqcompile reads version {FORMAT_VERSION})"
+                f"(this fqcompile reads versions {', '.join(map(str, FORMAT_VERSIONS))})"
             )
         ladder = check_ladder(manifest["ladder"])
         if int(manifest["group_size"]) < 1:
             raise ValueError(f"group_size {manifest['group_size']}")
         if manifest["master_bits"] != ladder[-1] or tuple(manifest["plane_widths"]) != plane_widths(ladder):
             raise ValueError("master_bits/plane_widths disagree with the ladder")
-        if manifest["plane_layout"] != "row-segments" or manifest["grid"] != "lowest-rung":
-            raise ValueError(f"unknown plane layout or grid {manifest['plane_layout']}/{manifest['grid']}")
+        if manifest["plane_layout"] != "row-segments" or GRIDS.get(manifest["grid"]) != version:
+            raise ValueError(f"unknown plane layout or grid {manifest['plane_layout']}/{manifest['grid']} "
+                             f"for format version {version}")
+        if version > 1 and not isinstance(manifest["zero_offset"], int):
+            raise ValueError(f"zero_offset {manifest['zero_offset']!r}")
         for info in manifest["modules"].values():
             out_features, in_features = (int(n) for n in info["shape"])
             if out_features < 1 or in_features < 1:
@@ -94,7 +97,7 @@ def read_manifest(folder: Path) -> dict:
 def layouts(manifest: dict) -> dict[str, Layout]:
     ladder, group = tuple(manifest["ladder"]), int(manifest["group_size"])
     return {
-        name: Layout(info["shape"][0], info["shape"][1], group, ladder)
+        name: Layout(info["shape"][0], info["shape"][1], group, ladder, manifest["grid"], manifest.get("zero_offset", 0))
         for name, info in manifest["modules"].items()
     }
 

@@ -4,13 +4,21 @@ A weight matrix W [N, K] is quantized group-wise along K (groups of `group_size`
 last group of a row may be shorter). Each group has one scale s (fp16) and one integer
 zero point z (uint8) that define the grid of the LOWEST rung b0 of the ladder:
     W_b0 = s * (q_b0 - z)            (plain asymmetric round-to-nearest at b0 bits)
-The B-bit master codes (B = top of the ladder) refine that grid: every b0-bit bucket is
-cut into 2^(B-b0) equal cells and a weight takes the code of the cell it falls in. So
-the b-bit model is the top b bits of every code, q_b = q >> (B - b), dequantized at the
-centre of its cell:
-    W_b = s_b * (q_b - z_b),  s_b = s / 2^(b-b0),  z_b = (z + 1/2) * 2^(b-b0) - 1/2
-At b = b0 this is exactly round-to-nearest at b0 bits; at b = B the step is
-range / ((2^b0 - 1) * 2^(B-b0)), e.g. 1/240 instead of 1/255 of the range for [4, 8].
+The b-bit model is the top b bits of every B-bit master code (B = top of the ladder),
+q_b = q >> (B - b), on a grid 2^(b - b0) times finer:
+    W_b = s_b * (q_b - z_b),  s_b = s / 2^(b-b0),  z_b = z * 2^(b-b0) + c_b
+Two grids differ only in c_b:
+- "lowest-rung" (format 1, cell centres): c_b = (2^(b-b0) - 1) / 2. Each level is the centre
+  of its cell, so a weight's nearest master code is the nearest code of every rung; but
+  above b0, z_b is a half-integer and 0 sits on a cell edge: near-zero weights, the
+  densest part of the distribution, are off by half a step at the middle and top rungs.
+- "zero-exact" (format 2): c_b = c >> (B - b) for one integer c in [0, 2^(B-b0)) per
+  checkpoint, i.e. the b-bit zero point is the top b bits of the master zero point
+  Z = z * 2^(B-b0) + c. Every z_b is an integer, so 0 is a level of every rung (q = Z),
+  and each b-bit level is also a level of every higher rung. A rung's levels are no
+  longer all at their cells' centres, so the codes are chosen to balance the rungs'
+  errors (choose_codes); c is picked per ladder to keep that balance cheap
+  (fit_zero_offset).
 Anchoring the grid at the top instead (8-bit RTN, 4-bit = top nibble) costs the lowest
 slice far more than direct quantization at its width (docs/results.md).
 
@@ -25,6 +33,7 @@ of every segment, segment s in bits [s*w, (s+1)*w). Unpacking is k shift-and-mas
 operations, each yielding a contiguous run of codes.
 """
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -33,6 +42,9 @@ import torch
 from fqcompile.errors import FqError
 
 MIN_BITS, MAX_BITS = 2, 8
+# Grid names as manifests write them; "lowest-rung" (version 1) dequantizes each slice at its cell centres.
+CELL_CENTRE, ZERO_EXACT = "lowest-rung", "zero-exact"
+GRIDS = {CELL_CENTRE: 1, ZERO_EXACT: 2}  # grid -> the format version that introduced it
 PLANE_WIDTHS = (8, 4, 2, 1)
 
 
@@ -60,14 +72,45 @@ def plane_widths(ladder) -> tuple[int, ...]:
     return tuple(widths)
 
 
+def check_grid(grid: str) -> str:
+    if grid not in GRIDS:
+        raise FqError(f"unknown grid '{grid}' (known: {', '.join(GRIDS)})")
+    return grid
+
+
+def rung_offset(ladder, bits: int, grid: str, zero_offset: int = 0) -> float:
+    """c_b in the b-bit slice's zero point z_b = z * 2^(b - b0) + c_b (module doc)."""
+    if check_grid(grid) == CELL_CENTRE:
+        return (2 ** (bits - ladder[0]) - 1) / 2
+    return float(zero_offset >> (ladder[-1] - bits))
+
+
 @dataclass(frozen=True)
 class Layout:
-    """Shape and bit layout of one quantized linear weight."""
+    """Shape and bit layout of one quantized linear weight.
+
+    zero_offset: c of the zero-exact grid (module doc); None picks fit_zero_offset's.
+    """
 
     out_features: int
     in_features: int
     group_size: int
     ladder: tuple[int, ...]
+    grid: str = CELL_CENTRE
+    zero_offset: int | None = None
+
+    def __post_init__(self):
+        check_grid(self.grid)
+        if self.zero_offset is None:
+            object.__setattr__(self, "zero_offset", fit_zero_offset(self.ladder) if self.grid == ZERO_EXACT else 0)
+        elif not 0 <= self.zero_offset < 2 ** (self.master_bits - self.ladder[0]):
+            raise FqError(f"zero offset {self.zero_offset} is outside [0, {2 ** (self.master_bits - self.ladder[0])})")
+
+    def offset(self, bits: int) -> float:
+        return rung_offset(self.ladder, bits, self.grid, self.zero_offset)
+
+    def offsets(self) -> list[float]:
+        return [self.offset(b) for b in self.ladder]
 
     @property
     def master_bits(self) -> int:
@@ -99,6 +142,29 @@ class Layout:
         return (self.out_features, self.padded_in * self.widths[index] // 8)
 
 
+@functools.cache
+def fit_zero_offset(ladder: tuple[int, ...]) -> int:
+    """The c that export writes for a ladder on the zero-exact grid.
+
+    Every c in [0, 2^(B - b0)) is a valid grid. This one gives the smallest round-to-nearest
+    error summed over the rungs (each in units of its own step) on Gaussian weights, which
+    keeps every rung's grid over a group's range and each cell close to its level.
+    """
+    if len(ladder) == 1:
+        return 0
+    w = torch.randn(64, 512, generator=torch.Generator().manual_seed(0))
+    scale, zero = group_grid(*group_range(w, 128), ladder[0])
+    g = torch.arange(w.shape[1]) // 128
+    s, z = scale[:, g].float(), zero[:, g].float()
+    lam = rung_weights(ladder)
+    costs = []
+    for c in range(2 ** (ladder[-1] - ladder[0])):
+        offsets = [rung_offset(ladder, b, ZERO_EXACT, c) for b in ladder]
+        values = choose_codes(w.expand(len(ladder), -1, -1), s, z, ladder, offsets, lam)[1]
+        costs.append((lam.view(-1, 1, 1) * (values - w) ** 2).sum().item())
+    return min(range(len(costs)), key=costs.__getitem__)
+
+
 def group_grid(wmin: torch.Tensor, wmax: torch.Tensor, low: int):
     """Scale (fp16) and zero (uint8) of the lowest rung's grid for groups spanning [wmin, wmax].
 
@@ -112,7 +178,7 @@ def group_grid(wmin: torch.Tensor, wmax: torch.Tensor, low: int):
     scale = exact.to(torch.float16)
     scale = torch.where(scale.float() < exact, torch.nextafter(scale, torch.full_like(scale, torch.inf)), scale)
     # An all-zero group has no range: the smallest fp16 step keeps it within 3e-8 of 0 at
-    # every precision (above the lowest rung, 0 sits on a cell edge, not a cell centre).
+    # every precision (on the lowest-rung grid 0 sits on a cell edge above the lowest rung).
     scale = torch.where(scale > 0, scale, torch.full_like(scale, 2.0**-24))
     if not torch.isfinite(scale).all():
         raise FqError("weights too large for fp16 group scales")
@@ -130,30 +196,65 @@ def group_range(w: torch.Tensor, group_size: int):
     return lo, hi
 
 
-def encode(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, low: int, bits: int) -> torch.Tensor:
-    """The b-bit code of the cell each weight falls in (weights [..., K], scale/zero per weight).
+def rung_weights(ladder, weights=None) -> torch.Tensor:
+    """λ_r of choose_codes for each rung r: weight_r (default 1) x 4^(r - B), i.e. each rung's
+    squared error in units of its own step."""
+    weights = weights or {}
+    return torch.tensor([weights.get(b, 1.0) * 4.0 ** (b - ladder[-1]) for b in ladder])
 
-    In units of the lowest rung's buckets, u = w / s + z + 1/2 puts bucket q at [q, q + 1);
-    a b-bit cell is 1 / 2^(b - low) of a bucket.
+
+def choose_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, ladder, offsets, lam: torch.Tensor):
+    """Master codes that serve every rung at once, and their value at each rung.
+
+    x: [R, ...] the value each rung wants (R = rungs; RTN passes the weights R times, GPTQ
+    its per-rung streams); scale/zero: the lowest rung's grid, broadcastable to x[0];
+    offsets: each rung's c_b (Layout.offsets()).
+    Candidates: for each rung r the code nearest x_r at r bits, whose lower bits then follow
+    the higher rungs' wishes inside that cell. The candidate with the smallest
+    Σ_r λ_r (x_r − value_r)² wins (ties: the lower rung's). On the cell-centre grid every
+    candidate is the top rung's nearest code; on the zero-exact grid they differ.
+    Returns codes [...] (float, integral) and values [R, ...].
     """
-    cells = 2 ** (bits - low)
-    codes = torch.floor((w / scale.float() + zero.float() + 0.5) * cells)
-    return codes.clamp(0, 2**bits - 1)
+    low, top = ladder[0], ladder[-1]
+    grids = [slice_params(scale, zero, low, b, c) for b, c in zip(ladder, offsets)]
+    nearest = [torch.round(x[r] / s + z) for r, (s, z) in enumerate(grids)]
+    best = best_cost = best_values = None
+    for r in range(len(ladder)):
+        q = nearest[r].clamp(0, 2 ** ladder[r] - 1)
+        for b in range(r + 1, len(ladder)):
+            span = 2 ** (ladder[b] - ladder[b - 1])
+            q = torch.minimum(torch.maximum(nearest[b], q * span), q * span + span - 1)
+        values = torch.stack([(torch.floor(q / 2 ** (top - b)) - z) * s for b, (s, z) in zip(ladder, grids)])
+        cost = (lam.view(-1, *[1] * (x.dim() - 1)) * (x - values) ** 2).sum(0)
+        if best is None:
+            best, best_cost, best_values = q, cost, values
+        else:
+            better = cost < best_cost
+            best, best_cost = torch.where(better, q, best), torch.where(better, cost, best_cost)
+            best_values = torch.where(better, values, best_values)
+    return best, best_values
 
 
-def quantize_rtn(w: torch.Tensor, group_size: int, ladder):
+def quantize_rtn(w: torch.Tensor, group_size: int, ladder, grid: str = CELL_CENTRE, rows: int = 4096):
     """Round-to-nearest group quantization of W [N, K] to nested master codes (module doc).
 
     Returns codes (uint8 [N, K], B bits), scale (fp16 [N, G]) and zero (uint8 [N, G]) of
-    the lowest rung's grid. Every weight is within half a step of its dequantized value
-    at every precision of the ladder.
+    the lowest rung's grid. On the cell-centre grid every weight is within half a step of
+    its value at every precision; on the zero-exact grid the codes balance the rungs'
+    errors, each in units of its own step (choose_codes). `rows` at a time bound the memory.
     """
     if not torch.isfinite(w).all():
         raise FqError("weights contain NaN or Inf")
     w = w.detach().to(torch.float32)
+    layout = Layout(w.shape[0], w.shape[1], group_size, tuple(ladder), grid)
     scale, zero = group_grid(*group_range(w, group_size), ladder[0])
     g_idx = torch.arange(w.shape[1]) // group_size
-    codes = encode(w, scale[:, g_idx], zero[:, g_idx], ladder[0], ladder[-1])
+    lam = rung_weights(layout.ladder)
+    codes = torch.cat([
+        choose_codes(w[i:i + rows].expand(len(ladder), -1, -1), scale[i:i + rows, g_idx].float(),
+                     zero[i:i + rows, g_idx].float(), layout.ladder, layout.offsets(), lam)[0]
+        for i in range(0, w.shape[0], rows)
+    ])
     return codes.to(torch.uint8), scale, zero
 
 
@@ -187,36 +288,35 @@ def unpack_codes(planes: list[torch.Tensor], widths) -> torch.Tensor:
     return codes
 
 
-def slice_params(scale: torch.Tensor, zero: torch.Tensor, low: int, bits: int):
-    """(s_b, z_b) in float32 for the cell-centre dequantization of the b-bit slice."""
+def slice_params(scale: torch.Tensor, zero: torch.Tensor, low: int, bits: int, offset: float):
+    """(s_b, z_b) in float32 of the b-bit slice: s_b = s / 2^(b - low), z_b = z * 2^(b - low) + offset."""
     cells = 2 ** (bits - low)
-    return scale.float() / cells, (zero.float() + 0.5) * cells - 0.5
+    return scale.float() / cells, zero.float() * cells + offset
 
 
-def decode(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, low: int, bits: int) -> torch.Tensor:
+def decode(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, layout: Layout, bits: int) -> torch.Tensor:
     """Values of b-bit codes q (scale/zero given per element), exactly as `dequantize` computes them."""
-    s_b, z_b = slice_params(scale, zero, low, bits)
+    s_b, z_b = slice_params(scale, zero, layout.ladder[0], bits, layout.offset(bits))
     return (q.to(torch.float32) - z_b) * s_b
 
 
-def decode_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, ladder, bits: int,
-                 group_size: int) -> torch.Tensor:
+def decode_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, layout: Layout, bits: int) -> torch.Tensor:
     """The b-bit slice of master codes [N, K] (unpacked) as float32 weights, each column on its group's grid."""
-    g = torch.arange(codes.shape[1]) // group_size
-    return decode(codes >> (ladder[-1] - bits), scale[:, g], zero[:, g], ladder[0], bits)
+    g = torch.arange(codes.shape[1]) // layout.group_size
+    return decode(codes >> (layout.master_bits - bits), scale[:, g], zero[:, g], layout, bits)
 
 
 def dequantize(planes, scale, zero, layout: Layout, bits: int, dtype=torch.float32) -> torch.Tensor:
     """The b-bit slice as a dense [N, K] weight (the torch reference path)."""
     n = layout.planes_for(bits)
-    return dequantize_planes(planes[:n], layout.widths[:n], scale, zero, layout.ladder[0],
+    return dequantize_planes(planes[:n], layout.widths[:n], scale, zero, layout.ladder[0], layout.offset(bits),
                              layout.group_size, layout.in_features, dtype)
 
 
-def dequantize_planes(planes, widths, scale, zero, low: int, group_size: int, in_features: int,
+def dequantize_planes(planes, widths, scale, zero, low: int, offset: float, group_size: int, in_features: int,
                       dtype=torch.float32) -> torch.Tensor:
     """Dense [N, K] weight from the top planes alone: their widths sum to the precision b."""
-    s_b, z_b = slice_params(scale, zero, low, sum(widths))
+    s_b, z_b = slice_params(scale, zero, low, sum(widths), offset)
     n, groups = scale.shape
     q = unpack_codes(planes, widths)
     # Pad (or cut) the row to whole groups so scales broadcast instead of being gathered.

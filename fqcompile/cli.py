@@ -39,7 +39,12 @@ def export(
     dataset: str = typer.Option(None, help="GPTQ calibration text: local files/folder, hub name[:config], or 'self'"),
     samples: int = typer.Option(64, help="GPTQ calibration samples"),
     seq_len: int = typer.Option(512, help="tokens per GPTQ calibration sample"),
-    seed: int = typer.Option(0, help="seed for 'self' calibration text"),
+    seed: int = typer.Option(0, help="seed for 'self' calibration text and for --rotate"),
+    grid: str = typer.Option("zero-exact", help="nested grid: zero-exact (format 2: 0 is a level of every "
+                                                "precision) or lowest-rung (format 1)"),
+    rotate: bool = typer.Option(False, "--rotate/--no-rotate",
+                                help="rotate the model first (Hadamard-based, offline: same outputs, outliers "
+                                     "spread, better low-bit slices); Llama, Mistral and Qwen2 models"),
     damp: float = typer.Option(0.01, help="GPTQ damping, a fraction of the mean Hessian diagonal"),
     block_size: int = typer.Option(128, help="GPTQ columns per lazy update (speed only)"),
     act_order: bool = typer.Option(True, "--act-order/--no-act-order",
@@ -65,7 +70,7 @@ def export(
                       rung_weights=parse_rung_weights(rung_weights), upper_budget=upper_budget, propagate=propagate,
                       true_sequential=true_sequential)
     config = ExportConfig(ladder=parse_ladder(ladder), group_size=group_size, method=method, dataset=dataset,
-                          samples=samples, seq_len=seq_len, seed=seed, gptq=gptq)
+                          samples=samples, seq_len=seq_len, seed=seed, grid=grid, rotate=rotate, gptq=gptq)
     folder = run_export(model, out, config, force=force, progress=not quiet, calib=calib)
     if not quiet:
         print(f"wrote {folder} in {time.perf_counter() - start:.1f} s")

@@ -9,6 +9,7 @@ checkpoint folder as gptq-log.json.
 
 import json
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -24,7 +25,8 @@ from .files import atomic_dir, check_writable
 from .errors import FqError
 from .formats import checkpoint as ckpt
 from .calibration.gptq import GPTQConfig
-from .formats.nested import Layout, check_ladder, pack_planes, plane_widths, quantize_rtn
+from .calibration.rotation import check_rotatable, rotate
+from .formats.nested import ZERO_EXACT, Layout, check_grid, check_ladder, pack_planes, plane_widths, quantize_rtn
 
 METHODS = ("rtn", "gptq")
 GPTQ_LOG = "gptq-log.json"
@@ -58,7 +60,9 @@ class ExportConfig:
     dataset: str | None = None  # GPTQ calibration text (a data spec, see calibration/data.py)
     samples: int = 64  # GPTQ calibration windows ...
     seq_len: int = 512  # ... of this many tokens
-    seed: int = 0  # for 'self' calibration text
+    seed: int = 0  # for 'self' calibration text, and the rotation's random signs
+    grid: str = ZERO_EXACT  # the nested grid (formats/nested.py): zero-exact (format 2) or lowest-rung (format 1)
+    rotate: bool = False  # rotate the residual stream and each head's values first (calibration/rotation.py)
     gptq: GPTQConfig = GPTQConfig()
 
 
@@ -74,6 +78,7 @@ def export(model: str, out: Path, config: ExportConfig | None = None, *, force: 
     """
     config = replace(config or ExportConfig(), **settings)
     ladder, group_size, out = check_ladder(config.ladder), check_group_size(config.group_size), Path(out)
+    grid = check_grid(config.grid)
     check_writable(out, force, ckpt.MANIFEST)  # before minutes of work, not after
     folder = sources.resolve(model)
     dataset = config.dataset if config.dataset is not None or calib is None else _calibration_dataset(calib)
@@ -97,6 +102,32 @@ def export(model: str, out: Path, config: ExportConfig | None = None, *, force: 
         print("note: `dataset` is only used by `method='gptq'`; quantizing with RTN", file=sys.stderr)
 
     start = time.perf_counter()
+    config = replace(config, ladder=ladder, grid=grid, dataset=dataset)
+    policy = {"kind": "static", "precision": ladder[-1]}
+    if calib is not None:
+        names = [n for n, _ in sources.quantizable(sources.meta_model(folder)[0])]
+        policy = check_for_export(calib, folder, ladder, group_size, names)
+    with tempfile.TemporaryDirectory(prefix="fqcompile-rotated-") as scratch:
+        rotation = None
+        if config.rotate:  # the rotated model is the source from here on (float32: exactly rotated)
+            folder, rotation = _rotated(folder, Path(scratch), config.seed)
+        return _export(model, folder, out, config, method, policy, rotation, start, force, progress)
+
+
+def _rotated(folder: Path, scratch: Path, seed: int) -> tuple[Path, dict]:
+    meta = sources.meta_model(folder)[0]
+    check_rotatable(meta)  # before reading any weight
+    stored = getattr(meta.config, "dtype", None) or torch.float32  # what `load` converts the dense tensors to
+    hf_model, tokenizer, _ = sources.load(str(folder), dtype=torch.float32)
+    record = dict(rotate(hf_model, seed), source_dtype=str(stored).removeprefix("torch."))
+    hf_model.save_pretrained(scratch)
+    tokenizer.save_pretrained(scratch)
+    return scratch, record
+
+
+def _export(model: str, folder: Path, out: Path, config: ExportConfig, method: str, policy: dict, rotation, start,
+            force: bool, progress: bool) -> Path:
+    ladder, group_size, grid, gptq, dataset = config.ladder, config.group_size, config.grid, config.gptq, config.dataset
     if method == "rtn":
         hf_model, tokenizer, _ = sources.load(str(folder), dtype="auto")
     else:
@@ -104,22 +135,18 @@ def export(model: str, out: Path, config: ExportConfig | None = None, *, force: 
     targets = sources.quantizable(hf_model)
     if not targets:
         raise FqError(f"{model} has no linear layers to quantize")
-    policy = {"kind": "static", "precision": ladder[-1]}
-    if calib is not None:
-        policy = check_for_export(calib, folder, ladder, group_size, [n for n, _ in targets])
     ragged = sorted({m.in_features for _, m in targets if m.in_features % group_size})
     if ragged and progress:
         print(f"note: group size {group_size} does not divide in_features {ragged}; "
               f"the last group of those rows is shorter", file=sys.stderr)
     if method == "rtn":
-        quantized = {name: quantize_rtn(_finite(name, m.weight), group_size, ladder)
+        quantized = {name: quantize_rtn(_finite(name, m.weight), group_size, ladder, grid)
                      for name, m in _progress(targets, "quantizing (RTN)", progress)}
         dense = dense_state(hf_model, {f"{n}.weight" for n, _ in targets})
         source_dtype, log, orders, info = hf_model.dtype, None, {}, {"method": "rtn"}
     else:
         quantized, orders, dense, source_dtype, log = _gptq(
-            hf_model, folder, tokenizer, [n for n, _ in targets], replace(config, ladder=ladder, dataset=dataset),
-            progress)
+            hf_model, folder, tokenizer, [n for n, _ in targets], config, progress)
         info = {"method": "gptq", "dataset": str(Path(dataset).resolve()) if Path(dataset).exists() else dataset,
                 "samples": config.samples, "seq_len": config.seq_len, "seed": config.seed, "damp": gptq.damp,
                 "block_size": gptq.block_size, "act_order": gptq.act_order, "true_sequential": gptq.true_sequential,
@@ -133,7 +160,7 @@ def export(model: str, out: Path, config: ExportConfig | None = None, *, force: 
     modules = {}
     for name, linear in targets:
         codes, scale, zero = quantized[name]
-        layout = Layout(linear.out_features, linear.in_features, group_size, ladder)
+        layout = Layout(linear.out_features, linear.in_features, group_size, ladder, grid)
         for i, plane in enumerate(pack_planes(codes, layout)):
             planes[i][name] = plane
         meta[f"{name}.scale"], meta[f"{name}.zero"] = scale, zero
@@ -145,13 +172,15 @@ def export(model: str, out: Path, config: ExportConfig | None = None, *, force: 
         "group_size": group_size,
         "plane_widths": list(widths),
         "plane_layout": "row-segments",
-        "grid": "lowest-rung",
+        "grid": grid,
+        **({"zero_offset": layout.zero_offset} if grid == ZERO_EXACT else {}),
+        "rotation": rotation,
         "quantizer": {**info, "scale_dtype": "float16", "zero_dtype": "uint8"},
         "source": {
             # local paths absolute, so `eval` finds the reference from any folder
             "model": str(Path(model).resolve()) if Path(model).exists() else model,
             "architecture": type(hf_model).__name__,
-            "dtype": str(source_dtype).removeprefix("torch."),
+            "dtype": rotation["source_dtype"] if rotation else str(source_dtype).removeprefix("torch."),
         },
         "modules": modules,
         "unquantized": "every tensor in " + ckpt.DENSE,
@@ -202,7 +231,7 @@ def _gptq(meta_model, folder, tokenizer, targets, config: ExportConfig, progress
                         max_samples=config.samples, model=sampler, seed=config.seed)
     del sampler
     results, log = gptq_blocks.quantize_model(meta_model, files, targets, data, config.ladder, config.group_size,
-                                              config.gptq, progress=progress)
+                                              config.grid, config.gptq, progress=progress)
     quantized = {n: (q.codes, q.scale, q.zero) for n, q in results.items()}
     # The act-order visiting order, for the record (codes are stored in column order).
     orders = {f"{n}.order": q.order for n, q in results.items()} if config.gptq.act_order else {}

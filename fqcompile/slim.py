@@ -28,8 +28,9 @@ from .errors import FqError
 from . import flex_linear
 from .flex_linear import FlexLinear, fuse
 from .kernels.ops import attend, backend, rms_norm, silu_mul
+from .sources import LLAMA_LIKE
 
-SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+SUPPORTED = LLAMA_LIKE
 SLOTS = ("qkv", "o", "gate_up", "down")  # the projections of a layer, in kernels/cpu_stack.cpp's order
 
 
@@ -227,7 +228,8 @@ class Llama(nn.Module):
 def _set_linear(stack, i: int, slot: int, run, bits: int) -> None:
     """Give the C++ stack slot `slot` of layer i the tensors `run` holds for `bits` (packed or nested)."""
     packed = run.packed(bits)
-    args = ([], [], run.scale, run.zero, run.layout.ladder[0], run.layout.group_size) if packed else run.call_args(bits)
+    grid = (run.layout.ladder[0], run.layout.offset(bits), run.layout.group_size)
+    args = ([], [], run.scale, run.zero, *grid) if packed else run.call_args(bits)
     stack.set_linear(i, slot, bits, *args, run.bias.data if run.bias is not None else None, packed)
 
 

@@ -174,8 +174,8 @@ constexpr GemvFn kGemv[kMaxGemvBatch] = {gemv<1>, gemv<2>, gemv<3>, gemv<4>, gem
 }  // namespace
 
 at::Tensor fqcompile::nested_linear(const at::Tensor& x, at::TensorList planes, at::IntArrayRef widths,
-                         const at::Tensor& scale, const at::Tensor& zero, int64_t low, int64_t group_size,
-                         bool int8_activations) {
+                         const at::Tensor& scale, const at::Tensor& zero, int64_t low, double offset,
+                         int64_t group_size, bool int8_activations) {
   TORCH_CHECK(!planes.empty() && planes.size() == widths.size(), "nested_linear: one width per plane");
   TORCH_CHECK(scale.dim() == 2 && scale.scalar_type() == at::kHalf && scale.is_contiguous(), "nested_linear: scale must be contiguous fp16 [N, G]");
   TORCH_CHECK(zero.sizes() == scale.sizes() && zero.scalar_type() == at::kByte && zero.is_contiguous(), "nested_linear: zero must be contiguous uint8 [N, G]");
@@ -198,7 +198,7 @@ at::Tensor fqcompile::nested_linear(const at::Tensor& x, at::TensorList planes, 
   }
   TORCH_CHECK(bits <= 8 && low >= 1 && low <= bits, "nested_linear: planes hold ", bits, " bits, lowest rung ", low);
   const Grid grid{scale.data_ptr<c10::Half>(), zero.data_ptr<uint8_t>(), groups, group_size,
-                  static_cast<float>(int64_t{1} << (bits - low))};
+                  static_cast<float>(int64_t{1} << (bits - low)), static_cast<float>(offset)};
 
   auto shape = x.sizes().vec();
   shape.back() = out;
@@ -232,7 +232,7 @@ at::Tensor fqcompile::nested_linear(const at::Tensor& x, at::TensorList planes, 
 TORCH_LIBRARY_FRAGMENT(fqcompile, m) {
   m.def("unpack_rows(Tensor codes, int out_features) -> Tensor");
   m.def("pack_rows(Tensor plane, Tensor scale, Tensor zero, int in_features, int group_size) -> Tensor[]");
-  m.def("packed_linear(Tensor x, Tensor[] packed, int out_features, int low, int group_size) -> Tensor");
+  m.def("packed_linear(Tensor x, Tensor[] packed, int out_features, int low, float offset, int group_size) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fqcompile, CPU, m) {

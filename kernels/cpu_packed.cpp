@@ -40,7 +40,7 @@ struct Packed {
   const c10::Half* scale;     // [blocks, groups, 8]
   const uint8_t* zero;        // [blocks, groups, 8]
   int64_t in, groups, group_size;
-  float cells;
+  float cells, offset;        // z_b = z * cells + offset
   int64_t width;              // the slice's bits (8 for two nibble planes)
 };
 
@@ -80,7 +80,7 @@ void packed_params(const Packed& w, int64_t n, float* s, float* z) {
   for (int64_t g = 0; g < w.groups; ++g) {
     const int64_t at = (nb * w.groups + g) * kPackRows + r;
     s[g] = half_to_float(w.scale[at]) * inv;
-    z[g] = (static_cast<float>(w.zero[at]) + 0.5f) * w.cells - 0.5f;
+    z[g] = static_cast<float>(w.zero[at]) * w.cells + w.offset;
   }
 }
 
@@ -94,7 +94,7 @@ void packed_block(const Packed& w, int64_t nb, const Quantized& xq, const float*
   constexpr int64_t kBlockBytes = 16 * W;  // 8 rows x 16 columns
   const __m256i m0f = _mm256_set1_epi8(0x0F), flip = _mm256_set1_epi8(static_cast<char>(0x80));
   const __m256i ones = _mm256_set1_epi16(1);
-  const __m256 inv = _mm256_set1_ps(1.f / w.cells), cells = _mm256_set1_ps(w.cells);
+  const __m256 inv = _mm256_set1_ps(1.f / w.cells), cells = _mm256_set1_ps(w.cells), offset = _mm256_set1_ps(w.offset);
   const __m256 shift = _mm256_set1_ps(W == 8 ? -128.f : 0.f);  // the centring of 8-bit codes
   const int64_t blocks_per_group = w.group_size / kActBlock, act_blocks = w.in / kActBlock;
   const int64_t stride = act_blocks * kBlockBytes;  // one 8-row block's bytes
@@ -176,7 +176,7 @@ void packed_block(const Packed& w, int64_t nb, const Quantized& xq, const float*
       const int64_t at = ((nb + rb * gap) * w.groups + g) * kPackRows;
       const __m256 s = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.scale + at))), inv);
       const __m256 z = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w.zero + at))));
-      const __m256 zc = _mm256_add_ps(shift, _mm256_fmadd_ps(_mm256_add_ps(z, _mm256_set1_ps(0.5f)), cells, _mm256_set1_ps(-0.5f)));
+      const __m256 zc = _mm256_add_ps(shift, _mm256_fmadd_ps(z, cells, offset));
       FQ_UNROLL
       for (int b = 0; b < B; ++b)  // xs holds X_g / VW
         total[rb][b] = _mm256_fmadd_ps(s, _mm256_fnmadd_ps(zc, _mm256_set1_ps(xs[b * w.groups + g] * VW), acc[rb][b]), total[rb][b]);
@@ -291,7 +291,7 @@ std::vector<at::Tensor> fqcompile::pack_rows(const at::Tensor& plane, const at::
 }
 
 at::Tensor fqcompile::packed_linear(const at::Tensor& x, at::TensorList packed, int64_t out_features, int64_t low,
-                                    int64_t group_size) {
+                                    double offset, int64_t group_size) {
 #if defined(FQ_I8)
   // [codes, scale, zero], or [top, bottom, scale, zero] for two nibble planes
   const bool two = packed.size() == 4;
@@ -312,7 +312,7 @@ at::Tensor fqcompile::packed_linear(const at::Tensor& x, at::TensorList packed, 
   at::Tensor y = at::empty({m, out_features}, x2.options());
   const Packed w{packed[0].data_ptr<uint8_t>(), two ? packed[1].data_ptr<uint8_t>() : nullptr,
                  scale.data_ptr<c10::Half>(), zero.data_ptr<uint8_t>(), in, groups, group_size,
-                 static_cast<float>(int64_t{1} << (width - low)), width};
+                 static_cast<float>(int64_t{1} << (width - low)), static_cast<float>(offset), width};
   if (m > fqcompile::kMaxPackedBatch) {  // prefill: when the packs are all that is resident
     tiled_linear(x2, true, out_features, y, [&](int64_t n0, int64_t n1, float* t) {
       dequantize_rows(in, in, groups, group_size, n0, n1, t,
@@ -340,7 +340,7 @@ at::Tensor fqcompile::unpack_rows(const at::Tensor& codes, int64_t out_features)
               "unpack_rows: expected one plane of pack_rows for ", out_features, " rows");
   const int64_t in = codes.size(1) * kActBlock, width = codes.size(2) / kActBlock, half = in / 2;
   at::Tensor plane = at::empty({out_features, in * width / 8}, codes.options());
-  const Packed one{codes.data_ptr<uint8_t>(), nullptr, nullptr, nullptr, in, 0, 0, 1.f, width};
+  const Packed one{codes.data_ptr<uint8_t>(), nullptr, nullptr, nullptr, in, 0, 0, 1.f, 0.f, width};
   uint8_t* dst = plane.data_ptr<uint8_t>();
   at::parallel_for(0, out_features, kPackRows, [&](int64_t begin, int64_t end) {
     std::vector<uint8_t> row(in);

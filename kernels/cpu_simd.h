@@ -132,6 +132,7 @@ struct Grid {
   const uint8_t* zero;     // [N, G]
   int64_t groups, group_size;
   float cells;             // 2^(bits - low): b-bit cells per lowest-rung step
+  float offset;            // z_b = z * cells + offset (formats/nested.py rung_offset)
 };
 
 inline float half_to_float(c10::Half h) {
@@ -155,17 +156,17 @@ void row_params(const Grid& grid, int64_t n, float mult, float shift, float* sm,
 #if defined(FQ_SIMD) && defined(__F16C__)
   // A vector at a time: one group at a time it was a visible share of a decode step, most
   // of it on narrow rows (576 columns: 5 groups against 288 code bytes).
-  const vf vinv = vset(inv), vcells = vset(grid.cells), vmult = vset(mult), vhalf = vset(0.5f);
-  const vf vneg_half = vset(-0.5f), vshift = vset(shift), vinv_mult = vset(inv_mult);
+  const vf vinv = vset(inv), vcells = vset(grid.cells), vmult = vset(mult), voffset = vset(grid.offset);
+  const vf vshift = vset(shift), vinv_mult = vset(inv_mult);
   for (; g + VW <= count; g += VW) {
-    const vf z = vfma(vadd(vcodes(zero + g), vhalf), vcells, vneg_half);
+    const vf z = vfma(vcodes(zero + g), vcells, voffset);
     vstore(sm + g, vmul(vmult, vmul(vhalves(scale + g), vinv)));
     vstore(zc + g, vmul(vadd(vshift, z), vinv_mult));
   }
 #endif
   for (; g < count; ++g) {
     const float s = half_to_float(scale[g]) * inv;
-    const float z = (static_cast<float>(zero[g]) + 0.5f) * grid.cells - 0.5f;
+    const float z = static_cast<float>(zero[g]) * grid.cells + grid.offset;
     sm[g] = mult * s;
     zc[g] = (shift + z) * inv_mult;
   }

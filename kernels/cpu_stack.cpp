@@ -24,7 +24,9 @@ struct Linear {
   std::vector<at::Tensor> planes;
   std::vector<int64_t> widths;
   at::Tensor scale, zero;
-  int64_t low = 0, group_size = 0;
+  int64_t low = 0;
+  double offset = 0;
+  int64_t group_size = 0;
   c10::optional<at::Tensor> bias;
   std::vector<at::Tensor> packed;  // pack_rows' tensors where the layer holds its planes packed (then no planes)
 
@@ -32,8 +34,8 @@ struct Linear {
     // FlexLinear._linear's choice: the packed rows serve int8 activations; float ones need the planes
     TORCH_CHECK(!planes.empty() || int8_activations, "Stack: float activations need the nested planes");
     at::Tensor y = int8_activations && !packed.empty()
-                       ? fqcompile::packed_linear(x, packed, scale.size(0), low, group_size)
-                       : fqcompile::nested_linear(x, planes, widths, scale, zero, low, group_size, int8_activations);
+                       ? fqcompile::packed_linear(x, packed, scale.size(0), low, offset, group_size)
+                       : fqcompile::nested_linear(x, planes, widths, scale, zero, low, offset, group_size, int8_activations);
     if (bias) y.add_(*bias);
     return y;
   }
@@ -83,11 +85,11 @@ struct Stack : torch::CustomClassHolder {
   }
 
   void set_linear(int64_t i, int64_t slot, int64_t bits, std::vector<at::Tensor> planes, std::vector<int64_t> widths,
-                  const at::Tensor& scale, const at::Tensor& zero, int64_t low, int64_t group_size,
+                  const at::Tensor& scale, const at::Tensor& zero, int64_t low, double offset, int64_t group_size,
                   const c10::optional<at::Tensor>& bias, std::vector<at::Tensor> packed) {
     TORCH_CHECK(slot >= 0 && slot < kSlots, "Stack: slot ", slot);
     layer(i).linear[slot][bits] =
-        Linear{std::move(planes), std::move(widths), scale, zero, low, group_size, bias, std::move(packed)};
+        Linear{std::move(planes), std::move(widths), scale, zero, low, offset, group_size, bias, std::move(packed)};
   }
 
   const Linear& linear(const Layer& l, int64_t slot, int64_t bits) const {

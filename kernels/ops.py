@@ -20,7 +20,7 @@ from fqcompile.kernels.reference import (attend_reference, entropy_reference, ne
                                          rms_norm_reference, silu_mul_reference)
 
 SCHEMA = ("nested_linear(Tensor x, Tensor[] planes, int[] widths, Tensor scale, Tensor zero, "
-          "int low, int group_size, bool int8_activations=False) -> Tensor")
+          "int low, float offset, int group_size, bool int8_activations=False) -> Tensor")
 LIB = torch.library.Library("fqcompile", "DEF")
 LIB.define(SCHEMA)
 LIB.define("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor")
@@ -35,7 +35,7 @@ LIB.impl("nested_linear", nested_linear_reference, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("fqcompile::nested_linear")
-def _fake(x, planes, widths, scale, zero, low, group_size, int8_activations=False):
+def _fake(x, planes, widths, scale, zero, low, offset, group_size, int8_activations=False):
     return x.new_empty(*x.shape[:-1], scale.shape[0])
 
 
@@ -115,11 +115,11 @@ def _impl(x) -> str:
     return _ready.get("cpu") or backend(x.device) if x.is_cpu else _ready.get(x.device.type) or backend(x.device)
 
 
-def nested_linear(x, planes, widths, scale, zero, low: int, group_size: int,
+def nested_linear(x, planes, widths, scale, zero, low: int, offset: float, group_size: int,
                   int8_activations: bool = False) -> torch.Tensor:
     if _impl(x) == "reference":
-        return nested_linear_reference(x, planes, widths, scale, zero, low, group_size, int8_activations)
-    return _OP(x, planes, widths, scale, zero, low, group_size, int8_activations)
+        return nested_linear_reference(x, planes, widths, scale, zero, low, offset, group_size, int8_activations)
+    return _OP(x, planes, widths, scale, zero, low, offset, group_size, int8_activations)
 
 
 MAX_PACKED_BATCH = 8  # kernels/cpu_ops.h kMaxPackedBatch
@@ -150,13 +150,13 @@ def packs_rows() -> bool:
     return bool(pack_rows([probe], [4], torch.ones(8, 1, dtype=torch.half), torch.zeros(8, 1, dtype=torch.uint8), 16, 16))
 
 
-def packed_linear(x, packed, out_features: int, low: int, group_size: int) -> torch.Tensor:
+def packed_linear(x, packed, out_features: int, low: int, offset: float, group_size: int) -> torch.Tensor:
     """W x^ (int8 activations) over pack_rows' tensors: what nested_linear computes in that mode
     (its kernel up to MAX_PACKED_BATCH rows of x; dequantized tiles and a matmul beyond)."""
     global _PACKED
     if _PACKED is None:
         _PACKED = torch.ops.fqcompile.packed_linear.default
-    return _PACKED(x, packed, out_features, low, group_size)
+    return _PACKED(x, packed, out_features, low, offset, group_size)
 
 
 _RMS, _ATTEND, _ENTROPY, _SILU_MUL = (torch.ops.fqcompile.rms_norm.default, torch.ops.fqcompile.attend.default,

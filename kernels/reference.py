@@ -25,14 +25,14 @@ def quantize_activations(x: torch.Tensor, block: int = ACT_BLOCK) -> torch.Tenso
     return xhat.flatten(-2)[..., :k].to(x.dtype)
 
 
-def nested_linear_reference(x, planes, widths, scale, zero, low, group_size, int8_activations=False):
+def nested_linear_reference(x, planes, widths, scale, zero, low, offset, group_size, int8_activations=False):
     """Dequantize the slice held by `planes`, then F.linear: the oracle for every kernel.
 
     int8_activations: the activations are first quantized in blocks (quantize_activations).
     """
     if int8_activations:
         x = quantize_activations(x)
-    weight = dequantize_planes(planes, widths, scale, zero, low, group_size, x.shape[-1], dtype=x.dtype)
+    weight = dequantize_planes(planes, widths, scale, zero, low, offset, group_size, x.shape[-1], dtype=x.dtype)
     return F.linear(x, weight)
 
 

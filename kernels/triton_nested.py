@@ -26,7 +26,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
-def _nested_linear(x_ptr, y_ptr, planes, scale_ptr, zero_ptr, M, N, K, padded, groups, group_size, cells,
+def _nested_linear(x_ptr, y_ptr, planes, scale_ptr, zero_ptr, M, N, K, padded, groups, group_size, cells, offset,
                    WIDTHS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    DOT: tl.constexpr, LOW_PRECISION_DOT: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -47,7 +47,7 @@ def _nested_linear(x_ptr, y_ptr, planes, scale_ptr, zero_ptr, M, N, K, padded, g
             q = (q << WIDTHS[i]) | ((byte >> ((rk // seg) * WIDTHS[i])[None, :]) & ((1 << WIDTHS[i]) - 1))
         g = rk // group_size
         s = tl.load(scale_ptr + rn[:, None] * groups + g[None, :], mask=w_ok, other=0.0).to(tl.float32) / cells
-        z = (tl.load(zero_ptr + rn[:, None] * groups + g[None, :], mask=w_ok, other=0).to(tl.float32) + 0.5) * cells - 0.5
+        z = tl.load(zero_ptr + rn[:, None] * groups + g[None, :], mask=w_ok, other=0).to(tl.float32) * cells + offset
         w = (q.to(tl.float32) - z) * s  # [BLOCK_N, BLOCK_K], zero where masked (s = 0)
         x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         if DOT:
@@ -60,7 +60,8 @@ def _nested_linear(x_ptr, y_ptr, planes, scale_ptr, zero_ptr, M, N, K, padded, g
     tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-def launch(x2: torch.Tensor, planes, widths, scale, zero, low: int, group_size: int, y: torch.Tensor) -> None:
+def launch(x2: torch.Tensor, planes, widths, scale, zero, low: int, offset: float, group_size: int,
+           y: torch.Tensor) -> None:
     """y[M, N] = x2[M, K] @ W_b^T, writing every element of y."""
     m, k = x2.shape
     n = scale.shape[0]
@@ -72,13 +73,13 @@ def launch(x2: torch.Tensor, planes, widths, scale, zero, low: int, group_size: 
         block_m, block_n, block_k, dot = 32, 64, 64, True
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
     _nested_linear[grid](
-        x2, y, tuple(planes), scale, zero, m, n, k, padded, scale.shape[1], group_size, cells,
+        x2, y, tuple(planes), scale, zero, m, n, k, padded, scale.shape[1], group_size, cells, float(offset),
         WIDTHS=tuple(int(w) for w in widths), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         DOT=dot, LOW_PRECISION_DOT=dot and x2.dtype != torch.float32 and not INTERPRET,
     )
 
 
-def nested_linear(x, planes, widths, scale, zero, low: int, group_size: int,
+def nested_linear(x, planes, widths, scale, zero, low: int, offset: float, group_size: int,
                   int8_activations: bool = False) -> torch.Tensor:
     """The op's CUDA implementation (same signature as kernels/reference.py's nested_linear_reference).
 
@@ -91,5 +92,6 @@ def nested_linear(x, planes, widths, scale, zero, low: int, group_size: int,
     x2 = x.reshape(-1, k).contiguous()
     y = torch.empty(x2.shape[0], scale.shape[0], dtype=x.dtype, device=x.device)
     if x2.shape[0]:
-        launch(x2, [p.contiguous() for p in planes], widths, scale.contiguous(), zero.contiguous(), low, group_size, y)
+        launch(x2, [p.contiguous() for p in planes], widths, scale.contiguous(), zero.contiguous(), low, offset,
+               group_size, y)
     return y.view(*x.shape[:-1], scale.shape[0])

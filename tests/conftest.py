@@ -84,12 +84,18 @@ def _quiet_env():
 def oracle_weight():
     """The float64 dequantization oracle, written from docs/format.md, not from the code."""
 
-    def weight(codes, scale, zero, ladder, bits, group_size):
+    def weight(codes, scale, zero, ladder, bits, group_size, grid="lowest-rung", zero_offset=0):
         q_b = (codes.long() >> (ladder[-1] - bits)).double()
         cells = 2.0 ** (bits - ladder[0])
         s, z = scale.double(), zero.double()
         g = torch.arange(codes.shape[1]) // group_size
-        # the centre of cell q_b of the lowest rung's grid, in units of that grid's step
-        return s[:, g] * ((q_b + 0.5) / cells - 0.5 - z[:, g])
+        if grid == "lowest-rung":
+            # the centre of cell q_b of the lowest rung's grid, in units of that grid's step
+            return s[:, g] * ((q_b + 0.5) / cells - 0.5 - z[:, g])
+        assert grid == "zero-exact"
+        # the b-bit zero point is the top b bits of the master zero point z * 2^(B - b0) + zero_offset
+        z_b = torch.div(z[:, g] * 2.0 ** (ladder[-1] - ladder[0]) + zero_offset, 2.0 ** (ladder[-1] - bits),
+                        rounding_mode="floor")
+        return s[:, g] / cells * (q_b - z_b)
 
     return weight

@@ -5,15 +5,15 @@ import torch
 
 from fqcompile.errors import FqError
 from fqcompile.flex_linear import FlexLinear
-from fqcompile.formats.nested import Layout, pack_planes, quantize_rtn
+from fqcompile.formats.nested import GRIDS, ZERO_EXACT, Layout, pack_planes, quantize_rtn
 from fqcompile.kernels import flex_linear
 
 
-def make(shape, group, ladder, seed=0):
+def make(shape, group, ladder, seed=0, grid=ZERO_EXACT):
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(shape, generator=gen) * 0.1
-    layout = Layout(*shape, group_size=group, ladder=ladder)
-    codes, scale, zero = quantize_rtn(w, group, ladder)
+    layout = Layout(*shape, group_size=group, ladder=ladder, grid=grid)
+    codes, scale, zero = quantize_rtn(w, group, ladder, grid)
     return layout, codes, scale, zero, pack_planes(codes, layout)
 
 
@@ -24,7 +24,7 @@ def test_flex_linear_matches_float64_reference(ladder, shape, group, batch, orac
     layout, codes, scale, zero, planes = make(shape, group, ladder, seed=shape[0])
     x = torch.randn(*batch, shape[1], generator=torch.Generator().manual_seed(11))
     for bits in ladder:
-        ref = x.double() @ oracle_weight(codes, scale, zero, ladder, bits, group).T
+        ref = x.double() @ oracle_weight(codes, scale, zero, ladder, bits, group, layout.grid, layout.zero_offset).T
         y = flex_linear(x, planes, (layout, scale, zero), bits)
         assert y.shape == (*batch, shape[0]) and y.dtype == torch.float32
         assert (y.double() - ref).norm() <= 1e-5 * ref.norm()
@@ -35,7 +35,7 @@ def test_low_precision_activations(dtype, tol, oracle_weight):
     layout, codes, scale, zero, planes = make((64, 256), 128, (4, 8))
     x = torch.randn(4, 256, generator=torch.Generator().manual_seed(2))
     for bits in (4, 8):
-        ref = x.double() @ oracle_weight(codes, scale, zero, (4, 8), bits, 128).T
+        ref = x.double() @ oracle_weight(codes, scale, zero, (4, 8), bits, 128, layout.grid, layout.zero_offset).T
         y = flex_linear(x.to(dtype), planes, (layout, scale, zero), bits)
         assert y.dtype == dtype
         assert (y.double() - ref).norm() <= tol * ref.norm()
@@ -52,7 +52,7 @@ def test_module_switches_precision_and_keeps_only_given_planes(oracle_weight):
     full.set_precision(4)
     assert torch.equal(full(x), top_only(x))
     full.set_precision(8)
-    ref = x.double() @ oracle_weight(codes, scale, zero, (4, 8), 8, 64).T + bias.double()
+    ref = x.double() @ oracle_weight(codes, scale, zero, (4, 8), 8, 64, layout.grid, layout.zero_offset).T + bias.double()
     assert (full(x).double() - ref).norm() <= 1e-5 * ref.norm()
     with pytest.raises(FqError, match="not available"):
         top_only.set_precision(8)
@@ -73,7 +73,7 @@ def test_int8_calls_hold_the_planes_packed_where_the_kernel_applies(oracle_weigh
     layer.int8_activations = True
     for bits in (4, 8, 4):
         layer.set_precision(bits)
-        w64 = oracle_weight(codes, scale, zero, (4, 8), bits, 64)
+        w64 = oracle_weight(codes, scale, zero, (4, 8), bits, 64, layout.grid, layout.zero_offset)
         for rows in (9, 1, 8, 9):  # 9: a prefill-sized batch (first, before anything is packed)
             x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(rows))
             want = quantize_activations(x).double() @ w64.T + bias.double()
@@ -86,7 +86,7 @@ def test_int8_calls_hold_the_planes_packed_where_the_kernel_applies(oracle_weigh
         assert sum(t.numel() for t in packed[:2]) == sum(p.numel() for p in original)
     layer.int8_activations = False
     x = torch.randn(3, 256, generator=torch.Generator().manual_seed(3))
-    want = x.double() @ oracle_weight(codes, scale, zero, (4, 8), 4, 64).T + bias.double()
+    want = x.double() @ oracle_weight(codes, scale, zero, (4, 8), 4, 64, layout.grid, layout.zero_offset).T + bias.double()
     assert (layer(x).double() - want).norm() <= 1e-5 * want.norm()
     assert layer.packed(4) == [] and all(torch.equal(a, b) for a, b in zip(layer.planes(), original))
     odd_layout, _, odd_scale, odd_zero, odd_planes = make((24, 200), 40, (4, 8))

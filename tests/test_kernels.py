@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fqcompile.flex_linear import FlexLinear
-from fqcompile.formats.nested import Layout, pack_planes, quantize_rtn
+from fqcompile.formats.nested import GRIDS, ZERO_EXACT, Layout, pack_planes, quantize_rtn
 from fqcompile.kernels import backend, cpu, flex_linear
 from fqcompile.files import cache_dir
 from fqcompile.processes import python_command
@@ -21,11 +21,11 @@ SHAPES = [((96, 4096), 128), ((70, 1536), 64), ((33, 576), 128), ((22, 576), 128
 BATCHES = (1, 2, 3, 5, 8, 9, 33)  # up to 8: per-row dot products; above: dequantized tiles + matmul
 
 
-def make(shape, group, ladder, seed=0):
+def make(shape, group, ladder, seed=0, grid=ZERO_EXACT):
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(shape, generator=gen) * 0.05
-    layout = Layout(*shape, group_size=group, ladder=ladder)
-    codes, scale, zero = quantize_rtn(w, group, ladder)
+    layout = Layout(*shape, group_size=group, ladder=ladder, grid=grid)
+    codes, scale, zero = quantize_rtn(w, group, ladder, grid)
     return layout, codes, scale, zero, pack_planes(codes, layout)
 
 
@@ -35,15 +35,17 @@ def test_compiled_kernels_serve_the_cpu():
 
 @pytest.mark.parametrize("ladder", LADDERS)
 @pytest.mark.parametrize("shape,group", SHAPES)
-def test_cpu_kernel_matches_float64(ladder, shape, group, oracle_weight):
-    layout, codes, scale, zero, planes = make(shape, group, ladder, seed=shape[0])
+@pytest.mark.parametrize("grid", list(GRIDS))
+def test_cpu_kernel_matches_float64(ladder, shape, group, grid, oracle_weight):
+    layout, codes, scale, zero, planes = make(shape, group, ladder, seed=shape[0], grid=grid)
     gen = torch.Generator().manual_seed(7)
     for m in BATCHES:
         # A large mean in the activations stresses the zero-point correction (cancellation).
         for offset in (0.0, 2.0):
             x = torch.randn(m, shape[1], generator=gen) + offset
             for bits in ladder:
-                ref = x.double() @ oracle_weight(codes, scale, zero, ladder, bits, group).T
+                w64 = oracle_weight(codes, scale, zero, ladder, bits, group, grid, layout.zero_offset)
+                ref = x.double() @ w64.T
                 y = flex_linear(x, planes, (layout, scale, zero), bits)
                 assert y.dtype == torch.float32 and y.shape == (m, shape[0])
                 err = ((y.double() - ref).norm() / ref.norm()).item()
@@ -56,7 +58,7 @@ def test_cpu_kernel_low_precision_activations(dtype, tol, m, oracle_weight):
     layout, codes, scale, zero, planes = make((64, 1024), 128, (4, 8))
     x = torch.randn(2, m, 1024, generator=torch.Generator().manual_seed(m)).to(dtype)
     for bits in (4, 8):
-        ref = x.double() @ oracle_weight(codes, scale, zero, (4, 8), bits, 128).T
+        ref = x.double() @ oracle_weight(codes, scale, zero, (4, 8), bits, 128, layout.grid, layout.zero_offset).T
         y = flex_linear(x, planes, (layout, scale, zero), bits)
         assert y.dtype == dtype and y.shape == (2, m, 64)
         assert (y.double() - ref).norm() <= tol * ref.norm()
@@ -66,9 +68,9 @@ def test_empty_batch_and_bad_planes():
     layout, _, scale, zero, planes = make((16, 256), 128, (4, 8))
     assert flex_linear(torch.randn(0, 256), planes, (layout, scale, zero), 8).shape == (0, 16)
     with pytest.raises(RuntimeError, match="plane 0 must be"):
-        torch.ops.fqcompile.nested_linear(torch.randn(1, 256), [planes[0][:, :-1]], [4], scale, zero, 4, 128)
+        torch.ops.fqcompile.nested_linear(torch.randn(1, 256), [planes[0][:, :-1]], [4], scale, zero, 4, 0.0, 128)
     with pytest.raises(RuntimeError, match="groups"):
-        torch.ops.fqcompile.nested_linear(torch.randn(1, 256), planes[:1], [4], scale, zero, 4, 64)
+        torch.ops.fqcompile.nested_linear(torch.randn(1, 256), planes[:1], [4], scale, zero, 4, 0.0, 64)
 
 
 def test_torch_compile_traces_the_op():
@@ -83,7 +85,7 @@ def test_torch_compile_traces_the_op():
 
 CHECK = """
 import torch
-from fqcompile.formats.nested import Layout, pack_planes, quantize_rtn
+from fqcompile.formats.nested import GRIDS, ZERO_EXACT, Layout, pack_planes, quantize_rtn
 from fqcompile.kernels import backend, flex_linear, kernel_args, pack_rows, packed_linear, quantize_activations, reference_linear
 worst = 0.0
 for shape, group in [((64, 2048), 128), ((48, 1536), 64), ((33, 576), 128), ((17, 61), 32)]:
@@ -105,7 +107,7 @@ for shape, group in [((64, 2048), 128), ((48, 1536), 64), ((33, 576), 128), ((17
                 worst = max(worst, ((y.double() - ref).norm() / ref.norm()).item())
                 packed = pack_rows(*kernel_args(planes, (layout, scale, zero), bits)[:4], shape[1], group)
                 if packed and m <= 8:  # the AVX2 build's packed decode kernel
-                    y = packed_linear(x, packed, shape[0], ladder[0], group)
+                    y = packed_linear(x, packed, shape[0], ladder[0], layout.offset(bits), group)
                     worst = max(worst, ((y.double() - ref).norm() / ref.norm()).item())
 print(backend(torch.device("cpu")), worst)
 """
@@ -160,7 +162,7 @@ def test_int8_activation_mode_computes_w_times_quantized_x(shape, group, ladder,
         x = torch.randn(m, shape[1], generator=gen) + 0.5
         xhat = quantize_activations(x).double()
         for bits in ladder:
-            w64 = oracle_weight(codes, scale, zero, ladder, bits, group)
+            w64 = oracle_weight(codes, scale, zero, ladder, bits, group, layout.grid, layout.zero_offset)
             y = flex_linear(x, planes, (layout, scale, zero), bits, int8_activations=True).double()
             want = xhat @ w64.T
             assert (y - want).norm() <= 1e-5 * want.norm(), (m, bits)
@@ -192,12 +194,12 @@ def test_packed_rows_compute_w_times_quantized_x(shape, group, ladder, bits, ora
     assert len(packed) == len(args[0]) + 2
     for codes_packed, plane in zip(packed, args[0]):
         assert codes_packed.numel() >= plane.numel() and torch.equal(unpack_rows(codes_packed, shape[0]), plane)
-    w64 = oracle_weight(codes, scale, zero, ladder, bits, group)
+    w64 = oracle_weight(codes, scale, zero, ladder, bits, group, layout.grid, layout.zero_offset)
     gen = torch.Generator().manual_seed(11)
     for m in (1, 2, 3, 5, 8, 9, 40):
         for offset in (0.0, 2.0):
             x = torch.randn(1, m, shape[1], generator=gen) + offset
-            y = packed_linear(x, packed, shape[0], ladder[0], group)
+            y = packed_linear(x, packed, shape[0], ladder[0], layout.offset(bits), group)
             assert y.shape == (1, m, shape[0]) and y.dtype == torch.float32
             want = quantize_activations(x).double() @ w64.T
             assert ((y.double() - want).norm() / want.norm()).item() <= 1e-5, (m, offset)
@@ -213,11 +215,11 @@ def test_packed_rows_refuse_what_they_cannot_serve():
     args = kernel_args(planes, (layout, scale, zero), 4)[:4]
     packed = pack_rows(*args, 256, 64)
     with pytest.raises(RuntimeError, match="input of 128 columns"):
-        packed_linear(torch.randn(1, 128), packed, 24, 4, 64)
+        packed_linear(torch.randn(1, 128), packed, 24, 4, 0.0, 64)
     with pytest.raises(RuntimeError, match="expected pack_rows' tensors for 32 rows"):
-        packed_linear(torch.randn(1, 256), packed, 32, 4, 64)
+        packed_linear(torch.randn(1, 256), packed, 32, 4, 0.0, 64)
     with pytest.raises(RuntimeError, match="contiguous CPU tensors"):
-        packed_linear(torch.randn(1, 256), [packed[0].transpose(0, 1).contiguous().transpose(0, 1), *packed[1:]], 24, 4, 64)
+        packed_linear(torch.randn(1, 256), [packed[0].transpose(0, 1).contiguous().transpose(0, 1), *packed[1:]], 24, 4, 0.0, 64)
     with pytest.raises(RuntimeError, match="expected one plane of pack_rows for 32 rows"):
         unpack_rows(packed[0], 32)
     with pytest.raises(RuntimeError, match="scale .* must be contiguous"):

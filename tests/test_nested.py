@@ -5,7 +5,8 @@ import torch
 
 from fqcompile.errors import FqError
 from fqcompile.formats.nested import (
-    Layout, check_ladder, dequantize, pack_planes, plane_widths, quantize_rtn, unpack_codes,
+    CELL_CENTRE, GRIDS, ZERO_EXACT, Layout, check_ladder, dequantize, pack_planes, plane_widths, quantize_rtn,
+    fit_zero_offset, rung_offset, unpack_codes,
 )
 
 LADDERS = [(4, 8), (2, 3, 4, 6, 8), (3, 8), (2, 4), (8,), (5, 7)]
@@ -46,20 +47,27 @@ def test_planes_round_trip_every_precision(ladder, shape):
 
 @pytest.mark.parametrize("ladder", LADDERS)
 @pytest.mark.parametrize("shape,group", [((24, 256), 128), ((9, 200), 64), ((4, 61), 16), ((6, 40), 128)])
-def test_dequantize_matches_float64_oracle_and_error_bound(ladder, shape, group, oracle_weight):
+@pytest.mark.parametrize("grid", list(GRIDS))
+def test_dequantize_matches_float64_oracle_and_error_bound(ladder, shape, group, grid, oracle_weight):
     gen = torch.Generator().manual_seed(7)
     w = torch.randn(shape, generator=gen) * torch.rand(shape[0], 1, generator=gen)
-    codes, scale, zero = quantize_rtn(w, group, ladder)
-    layout = Layout(*shape, group_size=group, ladder=ladder)
+    w[0, :5] = 0.0  # exact zeros among the weights
+    codes, scale, zero = quantize_rtn(w, group, ladder, grid)
+    layout = Layout(*shape, group_size=group, ladder=ladder, grid=grid)
     planes = pack_planes(codes, layout)
     g = torch.arange(shape[1]) // group
     for bits in ladder:
-        ref = oracle_weight(codes, scale, zero, ladder, bits, group)
+        ref = oracle_weight(codes, scale, zero, ladder, bits, group, grid, layout.zero_offset)
         got = dequantize(planes, scale, zero, layout, bits).double()
         assert torch.allclose(got, ref, rtol=1e-6, atol=1e-7 * ref.abs().max().item())
-        # every weight lies in its cell, so the error is at most half a step of this precision
         step = scale.double()[:, g] / 2.0 ** (bits - ladder[0])
-        assert ((got - w.double()).abs() <= step / 2 * (1 + 1e-3) + 1e-7).all()
+        err = (got - w.double()).abs()
+        if grid == CELL_CENTRE:  # every weight lies in its cell: at most half a step of this precision
+            assert (err <= step / 2 * (1 + 1e-3) + 1e-7).all()
+        else:  # 0 is a level of every precision; the codes trade the rungs' errors, near RTN's at each
+            assert torch.equal(got[0, :5], torch.zeros(5, dtype=torch.float64))
+            assert (err / step).pow(2).mean() < 0.25  # direct RTN: 1/12; a rung one bit above another pays most
+            assert (err > step * (1 + 1e-3) + 1e-7).float().mean() < 0.01
 
 
 def test_lowest_slice_is_exactly_direct_rtn():
@@ -70,12 +78,25 @@ def test_lowest_slice_is_exactly_direct_rtn():
     assert torch.equal(nested[1], direct[1]) and torch.equal(nested[2], direct[2])
 
 
-def test_zero_group_and_constant_rows():
+def test_zero_exact_offsets():
+    # c' = c * 2^(b' - b) + 2^(b' - b - 1) - 1 rung by rung (docs/format.md)
+    # c_b = c >> (B - b): the b-bit zero point is the top b bits of the master one, z * 2^(B - b0) + c
+    assert [rung_offset((3, 4, 6, 8), b, ZERO_EXACT, 21) for b in (3, 4, 6, 8)] == [0, 1, 5, 21]
+    assert [rung_offset((4, 8), b, CELL_CENTRE) for b in (4, 8)] == [0, 7.5]
+    assert Layout(1, 1, 1, (4, 8), ZERO_EXACT).zero_offset == fit_zero_offset((4, 8))
+    with pytest.raises(FqError, match="unknown grid"):
+        rung_offset((4, 8), 8, "centre")
+    with pytest.raises(FqError, match="zero offset 16"):
+        Layout(1, 1, 1, (4, 8), ZERO_EXACT, 16)
+
+
+@pytest.mark.parametrize("grid", list(GRIDS))
+def test_zero_group_and_constant_rows(grid):
     w = torch.randn(4, 256, generator=torch.Generator().manual_seed(5))
     w[1, :128] = 0.0  # one all-zero group next to random ones
     w[2] = 0.25  # a constant positive row
-    layout = Layout(4, 256, 128, (4, 8))
-    codes, scale, zero = quantize_rtn(w, 128, layout.ladder)
+    layout = Layout(4, 256, 128, (4, 8), grid)
+    codes, scale, zero = quantize_rtn(w, 128, layout.ladder, grid)
     planes = pack_planes(codes, layout)
     assert torch.equal(dequantize(planes, scale, zero, layout, 4)[1, :128], torch.zeros(128))
     for bits in (4, 8):

@@ -7,7 +7,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel module is im
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from fqcompile.formats.nested import Layout, pack_planes, quantize_rtn  # noqa: E402
+from fqcompile.formats.nested import GRIDS, ZERO_EXACT, Layout, pack_planes, quantize_rtn  # noqa: E402
 from fqcompile.kernels import triton_nested  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ["TRITON_INTERPRET"] != "1" else "cpu"
@@ -17,11 +17,11 @@ SHAPES = [((70, 200), 64), ((33, 576), 128), ((17, 61), 32), ((65, 136), 128)]
 BATCHES = (1, 3, 8, 9, 40)  # GEMV tile up to 8 rows, GEMM tile (tl.dot) above
 
 
-def make(shape, group, ladder, seed=0):
+def make(shape, group, ladder, seed=0, grid=ZERO_EXACT):
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(shape, generator=gen) * 0.05
-    layout = Layout(*shape, group_size=group, ladder=ladder)
-    codes, scale, zero = quantize_rtn(w, group, ladder)
+    layout = Layout(*shape, group_size=group, ladder=ladder, grid=grid)
+    codes, scale, zero = quantize_rtn(w, group, ladder, grid)
     planes = [p.to(DEVICE) for p in pack_planes(codes, layout)]
     return layout, codes, scale.to(DEVICE), zero.to(DEVICE), planes
 
@@ -30,20 +30,23 @@ def run(x, layout, planes, scale, zero, bits):
     """The kernel into an output poisoned with NaN, so any element left unwritten shows."""
     n = layout.planes_for(bits)
     y = torch.full((x.shape[0], layout.out_features), float("nan"), dtype=x.dtype, device=x.device)
-    triton_nested.launch(x, planes[:n], layout.widths[:n], scale, zero, layout.ladder[0], layout.group_size, y)
+    triton_nested.launch(x, planes[:n], layout.widths[:n], scale, zero, layout.ladder[0], layout.offset(bits),
+                         layout.group_size, y)
     assert not y.isnan().any(), "output not fully written"
     return y
 
 
 @pytest.mark.parametrize("ladder", LADDERS)
 @pytest.mark.parametrize("shape,group", SHAPES)
-def test_triton_matches_float64(ladder, shape, group, oracle_weight):
-    layout, codes, scale, zero, planes = make(shape, group, ladder, seed=shape[0])
+@pytest.mark.parametrize("grid", list(GRIDS))
+def test_triton_matches_float64(ladder, shape, group, grid, oracle_weight):
+    layout, codes, scale, zero, planes = make(shape, group, ladder, seed=shape[0], grid=grid)
     gen = torch.Generator().manual_seed(3)
     for m in BATCHES:
         x = (torch.randn(m, shape[1], generator=gen) + 0.5).to(DEVICE)
         for bits in ladder:
-            ref = x.double().cpu() @ oracle_weight(codes, scale.cpu(), zero.cpu(), ladder, bits, group).T
+            w64 = oracle_weight(codes, scale.cpu(), zero.cpu(), ladder, bits, group, grid, layout.zero_offset)
+            ref = x.double().cpu() @ w64.T
             y = run(x, layout, planes, scale, zero, bits).double().cpu()
             assert ((y - ref).norm() / ref.norm()).item() <= 1e-5, (m, bits)
 
@@ -54,7 +57,8 @@ def test_triton_low_precision_activations(dtype, tol, m, oracle_weight):
     layout, codes, scale, zero, planes = make((70, 200), 64, (4, 8))
     x = torch.randn(m, 200, generator=torch.Generator().manual_seed(m)).to(dtype).to(DEVICE)
     for bits in (4, 8):
-        ref = x.double().cpu() @ oracle_weight(codes, scale.cpu(), zero.cpu(), (4, 8), bits, 64).T
+        w64 = oracle_weight(codes, scale.cpu(), zero.cpu(), (4, 8), bits, 64, layout.grid, layout.zero_offset)
+        ref = x.double().cpu() @ w64.T
         y = run(x, layout, planes, scale, zero, bits)
         assert y.dtype == dtype
         assert ((y.double().cpu() - ref).norm() / ref.norm()).item() <= tol
@@ -63,7 +67,7 @@ def test_triton_low_precision_activations(dtype, tol, m, oracle_weight):
 def test_wrapper_keeps_leading_dims():
     layout, codes, scale, zero, planes = make((33, 576), 128, (4, 8))
     x = torch.randn(2, 3, 576).to(DEVICE)
-    y = triton_nested.nested_linear(x, planes[:1], layout.widths[:1], scale, zero, 4, 128)
+    y = triton_nested.nested_linear(x, planes[:1], layout.widths[:1], scale, zero, 4, layout.offset(4), 128)
     flat = run(x.reshape(6, 576), layout, planes, scale, zero, 4)
     assert y.shape == (2, 3, 33) and torch.equal(y.reshape(6, 33), flat)
 
@@ -75,7 +79,7 @@ def test_int8_activation_mode_matches_the_reference():
     x = (torch.randn(5, 136, generator=torch.Generator().manual_seed(1)) + 0.5).to(DEVICE)
     for bits in (4, 8):
         n = layout.planes_for(bits)
-        y = triton_nested.nested_linear(x, planes[:n], layout.widths[:n], scale, zero, 4, 128, True)
+        y = triton_nested.nested_linear(x, planes[:n], layout.widths[:n], scale, zero, 4, layout.offset(bits), 128, True)
         cpu = [p.cpu() for p in planes]
         ref = reference_linear(x.cpu().double(), cpu, (layout, scale.cpu(), zero.cpu()), bits, int8_activations=True)
         assert ((y.cpu().double() - ref).norm() / ref.norm()).item() <= 1e-5
