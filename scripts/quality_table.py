@@ -1,19 +1,24 @@
 """Quality of nested slices vs models quantized directly at each precision, per method, in one run.
 
-For each method (rtn, gptq) and ladder, exports the nested checkpoint and one direct
-(single-precision) checkpoint per ladder width through the product path; optionally
+For each method (rtn, gptq), grid (lowest-rung = format 1, zero-exact = format 2),
+rotation (off, on) and ladder, exports the nested checkpoint, and one direct
+(single-precision) checkpoint per ladder width and rotation, through the product path;
+every model is also evaluated out of domain (docstrings of torch.nn and torch.optim,
+technical prose the Austen calibration never saw); optionally
 quantizes the model directly with GPTQModel (run in its own virtual environment, on the
 same calibration samples) and reads its GPTQ checkpoint back. Every model is evaluated
 against the full-precision model on the same held-out samples. Writes a markdown table,
 a JSON file and a PNG plot (perplexity vs bits per weight, one line per method).
 
-    python scripts/quality_table.py --ladders 4,8 3,4,6,8 --out docs/quality
+    python scripts/quality_table.py --ladders 4,8 4,6,8 3,4,6,8 --out docs/quality
 """
 
 import argparse
+import ast
 import json
 import os
 import platform
+import shutil
 import subprocess
 import tempfile
 import time
@@ -37,8 +42,13 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=sources.BUILTIN_NAME)
     ap.add_argument("--dataset", default=str(DEFAULT_DATA))
-    ap.add_argument("--ladders", nargs="+", default=["4,8", "3,4,6,8"])
+    ap.add_argument("--ladders", nargs="+", default=["4,8", "4,6,8", "3,4,6,8"])
     ap.add_argument("--methods", default="rtn,gptq")
+    ap.add_argument("--grids", default="lowest-rung,zero-exact")
+    ap.add_argument("--rotate", default="off,on", help="rotations to try: off, on, or off,on")
+    ap.add_argument("--gptq-grids", default=None, help="grids for GPTQ (default: --grids)")
+    ap.add_argument("--gptq-ladders", nargs="+", default=None, help="ladders for GPTQ (default: --ladders)")
+    ap.add_argument("--ood-samples", type=int, default=16, help="out-of-domain evaluation samples (0: none)")
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--samples", type=int, default=32, help="evaluation samples (of --seq-len tokens)")
     ap.add_argument("--seq-len", type=int, default=512)
@@ -52,33 +62,51 @@ def main():
     args = ap.parse_args()
     torch.manual_seed(0)
     ladders = [tuple(int(b) for b in text.split(",")) for text in args.ladders]
-    methods = args.methods.split(",")
-    widths = sorted({b for lad in ladders for b in lad})
+    gptq_ladders = [tuple(int(b) for b in text.split(",")) for text in args.gptq_ladders or args.ladders]
+    methods, grids, rotations = args.methods.split(","), args.grids.split(","), [r == "on" for r in args.rotate.split(",")]
+    gptq_grids = (args.gptq_grids or args.grids).split(",")
 
     ref, tok, folder = sources.load(args.model)
     samples = load_samples(args.dataset, tok, split="eval", seq_len=args.seq_len, max_samples=args.samples)
     calib = dict(dataset=args.dataset, samples=args.calib_samples, seq_len=args.calib_seq_len)
     rows, timings = [], {}
-    fp = fqcompile.evaluate(ref, samples, reference=None, progress=False)[None]
-    rows.append({"method": "full precision", "bits": 32.0, "perplexity": fp["perplexity"], "kl": 0.0})
     with tempfile.TemporaryDirectory() as work:
-        runs = [(m, "nested", lad) for m in methods for lad in ladders] + \
-               [(m, "direct", (b,)) for m in methods for b in widths]
-        for method, kind, rungs in runs:
-            out = Path(work) / f"{method}-{kind}-{'-'.join(map(str, rungs))}"
+        ood = None
+        if args.ood_samples:
+            ood = load_samples(str(docstrings(Path(work) / "ood")), tok, split="eval", seq_len=args.seq_len,
+                               max_samples=args.ood_samples)
+        fp = fqcompile.evaluate(ref, samples, reference=None, progress=False)[None]
+        fp_ood = fqcompile.evaluate(ref, ood, reference=None, progress=False)[None] if ood is not None else None
+        rows.append(row("full precision", None, 32.0, dict(fp, kl=0.0), fp_ood and dict(fp_ood, kl=0.0)))
+        runs = []
+        for method in methods:
+            for rot in rotations:
+                for grid in (gptq_grids if method == "gptq" else grids):
+                    runs += [(method, "nested", lad, grid, rot) for lad in (gptq_ladders if method == "gptq" else ladders)]
+                widths = sorted({b for lad in (gptq_ladders if method == "gptq" else ladders) for b in lad})
+                runs += [(method, "direct", (b,), "zero-exact", rot) for b in widths]  # one rung: both grids agree
+        for method, kind, rungs, grid, rot in runs:
+            name = f"{method}-{kind}-{'-'.join(map(str, rungs))}" + (f"-{grid}" if kind == "nested" else "") + \
+                ("-rotated" if rot else "")
+            out = Path(work) / name
             start = time.perf_counter()
             fqcompile.export(args.model, out, ladder=rungs, group_size=args.group_size, progress=False, method=method,
-                             **(calib if method == "gptq" else {}))
-            timings[out.name] = round(time.perf_counter() - start, 1)
+                             grid=grid, rotate=rot, **(calib if method == "gptq" else {}))
+            timings[name] = round(time.perf_counter() - start, 1)
             loaded = fqcompile.load(out)
             with dense_weights(loaded.model):
                 result = fqcompile.evaluate(loaded.model, samples, precisions=rungs, reference=ref, progress=False)
+                other = (fqcompile.evaluate(loaded.model, ood, precisions=rungs, reference=ref, progress=False)
+                         if ood is not None else {})
             stats = precision_stats(loaded.manifest)
+            label = f"{method} {kind}" + (f" {list(rungs)} {grid}" if kind == "nested" else "") + \
+                (" rotated" if rot else "")
             for b in rungs:
-                rows.append(row(f"{method} {kind}" + (f" {list(rungs)}" if kind == "nested" else ""), b,
-                                stats[b]["bits_per_weight"], result[b]))
-            print(f"{out.name} ({timings[out.name]} s): " +
-                  ", ".join(f"{b}-bit ppl {result[b]['perplexity']:.3f}" for b in rungs), flush=True)
+                rows.append(row(label, b, stats[b]["bits_per_weight"], result[b], other.get(b)))
+            print(f"{name} ({timings[name]} s): " + ", ".join(
+                f"{b}-bit KL {result[b]['kl']:.4f}" + (f" (ood {other[b]['kl']:.4f})" if other else "") for b in rungs),
+                flush=True)
+            shutil.rmtree(out)
         if args.gptqmodel_python:
             calib_ids = load_samples(args.dataset, tok, split="calib", seq_len=args.calib_seq_len,
                                      max_samples=args.calib_samples)
@@ -98,22 +126,51 @@ def main():
                     for name, weight in gptq_format.read(out).items():
                         model.get_submodule(name).weight.copy_(weight)
                 result = fqcompile.evaluate(model, samples, reference=ref, progress=False)[None]
+                other = fqcompile.evaluate(model, ood, reference=ref, progress=False)[None] if ood is not None else None
                 rows.append(row(f"GPTQModel direct (act-order {act})", bits, bits + (16 + bits) / args.group_size,
-                                result))
+                                result, other))
                 print(f"{out.name} ({timings[out.name]} s): ppl {result['perplexity']:.3f}", flush=True)
     info = {
         "model": args.model, "dataset": args.dataset, "split": "eval", "samples": len(samples),
         "tokens": int(samples[:, 1:].numel()), "seq_len": args.seq_len, "group_size": args.group_size,
         "ladders": [list(lad) for lad in ladders], "calibration": calib, "date": time.strftime("%Y-%m-%d"),
         "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-        "export_seconds": timings,
+        "export_seconds": timings, "ood_tokens": int(ood[:, 1:].numel()) if ood is not None else 0,
     }
     write(rows, info, Path(args.out))
 
 
-def row(method, precision, bits, result):
-    return {"method": method, "precision": precision, "bits": bits, "perplexity": result["perplexity"],
-            "kl": result["kl"]}
+def row(method, precision, bits, result, ood=None):
+    out = {"method": method, "bits": bits, "perplexity": result["perplexity"], "kl": result["kl"]}
+    if precision is not None:
+        out["precision"] = precision
+    if ood is not None:
+        out.update(ood_perplexity=ood["perplexity"], ood_kl=ood["kl"])
+    return out
+
+
+def docstrings(folder: Path) -> Path:
+    """Out-of-domain text: the docstrings (over 200 characters) of torch.nn and torch.optim, in file order."""
+    root = Path(torch.__file__).parent
+    docs = []
+    for path in sorted((root / "nn").rglob("*.py")) + sorted((root / "optim").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) > 200:
+                    docs.append(doc)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "torch-docstrings.txt").write_text("\n\n".join(docs))
+    return folder
+
+
+def direct_row(rows, r):
+    """The direct (one-rung) row of the same method and rotation at r's width, for a nested row."""
+    if " nested " not in r["method"]:
+        return None
+    method, rotated = r["method"].split()[0], r["method"].endswith("rotated")
+    name = f"{method} direct" + (" rotated" if rotated else "")
+    return next((x for x in rows if x["method"] == name and x.get("precision") == r["precision"]), None)
 
 
 def gap_closed(rows, fp_ppl):
@@ -140,13 +197,23 @@ def write(rows, info, out: Path):
         f"(eval split, {info['samples']} x {info['seq_len']}), group size {info['group_size']}; GPTQ calibrated on "
         f"{cal['samples']} x {cal['seq_len']} tokens of the calib split; {info['date']}, {info['threads']} threads.",
         "",
-        "| method | precision | bits read / weight | perplexity | vs full precision | KL vs full precision |",
-        "|---|---|---|---|---|---|",
+        "Out of domain: the eval split of torch.nn/torch.optim docstrings (`docstrings()`), "
+        f"{info.get('ood_tokens', 0)} tokens. KL / direct: this slice's KL over the direct model's at the same "
+        "width, method and rotation.",
+        "",
+        "| method | precision | bits read / weight | perplexity | vs full precision | KL vs full precision "
+        "| KL / direct | out-of-domain ppl vs fp | out-of-domain KL |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
+    fp_ood = rows[0].get("ood_perplexity")
     for r in rows:
+        direct = direct_row(rows, r)
+        ratio = f"{r['kl'] / direct['kl']:.2f}x" if direct and direct["kl"] > 0 else "-"
+        ood = (f"{(r['ood_perplexity'] / fp_ood - 1) * 100:+.2f}% | {r['ood_kl']:.4f}" if "ood_kl" in r else "- | -")
         lines.append(
             f"| {r['method']} | {r.get('precision', '-')} | {r['bits']:.3f} | {r['perplexity']:.3f} | "
-            f"{(r['perplexity'] / fp_ppl - 1) * 100:+.2f}% | {r['kl']:.4f} |"
+            f"{(r['perplexity'] / fp_ppl - 1) * 100:+.2f}% | {r['kl']:.4f} | "
+            f"{ratio} | {ood} |"
         )
     if info["gap_closed"]:
         lines += ["", "Share of nested RTN's perplexity gap (slice − full precision) that nested GPTQ closes:", ""]

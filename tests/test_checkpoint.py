@@ -19,19 +19,25 @@ from fqcompile.formats.nested import quantize_rtn
 from fqcompile.processes import python_command
 
 
-def test_loaded_layers_equal_float64_slices_of_source_weights(tiny_dir, tiny_ckpt, oracle_weight):
+@pytest.mark.parametrize("grid", ["zero-exact", "lowest-rung"])
+def test_loaded_layers_equal_float64_slices_of_source_weights(tiny_dir, tiny_ckpt, oracle_weight, grid, tmp_path):
+    """Both format versions: the default (2, zero-exact) and version 1 (lowest-rung) as written before."""
     source, _, _ = sources.load(str(tiny_dir))
-    loaded = fqcompile.load(tiny_ckpt)
+    folder = tiny_ckpt if grid == "zero-exact" else fqcompile.export(
+        str(tiny_dir), tmp_path / "v1", ladder=(4, 8), group_size=32, grid=grid, progress=False)
+    loaded = fqcompile.load(folder)
+    assert loaded.manifest["grid"] == grid and loaded.manifest["format_version"] == {"zero-exact": 2}.get(grid, 1)
+    offset = loaded.manifest.get("zero_offset", 0)
     layers = {n: m for n, m in loaded.model.named_modules() if isinstance(m, FlexLinear)}
     assert len(layers) == 2 * 7  # q, k, v, o, gate, up, down per block
     x = torch.randn(3, 196, generator=torch.Generator().manual_seed(0))
     for name, layer in layers.items():
         w = source.get_submodule(name).weight
-        codes, scale, zero = quantize_rtn(w, 32, (4, 8))
+        codes, scale, zero = quantize_rtn(w, 32, (4, 8), grid)
         for bits in (4, 8):
             layer.set_precision(bits)
             xin = x[:, : layer.in_features]
-            ref = xin.double() @ oracle_weight(codes, scale, zero, (4, 8), bits, 32).T
+            ref = xin.double() @ oracle_weight(codes, scale, zero, (4, 8), bits, 32, grid, offset).T
             assert (layer(xin).double() - ref).norm() <= 1e-5 * ref.norm()
     # everything unquantized is bit-identical, and lm_head is tied again
     for name, p in source.named_parameters():
@@ -115,6 +121,11 @@ def _damage_version(folder):
     (folder / ckpt.MANIFEST).write_text(json.dumps(manifest))
 
 
+def _damage_grid(folder, **changes):
+    manifest = json.loads((folder / ckpt.MANIFEST).read_text())
+    (folder / ckpt.MANIFEST).write_text(json.dumps({**manifest, **changes}))
+
+
 def _damage_manifest(folder):
     (folder / ckpt.MANIFEST).write_text("{not json")
 
@@ -125,6 +136,9 @@ def _damage_manifest(folder):
     (_damage_missing, "missing dense.safetensors"),
     (_damage_version, "version 99 is not supported"),
     (_damage_manifest, "malformed"),
+    (lambda folder: _damage_grid(folder, format_version=1), "zero-exact for format version 1"),
+    (lambda folder: _damage_grid(folder, zero_offset=1.5), "zero_offset 1.5"),
+    (lambda folder: _damage_grid(folder, zero_offset=16), "zero offset 16 is outside"),
 ])
 def test_damaged_checkpoints_are_refused(ckpt_copy, damage, message):
     damage(ckpt_copy)

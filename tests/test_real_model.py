@@ -41,7 +41,10 @@ def test_nested_checkpoint_holds_about_one_8bit_model(exported):
 
 
 def test_slice_quality_on_held_out_austen(smol, exported, austen):
-    """8-bit slice within +0.5% of full precision; 4-bit slice within 2% of direct 4-bit RTN."""
+    """8-bit slice next to full precision; 4-bit slice within 2% of direct 4-bit RTN.
+
+    (The 8-bit slice is judged by KL: on these 2,044 tokens its perplexity moves by ±0.3%
+    between grids whose KL is the same, 0.0015-0.0016; docs/quality.md has 16k tokens.)"""
     ref, tok, _ = smol
     samples = load_samples(str(austen), tok, split="eval", seq_len=512, max_samples=4)
     nested = fqcompile.load(exported[0])
@@ -49,7 +52,7 @@ def test_slice_quality_on_held_out_austen(smol, exported, austen):
     r = fqcompile.evaluate(nested.model, samples, precisions=[4, 8], reference=ref, progress=False)
     d = fqcompile.evaluate(direct.model, samples, precisions=[4], progress=False)
     fp = r["fp"]["perplexity"]
-    assert r[8]["perplexity"] <= 1.005 * fp, (r[8], fp)
+    assert r[8]["kl"] < 0.002 and r[8]["perplexity"] <= 1.01 * fp, (r[8], fp)
     assert r[4]["perplexity"] <= 1.02 * d[4]["perplexity"], (r[4], d[4])
     assert 0 < r[8]["kl"] < 0.01 < r[4]["kl"]
 
@@ -63,11 +66,12 @@ def test_real_layers_against_float64(smol, exported, oracle_weight):
         layer = loaded.model.get_submodule(name)
         assert isinstance(layer, FlexLinear)
         w = ref.get_submodule(name).weight
-        codes, scale, zero = quantize_rtn(w, 128, (4, 8))
+        codes, scale, zero = quantize_rtn(w, 128, (4, 8), layer.layout.grid)
         xin = x[:, : layer.in_features]
         for bits in (4, 8):
             layer.set_precision(bits)
-            want = xin.double() @ oracle_weight(codes, scale, zero, (4, 8), bits, 128).T
+            w64 = oracle_weight(codes, scale, zero, (4, 8), bits, 128, layer.layout.grid, layer.layout.zero_offset)
+            want = xin.double() @ w64.T
             assert (layer(xin).double() - want).norm() <= 1e-5 * want.norm()
 
 
