@@ -74,7 +74,7 @@ def plane_widths(ladder) -> tuple[int, ...]:
 
 def check_grid(grid: str) -> str:
     if grid not in GRIDS:
-        raise FqError(f"unknown grid '{grid}' (known: {', '.join(GRIDS)})")
+        raise FqError(f"unknown `grid` '{grid}' (known: {', '.join(GRIDS)})")
     return grid
 
 

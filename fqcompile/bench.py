@@ -193,20 +193,24 @@ def default_specs(manifest: dict, policy: dict) -> list[str]:
 
 def run_bench(folder, specs=None, new_tokens: int = 128, prompt_tokens: int = 64, engine: str = "auto",
               quantized_head: bool = True, int8_activations: bool = True, baseline: bool = True, repeats: int = 1,
-              on_row=None) -> tuple[list[dict], list[str]]:
+              on_row=None, compare=()) -> tuple[list[dict], list[str]]:
     """Every policy in `specs` (default: default_specs) and the baselines, each row `repeats` times, the rows
     in turn, each run in a process of its own; returns the median rows and notes on baselines left out.
-    `on_row(row, repeat)` hears of each run as it ends."""
+    `compare`: other checkpoint folders whose rows for the same policies run in the same turns (their
+    policy names get the folder's name). `on_row(row, repeat)` hears of each run as it ends."""
     manifest, policy = ckpt.read_manifest(Path(folder)), read_policy(folder)
     specs = list(specs) if specs else default_specs(manifest, policy)
-    for spec in specs:  # refuse a bad policy here, before any row runs
-        resolve(policy, manifest, spec)
+    folders = [Path(folder), *map(Path, compare)]
+    for other in folders:  # refuse a bad policy here, before any row runs
+        for spec in specs:
+            resolve(read_policy(other), ckpt.read_manifest(other), spec)
     from transformers import AutoTokenizer
 
     ids = prompt_ids(AutoTokenizer.from_pretrained(folder), prompt_tokens)
     with tempfile.TemporaryDirectory(prefix="fqcompile-bench-") as work:  # requantized GGUFs
-        jobs = [("policy", dict(folder=str(folder), spec=s, ids=ids, new_tokens=new_tokens, engine=engine,
-                                quantized_head=quantized_head, int8_activations=int8_activations)) for s in specs]
+        jobs = [("policy", dict(folder=str(f), spec=s, ids=ids, new_tokens=new_tokens, engine=engine,
+                                quantized_head=quantized_head, int8_activations=int8_activations))
+                for s in specs for f in folders]
         notes = []
         if baseline:
             jobs += baseline_jobs(manifest["source"]["model"], ids, new_tokens, work, notes)
@@ -223,6 +227,8 @@ def run_bench(folder, specs=None, new_tokens: int = 128, prompt_tokens: int = 64
                     notes.append(str(exc))
                     runs[i] = None
                     continue
+                if compare and job == "policy":
+                    row["policy"] = f"{row['policy']} [{Path(kwargs['folder']).name}]"
                 runs[i].append(row)
                 if on_row is not None:
                     on_row(row, rep)

@@ -210,6 +210,8 @@ def bench(
                                   "llama.cpp at Q8_0 and Q4_0 if llama-cpp-python is installed"),
     repeats: int = typer.Option(1, min=1, help="run every row this many times, the rows in turn, and report "
                                 "medians (on a shared, noisy machine)"),
+    compare: list[Path] = typer.Option(None, "--compare", help="repeatable: another checkpoint whose rows for the "
+                                       "same policies run in the same turns (e.g. another grid or ladder)"),
     json_path: JsonPath = None,
 ):
     """Decode and prefill tokens/s per policy, side by side in one run (each row in its own process)."""
@@ -223,12 +225,12 @@ def bench(
 
     rows, notes = run_bench(folder, policy, new_tokens=new_tokens, prompt_tokens=prompt_tokens, engine=engine,
                             quantized_head=quantized_head, int8_activations=int8_activations, baseline=baseline,
-                            repeats=repeats, on_row=said)
+                            repeats=repeats, on_row=said, compare=compare or ())
     for note in notes:
         print(note, file=sys.stderr)
     print(table(rows))
-    write_json(json_path, {"checkpoint": str(folder), "threads": threads(), "repeats": repeats, "rows": rows,
-                           "notes": notes})
+    write_json(json_path, {"checkpoint": str(folder), "compare": [str(c) for c in compare or ()],
+                           "threads": threads(), "repeats": repeats, "rows": rows, "notes": notes})
 
 
 @app.command(name="eval")

@@ -27,6 +27,10 @@ def summary(folder: Path, verify: bool = False) -> tuple[str, dict]:
     lines.append(f"source      {src['model']}  ({src['architecture']}, {src['dtype']})")
     lines.append(f"quantizer   {manifest['quantizer']['method']}, group size {manifest['group_size']}, "
                  f"ladder {manifest['ladder']}, planes {manifest['plane_widths']} bits (most significant first)")
+    grid = manifest["grid"] + (f" (zero offset {manifest['zero_offset']})" if "zero_offset" in manifest else "")
+    rotation = manifest.get("rotation")
+    lines.append(f"grid        {grid}; " + (f"rotated ({rotation['kind']}, seed {rotation['seed']})" if rotation
+                                              else "not rotated"))
     q = manifest["quantizer"]
     if q["method"] == "gptq":
         rungs = q["rung_weights"]
@@ -56,6 +60,9 @@ def summary(folder: Path, verify: bool = False) -> tuple[str, dict]:
         "ladder": manifest["ladder"],
         "group_size": manifest["group_size"],
         "plane_widths": manifest["plane_widths"],
+        "grid": manifest["grid"],
+        "zero_offset": manifest.get("zero_offset"),
+        "rotation": manifest.get("rotation"),
         "quantized_modules": len(layouts),
         "quantized_weights": weights,
         "files": {n: e["bytes"] for n, e in files.items()},

@@ -59,7 +59,11 @@ def main():
     ap.add_argument("--gptqmodel-bits", default="4")
     ap.add_argument("--gptqmodel-act-order", default="on", help="GPTQModel desc_act: on, off, or off,on")
     ap.add_argument("--out", default=str(HERE.parent / "docs" / "quality"), help="output prefix (.md/.json/.png)")
+    ap.add_argument("--merge", nargs="+", help="only combine earlier runs' .json files (same model, data and "
+                                                "evaluation) into one table")
     args = ap.parse_args()
+    if args.merge:
+        return merge([Path(f) for f in args.merge], Path(args.out))
     torch.manual_seed(0)
     ladders = [tuple(int(b) for b in text.split(",")) for text in args.ladders]
     gptq_ladders = [tuple(int(b) for b in text.split(",")) for text in args.gptq_ladders or args.ladders]
@@ -138,6 +142,20 @@ def main():
         "export_seconds": timings, "ood_tokens": int(ood[:, 1:].numel()) if ood is not None else 0,
     }
     write(rows, info, Path(args.out))
+
+
+def merge(files, out: Path):
+    runs = [json.loads(f.read_text()) for f in files]
+    info = dict(runs[0]["info"], runs=len(runs), export_seconds={})
+    rows = [runs[0]["rows"][0]]  # full precision, the same in every run
+    for run in runs:
+        keys = ("model", "dataset", "samples", "seq_len", "group_size", "ood_tokens")
+        if any(run["info"].get(k) != info.get(k) for k in keys):
+            raise SystemExit(f"runs differ in {keys}: cannot merge")
+        info["export_seconds"].update(run["info"]["export_seconds"])
+        info["ladders"] = sorted({tuple(x) for x in info["ladders"] + run["info"]["ladders"]})
+        rows += run["rows"][1:]
+    write(rows, info, out)
 
 
 def row(method, precision, bits, result, ood=None):

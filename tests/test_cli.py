@@ -117,6 +117,21 @@ def test_bench_runs_from_any_folder(tiny_ckpt, tmp_path):
     assert row["policy"].startswith("static:8") and row["decode_tokens_per_s"] > 0
 
 
+def test_bench_compares_checkpoints_in_the_same_turns(tiny_dir, tiny_ckpt, tmp_path):
+    import fqcompile
+
+    v1 = fqcompile.export(str(tiny_dir), tmp_path / "v1", ladder=(4, 8), group_size=32, grid="lowest-rung",
+                          progress=False)
+    out = run("bench", tiny_ckpt, "--compare", v1, "--policy", "static:4", "--new-tokens", "4", "--prompt-tokens", "8",
+              "--no-baseline", "--json", tmp_path / "b.json")
+    assert out.returncode == 0, out.stderr
+    data = json.loads((tmp_path / "b.json").read_text())
+    assert [r["policy"].split(" [")[1] for r in data["rows"]] == [f"{tiny_ckpt.name}]", "v1]"]
+    assert data["compare"] == [str(v1)] and all(r["decode_tokens_per_s"] > 0 for r in data["rows"])
+    bad = invoke("bench", tiny_ckpt, "--compare", tmp_path / "nothing", "--no-baseline")
+    assert bad.returncode != 0 and "checkpoint folder not found" in bad.stderr
+
+
 def test_bench_repeats_report_medians(tiny_ckpt, tmp_path):
     out = run("bench", tiny_ckpt, "--policy", "static:4", "--new-tokens", "4", "--prompt-tokens", "8", "--no-baseline",
               "--repeats", "3", "--no-quantized-head", "--no-int8-activations", "--json", tmp_path / "b.json")
