@@ -20,7 +20,7 @@ from torch import nn
 
 from fqcompile.errors import FqError
 from fqcompile.files import atomic_file
-from fqcompile.formats.nested import ZERO_EXACT, Layout, dequantize, pack_planes, quantize_rtn
+from fqcompile.formats.nested import CELL_CENTRE, Layout, dequantize, pack_planes, quantize_rtn
 from fqcompile.calibration.divergence import entropy, kl_per_token, log_probs
 
 
@@ -52,9 +52,12 @@ def units_of(model, linears: list[str], kind: str) -> list[Unit]:
     return [Unit(m, b, (m,)) for b, mods in sorted(by_block.items()) for m in mods]
 
 
+GRID = CELL_CENTRE  # the slices measured: export's default grid (calibrate records it; export checks it)
+
+
 def fake_quantized(weight: torch.Tensor, group_size: int, ladder, bits: int) -> torch.Tensor:
     """The b-bit slice of the nested RTN codes of `weight`, dense (exactly what export serves by default)."""
-    layout = Layout(weight.shape[0], weight.shape[1], group_size, tuple(ladder), ZERO_EXACT)
+    layout = Layout(weight.shape[0], weight.shape[1], group_size, tuple(ladder), GRID)
     codes, scale, zero = quantize_rtn(weight, group_size, layout.ladder, layout.grid)
     return dequantize(pack_planes(codes, layout), scale, zero, layout, bits, dtype=weight.dtype)
 

@@ -79,8 +79,11 @@ def read_manifest(folder: Path) -> dict:
             raise ValueError(f"unknown plane layout or grid {manifest['plane_layout']}/{manifest['grid']} "
                              f"for format version {version}")
         if version > 1 and not isinstance(manifest["zero_offset"], int):
-            raise ValueError(f"zero_offset {manifest['zero_offset']!r}")
-        Layout(1, 1, 1, ladder, manifest["grid"], manifest.get("zero_offset", 0))  # an offset outside the grid
+            raise ValueError(f"`zero_offset` {manifest['zero_offset']!r}")
+        try:  # an offset outside the grid
+            Layout(1, 1, 1, ladder, manifest["grid"], manifest.get("zero_offset", 0))
+        except FqError as exc:
+            raise ValueError(str(exc)) from None
         for info in manifest["modules"].values():
             out_features, in_features = (int(n) for n in info["shape"])
             if out_features < 1 or in_features < 1:

@@ -100,17 +100,22 @@ class Layout:
     zero_offset: int | None = None
 
     def __post_init__(self):
+        object.__setattr__(self, "ladder", tuple(self.ladder))
         check_grid(self.grid)
         if self.zero_offset is None:
             object.__setattr__(self, "zero_offset", fit_zero_offset(self.ladder) if self.grid == ZERO_EXACT else 0)
         elif not 0 <= self.zero_offset < 2 ** (self.master_bits - self.ladder[0]):
-            raise FqError(f"zero offset {self.zero_offset} is outside [0, {2 ** (self.master_bits - self.ladder[0])})")
+            raise FqError(f"`zero_offset` {self.zero_offset} is outside [0, {2 ** (self.master_bits - self.ladder[0])})")
 
     def offset(self, bits: int) -> float:
         return rung_offset(self.ladder, bits, self.grid, self.zero_offset)
 
     def offsets(self) -> list[float]:
         return [self.offset(b) for b in self.ladder]
+
+    def slice_args(self, bits: int) -> tuple[int, float, int]:
+        """(low, offset, group_size): how the kernels read the b-bit slice's grid."""
+        return self.ladder[0], self.offset(bits), self.group_size
 
     @property
     def master_bits(self) -> int:
@@ -153,15 +158,13 @@ def fit_zero_offset(ladder: tuple[int, ...]) -> int:
     if len(ladder) == 1:
         return 0
     w = torch.randn(64, 512, generator=torch.Generator().manual_seed(0))
-    scale, zero = group_grid(*group_range(w, 128), ladder[0])
-    g = torch.arange(w.shape[1]) // 128
-    s, z = scale[:, g].float(), zero[:, g].float()
     lam = rung_weights(ladder)
     costs = []
     for c in range(2 ** (ladder[-1] - ladder[0])):
-        offsets = [rung_offset(ladder, b, ZERO_EXACT, c) for b in ladder]
-        values = choose_codes(w.expand(len(ladder), -1, -1), s, z, ladder, offsets, lam)[1]
-        costs.append((lam.view(-1, 1, 1) * (values - w) ** 2).sum().item())
+        layout = Layout(*w.shape, 128, ladder, ZERO_EXACT, c)
+        codes, scale, zero = quantize_rtn(w, 128, ladder, ZERO_EXACT, c)
+        costs.append(sum(lam[i].item() * (decode_codes(codes, scale, zero, layout, b) - w).pow(2).sum().item()
+                         for i, b in enumerate(ladder)))
     return min(range(len(costs)), key=costs.__getitem__)
 
 
@@ -169,8 +172,9 @@ def group_grid(wmin: torch.Tensor, wmax: torch.Tensor, low: int):
     """Scale (fp16) and zero (uint8) of the lowest rung's grid for groups spanning [wmin, wmax].
 
     The range is widened to include 0 (as GPTQ does) so the zero point is a valid code.
-    The stored fp16 scale is rounded up, never down, so the grid still spans the range
-    and no weight is clamped by more than half a step.
+    The stored fp16 scale is rounded up, never down, so the lowest rung's grid still spans
+    the range and no weight is clamped there by more than half a step (on the zero-exact
+    grid a higher rung's levels are shifted by its c_b and may clamp the range's ends more).
     """
     wmin, wmax = wmin.clamp(max=0), wmax.clamp(min=0)
     qmax = 2**low - 1
@@ -217,7 +221,7 @@ def choose_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, ladde
     """
     low, top = ladder[0], ladder[-1]
     grids = [slice_params(scale, zero, low, b, c) for b, c in zip(ladder, offsets)]
-    nearest = [torch.round(x[r] / s + z) for r, (s, z) in enumerate(grids)]
+    nearest = [torch.floor(x[r] / s + z + 0.5) for r, (s, z) in enumerate(grids)]  # halves round up
     best = best_cost = best_values = None
     for r in range(len(ladder)):
         q = nearest[r].clamp(0, 2 ** ladder[r] - 1)
@@ -235,18 +239,20 @@ def choose_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, ladde
     return best, best_values
 
 
-def quantize_rtn(w: torch.Tensor, group_size: int, ladder, grid: str = CELL_CENTRE, rows: int = 4096):
+def quantize_rtn(w: torch.Tensor, group_size: int, ladder, grid: str = CELL_CENTRE, zero_offset: int | None = None,
+                 rows: int = 4096):
     """Round-to-nearest group quantization of W [N, K] to nested master codes (module doc).
 
     Returns codes (uint8 [N, K], B bits), scale (fp16 [N, G]) and zero (uint8 [N, G]) of
     the lowest rung's grid. On the cell-centre grid every weight is within half a step of
     its value at every precision; on the zero-exact grid the codes balance the rungs'
-    errors, each in units of its own step (choose_codes). `rows` at a time bound the memory.
+    errors, each in units of its own step (choose_codes), with `zero_offset` (default: the
+    fitted one, as Layout). `rows` at a time bound the memory.
     """
     if not torch.isfinite(w).all():
         raise FqError("weights contain NaN or Inf")
     w = w.detach().to(torch.float32)
-    layout = Layout(w.shape[0], w.shape[1], group_size, tuple(ladder), grid)
+    layout = Layout(w.shape[0], w.shape[1], group_size, tuple(ladder), grid, zero_offset)
     scale, zero = group_grid(*group_range(w, group_size), ladder[0])
     g_idx = torch.arange(w.shape[1]) // group_size
     lam = rung_weights(layout.ladder)

@@ -23,7 +23,7 @@ from .errors import FqError
 from .files import write_json
 from .sources import quantizable
 from .formats.checkpoint import sha256
-from .formats.nested import check_ladder
+from .formats.nested import CELL_CENTRE, check_ladder
 
 SETTINGS = "calibration.json"
 POLICY = "policy.json"
@@ -95,7 +95,7 @@ def calibrate(
     settings = {
         "model": model, "fingerprint": fingerprint(folder), "dataset": dataset_id, "ladder": list(ladder),
         "unit": unit, "group_size": group_size, "samples": samples, "eval_samples": eval_samples,
-        "seq_len": seq_len, "seed": seed,
+        "seq_len": seq_len, "seed": seed, "grid": m.GRID,
     }
     _check_folder(out, settings)  # before minutes of sampling and measuring
     fp_model, tok, _ = sources.load(model)
@@ -195,8 +195,8 @@ def calibrate(
     return policy
 
 
-def check_for_export(calib_dir, model_folder: Path, ladder, group_size, quantized: list[str]) -> dict:
-    """The calibration's policy, if it belongs to this model, ladder and group size."""
+def check_for_export(calib_dir, model_folder: Path, ladder, group_size, quantized: list[str], grid: str) -> dict:
+    """The calibration's policy, if it belongs to this model, ladder, group size and grid."""
     calib_dir = Path(calib_dir)
     try:
         settings = json.loads((calib_dir / SETTINGS).read_text())
@@ -211,6 +211,10 @@ def check_for_export(calib_dir, model_folder: Path, ladder, group_size, quantize
         raise FqError(f"calibration {calib_dir} is for ladder {settings.get('ladder')}, not {list(ladder)}")
     if settings.get("group_size") != group_size:
         raise FqError(f"calibration {calib_dir} used group size {settings.get('group_size')}, not {group_size}")
+    measured = settings.get("grid", CELL_CENTRE)  # calibrations before format 2 measured the lowest-rung grid
+    if measured != grid:
+        raise FqError(f"calibration {calib_dir} measured slices on the {measured} grid, not the `grid` {grid} "
+                      f"of this export")
     missing = {mod for u in policy["units"] for mod in u["modules"]} - set(quantized)
     if missing:
         raise FqError(f"calibration {calib_dir} names layers this export does not quantize: {sorted(missing)[:3]}")

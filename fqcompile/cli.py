@@ -40,8 +40,8 @@ def export(
     samples: int = typer.Option(64, help="GPTQ calibration samples"),
     seq_len: int = typer.Option(512, help="tokens per GPTQ calibration sample"),
     seed: int = typer.Option(0, help="seed for 'self' calibration text and for --rotate"),
-    grid: str = typer.Option("zero-exact", help="nested grid: zero-exact (format 2: 0 is a level of every "
-                                                "precision) or lowest-rung (format 1)"),
+    grid: str = typer.Option("lowest-rung", help="nested grid: lowest-rung (format 1) or zero-exact (format 2: 0 is "
+                                                 "a level of every precision; experimental, docs/results.md)"),
     rotate: bool = typer.Option(False, "--rotate/--no-rotate",
                                 help="rotate the model first (Hadamard-based, offline: same outputs, outliers "
                                      "spread, better low-bit slices); Llama, Mistral and Qwen2 models"),

@@ -1,10 +1,14 @@
 """Export: a Hugging Face model -> a nested-bit checkpoint folder.
 
 Two quantizers write the same format: "rtn" (round to nearest; needs no data) and
-"gptq" (error compensation for every rung, from calibration text; formats/gptq.py),
+"gptq" (error compensation for every rung, from calibration text; calibration/gptq.py),
 the default whenever calibration text is given (--dataset, or the dataset of --calib).
-GPTQ runs block by block (fqcompile/gptq_blocks.py) and leaves its per-layer log in the
-checkpoint folder as gptq-log.json.
+GPTQ runs block by block (calibration/gptq_blocks.py) and leaves its per-layer log in the
+checkpoint folder as gptq-log.json. Either writes the grid `grid` (formats/nested.py:
+lowest-rung, format 1, by default; zero-exact, format 2, is opt-in until its rungs'
+bias is fixed: docs/results.md). With `rotate` the model is first rotated
+(calibration/rotation.py) into a scratch folder in float32, which is then the source; the
+unquantized tensors are stored in the source model's dtype, as without rotation.
 """
 
 import json
@@ -26,7 +30,7 @@ from .errors import FqError
 from .formats import checkpoint as ckpt
 from .calibration.gptq import GPTQConfig
 from .calibration.rotation import check_rotatable, rotate
-from .formats.nested import ZERO_EXACT, Layout, check_grid, check_ladder, pack_planes, plane_widths, quantize_rtn
+from .formats.nested import CELL_CENTRE, ZERO_EXACT, Layout, check_grid, check_ladder, pack_planes, plane_widths, quantize_rtn
 
 METHODS = ("rtn", "gptq")
 GPTQ_LOG = "gptq-log.json"
@@ -61,7 +65,7 @@ class ExportConfig:
     samples: int = 64  # GPTQ calibration windows ...
     seq_len: int = 512  # ... of this many tokens
     seed: int = 0  # for 'self' calibration text, and the rotation's random signs
-    grid: str = ZERO_EXACT  # the nested grid (formats/nested.py): zero-exact (format 2) or lowest-rung (format 1)
+    grid: str = CELL_CENTRE  # the nested grid (formats/nested.py): lowest-rung (format 1) or zero-exact (format 2)
     rotate: bool = False  # rotate the residual stream and each head's values first (calibration/rotation.py)
     gptq: GPTQConfig = GPTQConfig()
 
@@ -106,7 +110,7 @@ def export(model: str, out: Path, config: ExportConfig | None = None, *, force: 
     policy = {"kind": "static", "precision": ladder[-1]}
     if calib is not None:
         names = [n for n, _ in sources.quantizable(sources.meta_model(folder)[0])]
-        policy = check_for_export(calib, folder, ladder, group_size, names)
+        policy = check_for_export(calib, folder, ladder, group_size, names, grid)
     with tempfile.TemporaryDirectory(prefix="fqcompile-rotated-") as scratch:
         rotation = None
         if config.rotate:  # the rotated model is the source from here on (float32: exactly rotated)
@@ -115,9 +119,8 @@ def export(model: str, out: Path, config: ExportConfig | None = None, *, force: 
 
 
 def _rotated(folder: Path, scratch: Path, seed: int) -> tuple[Path, dict]:
-    meta = sources.meta_model(folder)[0]
-    check_rotatable(meta)  # before reading any weight
-    stored = getattr(meta.config, "dtype", None) or torch.float32  # what `load` converts the dense tensors to
+    check_rotatable(sources.meta_model(folder)[0])  # before reading any weight
+    stored = sources.check_causal_lm(folder).dtype or torch.float32  # the dtype of the stored weights
     hf_model, tokenizer, _ = sources.load(str(folder), dtype=torch.float32)
     record = dict(rotate(hf_model, seed), source_dtype=str(stored).removeprefix("torch."))
     hf_model.save_pretrained(scratch)
@@ -185,6 +188,9 @@ def _export(model: str, folder: Path, out: Path, config: ExportConfig, method: s
         "modules": modules,
         "unquantized": "every tensor in " + ckpt.DENSE,
     }
+    if rotation:  # the rotated source is float32; store what the source stored
+        dense = {k: v.to(getattr(torch, rotation["source_dtype"])) if v.is_floating_point() else v
+                 for k, v in dense.items()}
     with atomic_dir(out, force, ckpt.MANIFEST) as tmp:
         hf_model.config.save_pretrained(tmp)
         if hf_model.generation_config is not None:

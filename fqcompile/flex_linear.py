@@ -66,7 +66,7 @@ class FlexLinear(nn.Module):
         self.dense = None  # {bits: weight} while runtime.dense_weights() is active
         self.int8_activations = False  # quantize inputs to int8 in blocks (kernels.quantize_activations)
         self._calls = {}  # bits -> nested_linear's arguments: a decode step calls ~200 layers
-        self._offsets = {b: layout.offset(b) for b in layout.ladder}  # the packed calls' zero offsets
+        self._slices = {b: layout.slice_args(b) for b in layout.ladder}  # packed_linear's grid arguments
         self._packs = None  # bits -> packed_linear's tensors while the planes are held packed (pack())
         self._packable = None  # whether pack() applies (known after its first try)
         self._rows = []  # a fused layer's parts and their first rows (fuse) ...
@@ -171,8 +171,7 @@ class FlexLinear(nn.Module):
         # call on, where they apply); float activations need the nested planes (planes() unpacks).
         if int8_activations and (self._packs is not None
                                  or (x.numel() <= MAX_PACKED_BATCH * self.in_features and self.pack())):
-            return packed_linear(x, self._packs[bits], self.out_features, self.layout.ladder[0], self._offsets[bits],
-                                 self.layout.group_size)
+            return packed_linear(x, self._packs[bits], self.out_features, *self._slices[bits])
         return nested_linear(x, *self.call_args(bits), int8_activations)
 
     def packed(self, bits: int) -> list:
@@ -198,7 +197,8 @@ def fuse(parts: list[FlexLinear]) -> FlexLinear:
     """One FlexLinear over the parts' rows; the parts' planes become views of its planes."""
     first = parts[0].layout
     if any(p.layout.in_features != first.in_features or p.layout.group_size != first.group_size
-           or p.layout.ladder != first.ladder or p.layout.grid != first.grid or p.n_planes != parts[0].n_planes for p in parts):
+           or p.layout.ladder != first.ladder or p.layout.grid != first.grid
+           or p.layout.zero_offset != first.zero_offset or p.n_planes != parts[0].n_planes for p in parts):
         raise FqError("cannot fuse layers with different inputs or layouts")
     rows = [p.out_features for p in parts]
     planes = [torch.cat([p.planes()[i] for p in parts]) for i in range(parts[0].n_planes)]

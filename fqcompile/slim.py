@@ -228,8 +228,7 @@ class Llama(nn.Module):
 def _set_linear(stack, i: int, slot: int, run, bits: int) -> None:
     """Give the C++ stack slot `slot` of layer i the tensors `run` holds for `bits` (packed or nested)."""
     packed = run.packed(bits)
-    grid = (run.layout.ladder[0], run.layout.offset(bits), run.layout.group_size)
-    args = ([], [], run.scale, run.zero, *grid) if packed else run.call_args(bits)
+    args = ([], [], run.scale, run.zero, *run.layout.slice_args(bits)) if packed else run.call_args(bits)
     stack.set_linear(i, slot, bits, *args, run.bias.data if run.bias is not None else None, packed)
 
 

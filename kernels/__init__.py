@@ -36,8 +36,7 @@ def kernel_args(planes, meta, precision: int) -> tuple:
     """The op's arguments after x for the b-bit slice (FlexLinear builds them once per precision)."""
     layout, scale, zero = meta
     n = layout.planes_for(precision)
-    return (list(planes[:n]), list(layout.widths[:n]), scale, zero, layout.ladder[0], layout.offset(precision),
-            layout.group_size)
+    return (list(planes[:n]), list(layout.widths[:n]), scale, zero, *layout.slice_args(precision))
 
 
 __all__ = ["MAX_PACKED_BATCH", "backend", "flex_linear", "kernel_args", "nested_linear", "pack_rows", "packed_linear",

@@ -107,6 +107,7 @@ def main():
                 (" rotated" if rot else "")
             for b in rungs:
                 rows.append(row(label, b, stats[b]["bits_per_weight"], result[b], other.get(b)))
+            write(rows, run_info(args, samples, ood, ladders, calib, timings), Path(args.out), quiet=True)  # so far
             print(f"{name} ({timings[name]} s): " + ", ".join(
                 f"{b}-bit KL {result[b]['kl']:.4f}" + (f" (ood {other[b]['kl']:.4f})" if other else "") for b in rungs),
                 flush=True)
@@ -134,14 +135,17 @@ def main():
                 rows.append(row(f"GPTQModel direct (act-order {act})", bits, bits + (16 + bits) / args.group_size,
                                 result, other))
                 print(f"{out.name} ({timings[out.name]} s): ppl {result['perplexity']:.3f}", flush=True)
-    info = {
+    write(rows, run_info(args, samples, ood, ladders, calib, timings), Path(args.out))
+
+
+def run_info(args, samples, ood, ladders, calib, timings) -> dict:
+    return {
         "model": args.model, "dataset": args.dataset, "split": "eval", "samples": len(samples),
         "tokens": int(samples[:, 1:].numel()), "seq_len": args.seq_len, "group_size": args.group_size,
         "ladders": [list(lad) for lad in ladders], "calibration": calib, "date": time.strftime("%Y-%m-%d"),
         "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
         "export_seconds": timings, "ood_tokens": int(ood[:, 1:].numel()) if ood is not None else 0,
     }
-    write(rows, info, Path(args.out))
 
 
 def merge(files, out: Path):
@@ -204,7 +208,7 @@ def gap_closed(rows, fp_ppl):
     return out
 
 
-def write(rows, info, out: Path):
+def write(rows, info, out: Path, quiet: bool = False):
     fp_ppl = rows[0]["perplexity"]
     info["gap_closed"] = gap_closed(rows, fp_ppl)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -245,7 +249,8 @@ def write(rows, info, out: Path):
     lines += ["", "Export seconds: " + ", ".join(f"{k} {v}" for k, v in info["export_seconds"].items())]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     plot(rows, fp_ppl, out.with_suffix(".png"))
-    print("\n".join(lines))
+    if not quiet:
+        print("\n".join(lines))
 
 
 def plot(rows, fp_ppl, path):

@@ -107,7 +107,10 @@ def test_export_takes_only_a_matching_calibration(calib_dir, tiny_dir, smol_dir,
         fqcompile.export(str(tiny_dir), tmp_path / "b", ladder=(4, 8), group_size=64, progress=False, calib=calib_dir)
     with pytest.raises(FqError, match="another model"):
         fqcompile.export(str(smol_dir), tmp_path / "c", ladder=(4, 8), group_size=32, progress=False, calib=calib_dir)
-    assert not any((tmp_path / n).exists() for n in "abc")
+    with pytest.raises(FqError, match="measured slices on the lowest-rung grid, not the `grid` zero-exact"):
+        fqcompile.export(str(tiny_dir), tmp_path / "d", ladder=(4, 8), group_size=32, grid="zero-exact", progress=False,
+                         calib=calib_dir)
+    assert not any((tmp_path / n).exists() for n in "abcd")
 
 
 def test_linear_units(tiny_dir, austen, tmp_path):

@@ -21,10 +21,10 @@ from fqcompile.processes import python_command
 
 @pytest.mark.parametrize("grid", ["zero-exact", "lowest-rung"])
 def test_loaded_layers_equal_float64_slices_of_source_weights(tiny_dir, tiny_ckpt, oracle_weight, grid, tmp_path):
-    """Both format versions: the default (2, zero-exact) and version 1 (lowest-rung) as written before."""
+    """Both format versions: the default (1, lowest-rung, as written before format 2) and 2 (zero-exact)."""
     source, _, _ = sources.load(str(tiny_dir))
-    folder = tiny_ckpt if grid == "zero-exact" else fqcompile.export(
-        str(tiny_dir), tmp_path / "v1", ladder=(4, 8), group_size=32, grid=grid, progress=False)
+    folder = tiny_ckpt if grid == "lowest-rung" else fqcompile.export(
+        str(tiny_dir), tmp_path / "v2", ladder=(4, 8), group_size=32, grid=grid, progress=False)
     loaded = fqcompile.load(folder)
     assert loaded.manifest["grid"] == grid and loaded.manifest["format_version"] == {"zero-exact": 2}.get(grid, 1)
     offset = loaded.manifest.get("zero_offset", 0)
@@ -136,9 +136,10 @@ def _damage_manifest(folder):
     (_damage_missing, "missing dense.safetensors"),
     (_damage_version, "version 99 is not supported"),
     (_damage_manifest, "malformed"),
-    (lambda folder: _damage_grid(folder, format_version=1), "zero-exact for format version 1"),
-    (lambda folder: _damage_grid(folder, zero_offset=1.5), "zero_offset 1.5"),
-    (lambda folder: _damage_grid(folder, zero_offset=16), "zero offset 16 is outside"),
+    (lambda folder: _damage_grid(folder, format_version=2), "lowest-rung for format version 2"),
+    (lambda folder: _damage_grid(folder, format_version=2, grid="zero-exact", zero_offset=1.5), "`zero_offset` 1.5"),
+    (lambda folder: _damage_grid(folder, format_version=2, grid="zero-exact", zero_offset=16),
+     "`zero_offset` 16 is outside"),
 ])
 def test_damaged_checkpoints_are_refused(ckpt_copy, damage, message):
     damage(ckpt_copy)

@@ -120,14 +120,14 @@ def test_bench_runs_from_any_folder(tiny_ckpt, tmp_path):
 def test_bench_compares_checkpoints_in_the_same_turns(tiny_dir, tiny_ckpt, tmp_path):
     import fqcompile
 
-    v1 = fqcompile.export(str(tiny_dir), tmp_path / "v1", ladder=(4, 8), group_size=32, grid="lowest-rung",
+    v2 = fqcompile.export(str(tiny_dir), tmp_path / "v2", ladder=(4, 8), group_size=32, grid="zero-exact",
                           progress=False)
-    out = run("bench", tiny_ckpt, "--compare", v1, "--policy", "static:4", "--new-tokens", "4", "--prompt-tokens", "8",
+    out = run("bench", tiny_ckpt, "--compare", v2, "--policy", "static:4", "--new-tokens", "4", "--prompt-tokens", "8",
               "--no-baseline", "--json", tmp_path / "b.json")
     assert out.returncode == 0, out.stderr
     data = json.loads((tmp_path / "b.json").read_text())
-    assert [r["policy"].split(" [")[1] for r in data["rows"]] == [f"{tiny_ckpt.name}]", "v1]"]
-    assert data["compare"] == [str(v1)] and all(r["decode_tokens_per_s"] > 0 for r in data["rows"])
+    assert [r["policy"].split(" [")[1] for r in data["rows"]] == [f"{tiny_ckpt.name}]", "v2]"]
+    assert data["compare"] == [str(v2)] and all(r["decode_tokens_per_s"] > 0 for r in data["rows"])
     bad = invoke("bench", tiny_ckpt, "--compare", tmp_path / "nothing", "--no-baseline")
     assert bad.returncode != 0 and "checkpoint folder not found" in bad.stderr
 

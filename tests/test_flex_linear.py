@@ -5,7 +5,7 @@ import torch
 
 from fqcompile.errors import FqError
 from fqcompile.flex_linear import FlexLinear
-from fqcompile.formats.nested import GRIDS, ZERO_EXACT, Layout, pack_planes, quantize_rtn
+from fqcompile.formats.nested import ZERO_EXACT, Layout, pack_planes, quantize_rtn
 from fqcompile.kernels import flex_linear
 
 

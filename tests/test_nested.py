@@ -79,14 +79,13 @@ def test_lowest_slice_is_exactly_direct_rtn():
 
 
 def test_zero_exact_offsets():
-    # c' = c * 2^(b' - b) + 2^(b' - b - 1) - 1 rung by rung (docs/format.md)
     # c_b = c >> (B - b): the b-bit zero point is the top b bits of the master one, z * 2^(B - b0) + c
     assert [rung_offset((3, 4, 6, 8), b, ZERO_EXACT, 21) for b in (3, 4, 6, 8)] == [0, 1, 5, 21]
     assert [rung_offset((4, 8), b, CELL_CENTRE) for b in (4, 8)] == [0, 7.5]
     assert Layout(1, 1, 1, (4, 8), ZERO_EXACT).zero_offset == fit_zero_offset((4, 8))
-    with pytest.raises(FqError, match="unknown grid"):
+    with pytest.raises(FqError, match="unknown `grid`"):
         rung_offset((4, 8), 8, "centre")
-    with pytest.raises(FqError, match="zero offset 16"):
+    with pytest.raises(FqError, match="`zero_offset` 16"):
         Layout(1, 1, 1, (4, 8), ZERO_EXACT, 16)
 
 

@@ -56,7 +56,7 @@ def test_export_rotate_records_and_serves_the_rotated_model(tiny_dir, tmp_path):
     plain = fqcompile.export(str(tiny_dir), tmp_path / "plain", ladder=(4, 8), group_size=32, progress=False)
     out = fqcompile.export(str(tiny_dir), tmp_path / "rot", ladder=(4, 8), group_size=32, rotate=True, progress=False)
     manifest = json.loads((out / "fqcompile.json").read_text())
-    assert manifest["rotation"]["kind"] == "hadamard" and manifest["format_version"] == 2
+    assert manifest["rotation"]["kind"] == "hadamard" and manifest["grid"] == "lowest-rung"
     assert manifest["source"]["model"] == str(tiny_dir.resolve())
     ids = torch.randint(0, 200, (2, 24), generator=torch.Generator().manual_seed(1))
     source = sources.load(str(tiny_dir))[0]
