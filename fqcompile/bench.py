@@ -201,9 +201,10 @@ def run_bench(folder, specs=None, new_tokens: int = 128, prompt_tokens: int = 64
     manifest, policy = ckpt.read_manifest(Path(folder)), read_policy(folder)
     specs = list(specs) if specs else default_specs(manifest, policy)
     folders = [Path(folder), *map(Path, compare)]
-    for other in folders:  # refuse a bad policy here, before any row runs
+    for other in folders:  # refuse a bad folder or policy here, before any row runs
+        other_manifest = ckpt.read_manifest(other)
         for spec in specs:
-            resolve(read_policy(other), ckpt.read_manifest(other), spec)
+            resolve(read_policy(other), other_manifest, spec)
     from transformers import AutoTokenizer
 
     ids = prompt_ids(AutoTokenizer.from_pretrained(folder), prompt_tokens)
