@@ -13,6 +13,10 @@ AUSTEN = REPO.parent / "shared" / "data" / "austen"
 # `python -m pytest` from the checkout puts it first on sys.path, where kernels/ would import as
 # the top-level `kernels` that transformers looks for; fqcompile itself comes from the install.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO]
+# Triton reads TRITON_INTERPRET when it is first imported, and more than our Triton test imports
+# it (transformers does, for Qwen2 models among others): without a GPU its kernels run in the
+# interpreter, whichever test imports it first.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")
