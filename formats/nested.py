@@ -255,6 +255,10 @@ def quantize_rtn(w: torch.Tensor, group_size: int, ladder, grid: str = CELL_CENT
     layout = Layout(w.shape[0], w.shape[1], group_size, tuple(ladder), grid, zero_offset)
     scale, zero = group_grid(*group_range(w, group_size), ladder[0])
     g_idx = torch.arange(w.shape[1]) // group_size
+    if grid == CELL_CENTRE or len(ladder) == 1:  # every candidate is the top rung's nearest code: skip the others
+        s, z = slice_params(scale[:, g_idx], zero[:, g_idx], ladder[0], layout.master_bits,
+                            layout.offset(layout.master_bits))
+        return torch.floor(w / s + z + 0.5).clamp(0, 2 ** layout.master_bits - 1).to(torch.uint8), scale, zero
     lam = rung_weights(layout.ladder)
     codes = torch.cat([
         choose_codes(w[i:i + rows].expand(len(ladder), -1, -1), scale[i:i + rows, g_idx].float(),

@@ -202,9 +202,9 @@ def run_bench(folder, specs=None, new_tokens: int = 128, prompt_tokens: int = 64
     specs = list(specs) if specs else default_specs(manifest, policy)
     folders = [Path(folder), *map(Path, compare)]
     for other in folders:  # refuse a bad folder or policy here, before any row runs
-        other_manifest = ckpt.read_manifest(other)
+        other_manifest, other_policy = ckpt.read_manifest(other), read_policy(other)
         for spec in specs:
-            resolve(read_policy(other), other_manifest, spec)
+            resolve(other_policy, other_manifest, spec)
     from transformers import AutoTokenizer
 
     ids = prompt_ids(AutoTokenizer.from_pretrained(folder), prompt_tokens)
