@@ -96,7 +96,7 @@ def quantize(w: torch.Tensor, h: torch.Tensor, layout: Layout, config: GPTQConfi
     groups = -(-k // group_size)
     if config.act_order:
         order = torch.argsort(h.diagonal(), descending=True, stable=True)
-        scale, zero = group_grid(*group_range(w, group_size), low)
+        scale, zero = group_grid(*group_range(w, group_size), low, layout.master_bits)
     else:
         order = torch.arange(k)
         scale, zero = torch.empty(n, groups, dtype=torch.float16), torch.empty(n, groups, dtype=torch.uint8)
@@ -113,7 +113,7 @@ def quantize(w: torch.Tensor, h: torch.Tensor, layout: Layout, config: GPTQConfi
             g = col // group_size
             if not config.act_order and col % group_size == 0:  # fit the group's grid over every stream
                 part = streams[:, :, j : min(j + group_size, k)]
-                scale[:, g], zero[:, g] = group_grid(part.amin((0, 2)), part.amax((0, 2)), low)
+                scale[:, g], zero[:, g] = group_grid(part.amin((0, 2)), part.amax((0, 2)), low, layout.master_bits)
             s, z = scale[:, g].float(), zero[:, g].float()
             x = streams[:, :, j]  # [R, N]
             codes[:, col], deq = choose_codes(x, s, z, ladder, offsets, lam)

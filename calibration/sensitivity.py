@@ -52,12 +52,9 @@ def units_of(model, linears: list[str], kind: str) -> list[Unit]:
     return [Unit(m, b, (m,)) for b, mods in sorted(by_block.items()) for m in mods]
 
 
-GRID = CELL_CENTRE  # the slices measured: export's default grid (calibrate records it; export checks it)
-
-
-def fake_quantized(weight: torch.Tensor, group_size: int, ladder, bits: int) -> torch.Tensor:
-    """The b-bit slice of the nested RTN codes of `weight`, dense (exactly what export serves by default)."""
-    layout = Layout(weight.shape[0], weight.shape[1], group_size, tuple(ladder), GRID)
+def fake_quantized(weight: torch.Tensor, group_size: int, ladder, bits: int, grid: str = CELL_CENTRE) -> torch.Tensor:
+    """The b-bit slice of the nested RTN codes of `weight` on `grid`, dense (exactly what an RTN export serves)."""
+    layout = Layout(weight.shape[0], weight.shape[1], group_size, tuple(ladder), grid)
     codes, scale, zero = quantize_rtn(weight, group_size, layout.ladder, layout.grid)
     return dequantize(pack_planes(codes, layout), scale, zero, layout, bits, dtype=weight.dtype)
 
@@ -131,7 +128,7 @@ def save_atomic(path, tensors: dict[str, torch.Tensor]) -> None:
 
 
 @torch.inference_mode()
-def measure(model, samples, units, ladder, group_size, folder, batch_size=4, progress=True):
+def measure(model, samples, units, ladder, group_size, folder, batch_size=4, progress=True, grid=CELL_CENTRE):
     """Measure every unit at every lower precision; results saved per unit as they finish.
 
     Files in `folder`: reference.safetensors (entropy and NLL of the reference per token),
@@ -168,7 +165,7 @@ def measure(model, samples, units, ladder, group_size, folder, batch_size=4, pro
     top = ladder[-1]
     base_file = folder / "baseline.safetensors"
     if not base_file.exists():
-        weights = {m: fake_quantized(model.get_submodule(m).weight, group_size, ladder, top) for m in linears}
+        weights = {m: fake_quantized(model.get_submodule(m).weight, group_size, ladder, top, grid) for m in linears}
         with swapped_weights(model, weights):
             kl = [kl_per_token(ref_lps(i), log_probs(model(b, use_cache=False).logits)) for i, b in enumerate(batches)]
         save_atomic(base_file, {"kl": torch.cat(kl)})
@@ -178,7 +175,7 @@ def measure(model, samples, units, ladder, group_size, folder, batch_size=4, pro
         task = bar.add_task(f"measuring {len(units)} units x {len(ladder) - 1} precisions", total=len(units),
                             completed=len(units) - len(todo))
         for index, unit in todo:
-            lowered = {b: {m: fake_quantized(model.get_submodule(m).weight, group_size, ladder, b)
+            lowered = {b: {m: fake_quantized(model.get_submodule(m).weight, group_size, ladder, b, grid)
                            for m in unit.modules} for b in ladder[:-1]}
             kls = {b: [] for b in lowered}
             for i in range(len(batches)):

@@ -168,22 +168,26 @@ def fit_zero_offset(ladder: tuple[int, ...]) -> int:
     return min(range(len(costs)), key=costs.__getitem__)
 
 
-def group_grid(wmin: torch.Tensor, wmax: torch.Tensor, low: int):
+def group_grid(wmin: torch.Tensor, wmax: torch.Tensor, low: int, top: int | None = None):
     """Scale (fp16) and zero (uint8) of the lowest rung's grid for groups spanning [wmin, wmax].
 
     The range is widened to include 0 (as GPTQ does) so the zero point is a valid code.
     The stored fp16 scale is rounded up, never down, so the lowest rung's grid still spans
     the range and no weight is clamped there by more than half a step (on the zero-exact
     grid a higher rung's levels are shifted by its c_b and may clamp the range's ends more).
+    With `top` (the master width), the top rung's scale s / 2^(top - low) is an fp16 number
+    too (for tiny ranges it would fall below fp16's normal range and lose bits), so every
+    rung's scale is exact in fp16, as a GPTQ export stores it.
     """
     wmin, wmax = wmin.clamp(max=0), wmax.clamp(min=0)
     qmax = 2**low - 1
-    exact = (wmax - wmin) / qmax
-    scale = exact.to(torch.float16)
-    scale = torch.where(scale.float() < exact, torch.nextafter(scale, torch.full_like(scale, torch.inf)), scale)
-    # An all-zero group has no range: the smallest fp16 step keeps it within 3e-8 of 0 at
-    # every precision (on the lowest-rung grid 0 sits on a cell edge above the lowest rung).
-    scale = torch.where(scale > 0, scale, torch.full_like(scale, 2.0**-24))
+    cells = 2 ** ((top or low) - low)
+    # An all-zero group has no range: the smallest fp16 top-rung step keeps it within 3e-8
+    # of 0 at every precision (on the lowest-rung grid 0 sits on a cell edge above the lowest rung).
+    exact = ((wmax - wmin) / qmax / cells).clamp(min=2.0**-24)
+    finest = exact.to(torch.float16)
+    finest = torch.where(finest.float() < exact, torch.nextafter(finest, torch.full_like(finest, torch.inf)), finest)
+    scale = (finest.float() * cells).to(torch.float16)  # exact: a power of two
     if not torch.isfinite(scale).all():
         raise FqError("weights too large for fp16 group scales")
     zero = torch.round(-wmin / scale.float()).clamp(0, qmax)
@@ -253,7 +257,7 @@ def quantize_rtn(w: torch.Tensor, group_size: int, ladder, grid: str = CELL_CENT
         raise FqError("weights contain NaN or Inf")
     w = w.detach().to(torch.float32)
     layout = Layout(w.shape[0], w.shape[1], group_size, tuple(ladder), grid, zero_offset)
-    scale, zero = group_grid(*group_range(w, group_size), ladder[0])
+    scale, zero = group_grid(*group_range(w, group_size), ladder[0], ladder[-1])
     g_idx = torch.arange(w.shape[1]) // group_size
     if grid == CELL_CENTRE or len(ladder) == 1:  # every candidate is the top rung's nearest code: skip the others
         s, z = slice_params(scale[:, g_idx], zero[:, g_idx], ladder[0], layout.master_bits,

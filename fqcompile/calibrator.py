@@ -23,7 +23,7 @@ from .errors import FqError
 from .files import write_json
 from .sources import quantizable
 from .formats.checkpoint import sha256
-from .formats.nested import CELL_CENTRE, check_ladder
+from .formats.nested import CELL_CENTRE, check_grid, check_ladder
 
 SETTINGS = "calibration.json"
 POLICY = "policy.json"
@@ -69,9 +69,13 @@ def calibrate(
     smoothing: float = 0.0,
     batch_size: int = 4,
     seed: int = 0,
+    grid: str = CELL_CENTRE,
     progress: bool = True,
 ) -> dict:
-    """Calibrate `model` into folder `out`; returns the fitted policy (also in out/policy.json)."""
+    """Calibrate `model` into folder `out`; returns the fitted policy (also in out/policy.json).
+
+    The slices measured are RTN's on `grid`, the nested grid the export will write.
+    """
     start = time.perf_counter()
     ladder, out = check_ladder(ladder), Path(out)
     if len(ladder) < 2:
@@ -95,7 +99,7 @@ def calibrate(
     settings = {
         "model": model, "fingerprint": fingerprint(folder), "dataset": dataset_id, "ladder": list(ladder),
         "unit": unit, "group_size": group_size, "samples": samples, "eval_samples": eval_samples,
-        "seq_len": seq_len, "seed": seed, "grid": m.GRID,
+        "seq_len": seq_len, "seed": seed, "grid": check_grid(grid),
     }
     _check_folder(out, settings)  # before minutes of sampling and measuring
     fp_model, tok, _ = sources.load(model)
@@ -107,7 +111,7 @@ def calibrate(
         write_json(out / SETTINGS, settings)
     units = m.units_of(fp_model, [n for n, _ in quantizable(fp_model)], unit)
     measure_start = time.perf_counter()
-    results = m.measure(fp_model, calib, units, ladder, group_size, out, batch_size, progress)
+    results = m.measure(fp_model, calib, units, ladder, group_size, out, batch_size, progress, grid)
     measure_seconds = time.perf_counter() - measure_start
     expected_shape = (len(calib), seq_len - 1)
     for r in [results["baseline"], *[v for u in results["units"] for v in u.values()]]:
@@ -127,7 +131,7 @@ def calibrate(
     static = [pol.static_mixed(dkl, base, token_share, shares, ladder, b).expand(len(edges) + 1, -1) for b in budgets]
     validate_start = time.perf_counter()
     measured, eval_share = run_plans(fp_model, held_out, units, ladder, group_size, edges, smoothing, dyn + static,
-                                     batch_size)
+                                     batch_size, grid)
     validate_seconds = time.perf_counter() - validate_start
     rows = []
     for i, b in enumerate(budgets):

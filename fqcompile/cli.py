@@ -83,6 +83,44 @@ def export(
                   f"would add {log['model_fp32_mib']:.0f} MiB)")
 
 
+@app.command(name="export-gptq")
+def export_gptq(
+    folder: Path = typer.Argument(..., help="fqcompile checkpoint folder"),
+    policy: str = typer.Option(..., "--policy", help="the plan to write: static:B (a rung) or static-mixed:BITS "
+                                                     "(from the checkpoint's calibrated policy)"),
+    out: Path = typer.Option(..., "--out", "-o", help="GPTQ checkpoint folder to create"),
+    checkpoint_format: str = typer.Option("gptq", "--checkpoint-format",
+                                          help="gptq (v1: zero points stored minus one, what most loaders expect) "
+                                               "or gptq_v2 (stored as they are)"),
+    dataset: str = typer.Option(None, help="measure the export's perplexity (and fqcompile's at the same plan) on "
+                                           "this text: local files/folder, hub name[:config], or 'self'"),
+    samples: int = typer.Option(8, min=1, help="evaluation samples for --dataset"),
+    seq_len: int = typer.Option(512, min=2, help="tokens per evaluation sample"),
+    force: bool = typer.Option(False, "--force", help="replace an existing export folder"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+):
+    """Write one static plan of a checkpoint as a GPTQ checkpoint (GPTQModel, transformers, vLLM)."""
+    from .gptq_export import export_gptq as run
+
+    start = time.perf_counter()
+    record = run(folder, out, policy, checkpoint_format, force=force, dataset=dataset, samples=samples,
+                 seq_len=seq_len, progress=not quiet)
+    for note in record["notes"]:
+        print(f"note: {note}", file=sys.stderr)
+    if quiet:
+        return
+    widths = ", ".join(f"{n} layers at {b} bits" for b, n in record["layers_at"].items())
+    exact = record["exact"]
+    print(f"wrote {out} in {time.perf_counter() - start:.1f} s: {record['plan']} ({widths}), "
+          f"{record['bits_per_weight']:.3f} bits/weight, GPTQ {record['checkpoint_format']}")
+    print("exact: every weight equals the nested slice" if exact["identical"] else
+          f"not exact: largest difference {exact['max_relative_difference']:.1e} of a layer's largest weight")
+    q = record.get("quality")
+    if q:
+        print(f"perplexity {q['perplexity']:.3f} on {q['tokens']} tokens (fqcompile at the same plan: "
+              f"{q['fqcompile_perplexity']:.3f}; KL between them {q['kl_vs_fqcompile']:.2e})")
+
+
 @app.command()
 def calibrate(
     out: Path = typer.Option(..., "--out", "-o", help="calibration folder (resumable)"),
@@ -100,6 +138,8 @@ def calibrate(
     smoothing: float = typer.Option(0.0, help="EMA smoothing of the entropy signal (0 = none)"),
     batch_size: int = typer.Option(4, min=1),
     seed: int = typer.Option(0),
+    grid: str = typer.Option("lowest-rung", help="the nested grid of the slices measured: the --grid of the export "
+                                                 "this calibration is for"),
 ):
     """Measure layer sensitivity by entropy and KL, fit the switching policy, validate and report."""
     from .calibrator import calibrate as run_calibrate
@@ -108,7 +148,7 @@ def calibrate(
     policy = run_calibrate(model, out, dataset=dataset, ladder=parse_ladder(ladder), unit=unit,
                            target_bits=target_bits, max_ppl_increase=parse_percent(max_ppl_increase),
                            samples=samples, eval_samples=eval_samples, seq_len=seq_len, group_size=group_size,
-                           buckets=buckets, smoothing=smoothing, batch_size=batch_size, seed=seed)
+                           buckets=buckets, smoothing=smoothing, batch_size=batch_size, seed=seed, grid=grid)
     exp, sm = policy["expected"], policy["static_mixed"]
     print(f"policy: {exp['avg_bits']:.2f} average bits, expected mean KL {exp['kl']:.4f} "
           f"(static mixed at {sm['avg_bits']:.2f} bits: {sm['expected_kl']:.4f})")

@@ -200,15 +200,6 @@ def test_gptq_leaves_every_block_unloaded(tiny_dir, austen):
 
 # ---- reading GPTQ checkpoints (GPTQModel's format) ----
 
-def pack(codes: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
-    """Pack small ints along `dim` into int32 words, lowest field first (the GPTQ layout)."""
-    per = 32 // bits
-    c = codes.to(torch.int64).movedim(dim, -1)
-    c = c.reshape(*c.shape[:-1], -1, per)
-    words = (c << (torch.arange(per) * bits)).sum(-1)
-    return words.movedim(-1, dim).contiguous()
-
-
 @pytest.mark.parametrize("fmt", ["gptq", "gptq_v2"])
 def test_gptq_checkpoint_reader(tmp_path, fmt):
     torch.manual_seed(0)
@@ -218,16 +209,28 @@ def test_gptq_checkpoint_reader(tmp_path, fmt):
     zeros[0, :5] = 0  # a zero of 0 borrows from its neighbour in the v1 layout
     scales = (torch.rand(k // group, n) * 0.01 + 0.001).half()
     g_idx = torch.arange(k, dtype=torch.int32) // group
-    stored = pack(zeros, bits, 1)
+    stored = gptq_format.pack(zeros, bits, 1).long() & 0xFFFFFFFF
     if fmt == "gptq":
         stored = (stored - 0x11111111) & 0xFFFFFFFF
-    to_i32 = lambda t: ((t + 2**31) % 2**32 - 2**31).to(torch.int32)  # noqa: E731
-    save_file({"layer.qweight": to_i32(pack(codes, bits, 0)), "layer.qzeros": to_i32(stored), "layer.scales": scales,
-               "layer.g_idx": g_idx}, str(tmp_path / "model.safetensors"))
+    save_file({"layer.qweight": gptq_format.pack(codes, bits, 0), "layer.qzeros": gptq_format.to_int32(stored),
+               "layer.scales": scales, "layer.g_idx": g_idx}, str(tmp_path / "model.safetensors"))
     (tmp_path / "quantize_config.json").write_text(json.dumps({"bits": bits, "checkpoint_format": fmt}))
     w = gptq_format.read(tmp_path)["layer"]
     expected = (scales.float()[g_idx.long()] * (codes - zeros[g_idx.long()]).float()).T
     assert torch.equal(w, expected)
+    written = gptq_format.layer_tensors(codes.T, zeros.T, scales.T, bits, group, fmt)  # the writer: same words
+    assert torch.equal(written["qzeros"], gptq_format.to_int32(stored))
+    assert torch.equal(written["qweight"], gptq_format.pack(codes, bits, 0)) and torch.equal(written["g_idx"], g_idx)
+
+
+def test_gptq_dynamic_overrides_first_match_wins():
+    config = {"bits": 4, "dynamic": {"-:.*lm_head": {}, r"+:^model\.layers\.1\.": {"bits": 8},
+                                     r"^model\.layers\.1\.mlp": {"bits": 2}, r"model\.layers\.2\.mlp\.down_proj$": {}}}
+    assert gptq_format.layer_bits(config, "model.layers.0.mlp.up_proj") == 4
+    assert gptq_format.layer_bits(config, "model.layers.1.mlp.up_proj") == 8  # the earlier rule wins
+    assert gptq_format.layer_bits(config, "model.layers.2.mlp.down_proj") == 4  # matched, no bits: the base
+    assert gptq_format.layer_bits(config, "lm_head") is None  # "-:": left unquantized
+    assert gptq_format.layer_bits(config, "model.layers.11.mlp.up_proj") == 4  # re.match anchors at the start only
 
 
 def test_gptq_checkpoint_reader_refuses_what_it_cannot_read(tmp_path):
@@ -236,5 +239,15 @@ def test_gptq_checkpoint_reader_refuses_what_it_cannot_read(tmp_path):
     with pytest.raises(FqError, match="no GPTQ quantization config"):
         gptq_format.read(tmp_path)
     (tmp_path / "quantize_config.json").write_text(json.dumps({"bits": 3}))
-    with pytest.raises(FqError, match="3 bits"):
+    with pytest.raises(FqError, match="holds no safetensors files"):
         gptq_format.read(tmp_path)
+    codes, zeros = torch.randint(0, 8, (4, 64)), torch.randint(0, 8, (4, 2))
+    layer = gptq_format.layer_tensors(codes, zeros, torch.rand(4, 2).half(), 4, 32, "gptq_v2")
+    save_file({f"layer.{k}": v for k, v in layer.items()}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(FqError, match="3 bits is not supported"):
+        gptq_format.read(tmp_path)
+    (tmp_path / "quantize_config.json").write_text(json.dumps({"bits": 8, "checkpoint_format": "gptq_v2"}))
+    with pytest.raises(FqError, match="qweight holds fewer than 64 8-bit codes"):  # 4-bit words read as 8-bit
+        gptq_format.read(tmp_path)
+    with pytest.raises(FqError, match=r"outside \[0, 4\)"):
+        gptq_format.layer_tensors(codes, zeros, torch.rand(4, 2).half(), 2, 32, "gptq")
