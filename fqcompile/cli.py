@@ -89,9 +89,10 @@ def export_gptq(
     policy: str = typer.Option(..., "--policy", help="the plan to write: static:B (a rung) or static-mixed:BITS "
                                                      "(from the checkpoint's calibrated policy)"),
     out: Path = typer.Option(..., "--out", "-o", help="GPTQ checkpoint folder to create"),
-    checkpoint_format: str = typer.Option("gptq", "--checkpoint-format",
-                                          help="gptq (v1: zero points stored minus one, what most loaders expect) "
-                                               "or gptq_v2 (stored as they are)"),
+    checkpoint_format: str = typer.Option("gptq_v2", "--checkpoint-format",
+                                          help="gptq_v2 (zero points as they are: GPTQModel, transformers, vLLM "
+                                               "since late 2025) or gptq (v1, minus one: older loaders; GPTQModel refuses "
+                                               "asymmetric v1 files it did not write)"),
     dataset: str = typer.Option(None, help="measure the export's perplexity (and fqcompile's at the same plan) on "
                                            "this text: local files/folder, hub name[:config], or 'self'"),
     samples: int = typer.Option(8, min=1, help="evaluation samples for --dataset"),
@@ -100,25 +101,15 @@ def export_gptq(
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ):
     """Write one static plan of a checkpoint as a GPTQ checkpoint (GPTQModel, transformers, vLLM)."""
-    from .gptq_export import export_gptq as run
+    from .gptq_export import export_gptq as run, summary
 
     start = time.perf_counter()
     record = run(folder, out, policy, checkpoint_format, force=force, dataset=dataset, samples=samples,
                  seq_len=seq_len, progress=not quiet)
     for note in record["notes"]:
         print(f"note: {note}", file=sys.stderr)
-    if quiet:
-        return
-    widths = ", ".join(f"{n} layers at {b} bits" for b, n in record["layers_at"].items())
-    exact = record["exact"]
-    print(f"wrote {out} in {time.perf_counter() - start:.1f} s: {record['plan']} ({widths}), "
-          f"{record['bits_per_weight']:.3f} bits/weight, GPTQ {record['checkpoint_format']}")
-    print("exact: every weight equals the nested slice" if exact["identical"] else
-          f"not exact: largest difference {exact['max_relative_difference']:.1e} of a layer's largest weight")
-    q = record.get("quality")
-    if q:
-        print(f"perplexity {q['perplexity']:.3f} on {q['tokens']} tokens (fqcompile at the same plan: "
-              f"{q['fqcompile_perplexity']:.3f}; KL between them {q['kl_vs_fqcompile']:.2e})")
+    if not quiet:
+        print(f"wrote {out} in {time.perf_counter() - start:.1f} s: " + "\n".join(summary(record)))
 
 
 @app.command()

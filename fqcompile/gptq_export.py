@@ -114,15 +114,17 @@ def _escape(text: str) -> str:
     return text.replace(".", r"\.")
 
 
-def export_gptq(folder, out, spec: str, checkpoint_format: str = "gptq", *, force: bool = False,
+def export_gptq(folder, out, spec: str, checkpoint_format: str = "gptq_v2", *, force: bool = False,
                 dataset: str | None = None, samples: int = 8, seq_len: int = 512, seed: int = 0,
                 progress: bool = True) -> dict:
     """Write the plan `spec` of checkpoint `folder` as a GPTQ checkpoint folder `out`.
 
-    `checkpoint_format`: "gptq" (v1, zero points stored minus one: what most loaders expect)
-    or "gptq_v2" (stored as they are). With `dataset`, the export is loaded back as a dense
-    Hugging Face model and its perplexity measured beside fqcompile's at the same plan on
-    `samples` windows of `seq_len` tokens (the `eval` split). Returns the export record.
+    `checkpoint_format`: "gptq_v2" (zero points stored as they are: GPTQModel, transformers
+    through it, vLLM since its gptq_v2 support of October 2025) or "gptq" (v1, stored minus
+    one: older loaders; GPTQModel refuses asymmetric v1 checkpoints it did not write itself).
+    With `dataset`, the export is loaded back as a dense Hugging Face model and its
+    perplexity measured beside fqcompile's at the same plan on `samples` windows of
+    `seq_len` tokens (the `eval` split). Returns the export record (docs/gptq-export.md).
     """
     folder, out = Path(folder), Path(out)
     if checkpoint_format not in gptq_format.FORMATS:
@@ -202,6 +204,9 @@ def _notes(record: dict, checkpoint_format: str) -> list[str]:
     if record["raised_to_fused_width"]:
         notes.append(f"{len(record['raised_to_fused_width'])} layers run at the highest width of their fused "
                      f"group (vLLM runs q/k/v and gate/up as one layer)")
+    if checkpoint_format == "gptq":
+        notes.append("GPTQModel refuses asymmetric checkpoints in format gptq unless it wrote them itself; it "
+                     "loads format gptq_v2")
     if record["zero_points_0"] and checkpoint_format == "gptq":
         notes.append(f"{record['zero_points_0']} groups have zero point 0, which format gptq stores with a borrow "
                      f"that GPTQModel reads back but per-field readers do not; format gptq_v2 stores it exactly")
@@ -253,9 +258,25 @@ def _measure(folder: Path, export: Path, bits: dict[str, int], dataset, samples,
     data = load_samples(dataset, loaded.tokenizer, split="eval", seq_len=seq_len, max_samples=samples,
                         model=loaded.model, seed=seed)
     r = evaluate(dense_model(export), data, reference=loaded.model, progress=progress)
-    return {"dataset": str(Path(dataset).resolve()) if Path(dataset).exists() else dataset, "tokens": r[None]["tokens"],
+    return {"dataset": str(Path(dataset).resolve()) if Path(dataset).exists() else dataset, "samples": len(data),
+            "seq_len": seq_len, "tokens": r[None]["tokens"],
             "perplexity": r[None]["perplexity"], "fqcompile_perplexity": r[FULL]["perplexity"],
             "kl_vs_fqcompile": r[None]["kl"]}
+
+
+def summary(record: dict) -> list[str]:
+    """What `fqcompile export-gptq` prints: the plan, the exactness and the measured quality."""
+    widths = ", ".join(f"{n} layers at {b} bits" for b, n in record["layers_at"].items())
+    exact = record["exact"]
+    lines = [f"{record['plan']} ({widths}), {record['bits_per_weight']:.3f} bits/weight, GPTQ "
+             f"{record['checkpoint_format']}",
+             "exact: every weight equals the nested slice" if exact["identical"] else
+             f"not exact: largest difference {exact['max_relative_difference']:.1e} of a layer's largest weight"]
+    q = record.get("quality")
+    if q:
+        lines.append(f"perplexity {q['perplexity']:.3f} on {q['tokens']} tokens (fqcompile at the same plan: "
+                     f"{q['fqcompile_perplexity']:.3f}; KL between them {q['kl_vs_fqcompile']:.2e})")
+    return lines
 
 
 def card(record: dict) -> str:

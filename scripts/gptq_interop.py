@@ -40,18 +40,21 @@ def main():
     ap.add_argument("--dataset", default=str(DEFAULT_DATA))
     ap.add_argument("--plans", nargs="+", default=["static:4", "static:8", "static-mixed:6"])
     ap.add_argument("--formats", default="gptq_v2", help="GPTQ checkpoint formats to write, comma-separated")
-    ap.add_argument("--samples", type=int, default=8, help="evaluation samples (of --seq-len tokens)")
+    ap.add_argument("--samples", type=int, default=2,
+                    help="evaluation samples (of --seq-len tokens); GPTQModel's float16 CPU path scores ~7 tokens/s here")
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--calib-samples", type=int, default=16, help="calibration samples for the policy")
     ap.add_argument("--gptqmodel-python", default=str(GPTQMODEL_PYTHON),
                     help="python of a venv with GPTQModel and optimum (docs/gptq.md)")
+    ap.add_argument("--dtype", default="float16", help="compute dtype of the GPTQ loaders: float16 or bfloat16")
+    ap.add_argument("--keep", help="write the exports into this folder (kept, e.g. for scripts/gpu_check.sh)")
     ap.add_argument("--out", default=str(HERE.parent / "docs" / "interop"), help="output prefix (.md/.json)")
     args = ap.parse_args()
     if not Path(args.gptqmodel_python).is_file():
         raise SystemExit(f"no GPTQModel python at {args.gptqmodel_python} (docs/gptq.md says how to make one)")
 
-    info = {"dataset": args.dataset, "samples": args.samples, "seq_len": args.seq_len, "machine": platform.processor()
-            or platform.machine(), "fqcompile": fqcompile.__version__, "timings_s": {}}
+    info = {"dataset": args.dataset, "samples": args.samples, "seq_len": args.seq_len, "dtype": args.dtype,
+            "machine": platform.processor() or platform.machine(), "fqcompile": fqcompile.__version__, "timings_s": {}}
     rows = []
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
@@ -63,7 +66,7 @@ def main():
         tokens.write_text(json.dumps(data.tolist()))
         for plan in args.plans:
             for fmt in args.formats.split(","):
-                out = work / f"{plan.replace(':', '-')}-{fmt}"
+                out = (Path(args.keep) if args.keep else work) / f"{plan.replace(':', '-')}-{fmt}"
                 start = time.perf_counter()
                 record = export_gptq(ckpt, out, plan, fmt, dataset=args.dataset, samples=args.samples,
                                      seq_len=args.seq_len, progress=False)
@@ -73,7 +76,7 @@ def main():
                        "fqcompile": record["quality"]["fqcompile_perplexity"],
                        "dense_export": record["quality"]["perplexity"], "notes": record["notes"]}
                 for loader in LOADERS:
-                    row[loader] = run_loader(args.gptqmodel_python, out, tokens, loader, work)
+                    row[loader] = run_loader(args.gptqmodel_python, out, tokens, loader, args.dtype, work)
                 rows.append(row)
                 print(summary(row), flush=True)
                 write(rows, info, Path(args.out))
@@ -91,10 +94,11 @@ def make_checkpoint(work: Path, args, timings: dict) -> Path:
     return ckpt
 
 
-def run_loader(python: str, folder: Path, tokens: Path, loader: str, work: Path) -> dict:
+def run_loader(python: str, folder: Path, tokens: Path, loader: str, dtype: str, work: Path) -> dict:
     out = work / f"{folder.name}-{loader}.json"
     result = subprocess.run([python, str(HERE / "gptqmodel_eval.py"), "--model", str(folder), "--tokens", str(tokens),
-                             "--loader", loader, "--out", str(out)], capture_output=True, text=True, cwd=work)
+                             "--loader", loader, "--dtype", dtype, "--out", str(out)], capture_output=True, text=True,
+                            cwd=work)
     if result.returncode != 0:
         lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
         return {"error": lines[-1] if lines else f"exit {result.returncode}"}
@@ -119,7 +123,7 @@ def write(rows, info, out: Path) -> None:
     lines = [
         f"Checkpoint: {info['checkpoint']}. Perplexity on {info['samples']} x {info['seq_len']} tokens of the `eval` "
         f"split of `{Path(info['dataset']).name}`; fqcompile: the nested slices at the export's plan, float head and "
-        f"activations, float32; GPTQModel and transformers: the export loaded on CPU, float16 compute. "
+        f"activations, float32; GPTQModel and transformers: the export loaded on CPU, {info['dtype']} compute. "
         f"Machine: {info['machine']}.", "",
         "| plan | format | layers per width | bits/weight | exact | fqcompile | dense export | GPTQModel | transformers |",
         "|---|---|---|---|---|---|---|---|---|",

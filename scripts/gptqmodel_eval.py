@@ -8,8 +8,8 @@ also needs optimum there); `scripts/gptq_interop.py` calls it:
         --loader gptqmodel --out result.json
 
 --tokens is a JSON list of token-id lists; perplexity is exp(mean NLL) over positions
-1..T-1 of every sample, as `fqcompile eval` scores them. Compute dtype float16 (GPTQModel's
-CPU kernel takes float16 or bfloat16; float16 keeps more mantissa).
+1..T-1 of every sample, as `fqcompile eval` scores them. Compute dtype --dtype (GPTQModel's
+CPU kernel takes float16 or bfloat16; float16 keeps more mantissa, bfloat16 is faster here).
 """
 
 import argparse
@@ -30,21 +30,27 @@ def main():
     p.add_argument("--loader", choices=("gptqmodel", "transformers"), default="gptqmodel")
     p.add_argument("--prompt", default="It is a truth universally acknowledged, that")
     p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--dtype", choices=("float16", "bfloat16"), default="float16")
     p.add_argument("--out", required=True, help="JSON file for the results")
     args = p.parse_args()
 
     import torch
 
+    dtype = getattr(torch, args.dtype)
     start = time.perf_counter()
     if args.loader == "gptqmodel":
         from gptqmodel import BACKEND, GPTQModel
 
-        wrapper = GPTQModel.load(args.model, backend=BACKEND.TORCH, device="cpu", dtype=torch.float16)
+        wrapper = GPTQModel.load(args.model, backend=BACKEND.TORCH, device="cpu", dtype=dtype)
         model, tokenizer = wrapper.model, wrapper.tokenizer
     else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM, AutoTokenizer, GPTQConfig
 
-        model = AutoModelForCausalLM.from_pretrained(args.model, device_map="cpu", dtype=torch.float16)
+        # the same kernel as above: transformers' automatic choice takes an int4 CPU kernel that
+        # refuses in_features not divisible by the group size (576 with 128)
+        bits = json.loads((Path(args.model) / "config.json").read_text())["quantization_config"]["bits"]
+        model = AutoModelForCausalLM.from_pretrained(args.model, device_map="cpu", dtype=dtype,
+                                                     quantization_config=GPTQConfig(bits=bits, backend="torch"))
         tokenizer = AutoTokenizer.from_pretrained(args.model)
     model.eval()
     loaded = time.perf_counter()
@@ -63,7 +69,7 @@ def main():
         out = model.generate(prompt, max_new_tokens=args.new_tokens, do_sample=False)
     generated = time.perf_counter()
     record = {
-        "loader": args.loader, "model": str(args.model), "kernels": kernels, "dtype": "float16",
+        "loader": args.loader, "model": str(args.model), "kernels": kernels, "dtype": args.dtype,
         "perplexity": math.exp(nll / tokens), "tokens": tokens,
         "prompt": args.prompt, "generation": tokenizer.decode(out[0, prompt.shape[1]:], skip_special_tokens=True),
         "load_s": round(loaded - start, 1), "eval_s": round(scored - loaded, 1),

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# On a machine with an NVIDIA GPU (torch with CUDA and triton installed), in under 5 minutes:
+# On a machine with an NVIDIA GPU (torch with CUDA and triton installed), in under 5 minutes
+# (plus part 3, vLLM on GPTQ exports, when GPTQ_EXPORTS is set):
 #   1. the Triton kernel tests, run on the device (not in the interpreter);
 #   2. a timing table: our Triton kernel at each precision against torch's fp16 matmul
 #      on dense weights, and a device-to-device copy for the memory bandwidth.
@@ -49,3 +50,44 @@ for out_f, in_f in [(4096, 4096), (11008, 4096), (4096, 11008)]:
         gbs = read4 / (t4 * 1e-3) / 1e9
         print(f"{out_f}x{in_f:>6} {batch:>5} {t16:8.4f} {t4:9.4f} {t8:9.4f} {t16 / t4:9.2f} {t16 / t8:9.2f} {gbs:10.0f} {gbs / copy_gbs:7.2f}")
 PYEOF
+
+# 3. vLLM on GPTQ exports (issue: GPTQ-format export), when GPTQ_EXPORTS names a folder of
+#    `fqcompile export-gptq` outputs made with --dataset (e.g. `python scripts/gptq_interop.py
+#    --keep exports`): serves each with vLLM, checks the greedy generation and the perplexity on
+#    the same held-out windows against fqcompile's (recorded in the export), and times decode.
+#    vLLM is installed if missing (needs the package index; VLLM_SPEC picks the version).
+if [ -n "${GPTQ_EXPORTS:-}" ]; then
+  "$PY" -c "import vllm" 2>/dev/null || "$PY" -m pip install --quiet "${VLLM_SPEC:-vllm}"
+  DATASET=${DATASET:-../shared/data/austen} timeout 900 "$PY" - "$GPTQ_EXPORTS" <<'PYEOF'
+import json, math, os, sys, time
+from pathlib import Path
+
+from transformers import AutoTokenizer
+from vllm import LLM, SamplingParams
+from vllm.inputs import TokensPrompt
+
+from fqcompile.calibration.data import load_samples
+
+for folder in sorted(p for p in Path(sys.argv[1]).iterdir() if (p / "fqcompile-gptq.json").is_file()):
+    record = json.loads((folder / "fqcompile-gptq.json").read_text())
+    quality = record.get("quality") or {"samples": 2, "seq_len": 512}
+    tok = AutoTokenizer.from_pretrained(folder)
+    data = load_samples(os.environ["DATASET"], tok, split="eval", seq_len=quality["seq_len"],
+                        max_samples=quality["samples"]).tolist()
+    llm = LLM(model=str(folder), dtype="float16", gpu_memory_utilization=0.3, max_model_len=2048)
+    outs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in data],
+                        SamplingParams(max_tokens=1, prompt_logprobs=1))
+    nll = -sum(o.prompt_logprobs[t][ids[t]].logprob for o, ids in zip(outs, data) for t in range(1, len(ids)))
+    ppl = math.exp(nll / sum(len(ids) - 1 for ids in data))
+    ours = quality.get("fqcompile_perplexity")
+    prompt = "It is a truth universally acknowledged, that"
+    start = time.perf_counter()
+    gen = llm.generate([prompt], SamplingParams(max_tokens=128, temperature=0, ignore_eos=True))[0].outputs[0]
+    seconds = time.perf_counter() - start
+    print(f"{folder.name}: {record['plan']}, vLLM perplexity {ppl:.3f}"
+          + (f" (fqcompile {ours:.3f}, {100 * (ppl / ours - 1):+.3f}%)" if ours else "")
+          + f", decode {len(gen.token_ids) / seconds:.1f} tokens/s (batch 1, 128 tokens)")
+    print(f"  {prompt}{gen.text[:200]!r}")
+    del llm
+PYEOF
+fi

@@ -197,3 +197,27 @@ def test_an_architecture_gptq_loaders_name_differently_is_refused(smol_dir, tmp_
     ckpt = fqcompile.export(str(tmp_path / "neox"), tmp_path / "c", group_size=32, grid="zero-exact", progress=False)
     with pytest.raises(FqError, match="GPTQ export supports LlamaForCausalLM.*not GPTNeoXForCausalLM"):
         export_gptq(ckpt, tmp_path / "g", "static:4", progress=False)
+
+
+def test_command_line(zero_exact, tiny_ckpt, tmp_path):
+    from typer.testing import CliRunner
+
+    from fqcompile.cli import app
+
+    def run(*args):
+        return CliRunner().invoke(app, ["export-gptq", *map(str, args)], env={"FQCOMPILE_DEBUG": ""})
+
+    result = run(zero_exact, "--policy", "static-mixed:6", "--out", tmp_path / "g")
+    assert result.exit_code == 0, result.stderr
+    assert "static-mixed:6 (" in result.stdout and "exact: every weight equals the nested slice" in result.stdout
+    assert "note: asymmetric groups (sym false)" in result.stderr
+    for args, message in (
+        ((zero_exact, "--policy", "static:8", "--out", tmp_path / "g"), "already exists (use --force to overwrite it)"),
+        ((tiny_ckpt, "--policy", "static:8", "--out", tmp_path / "h"), "re-export the model with --grid zero-exact"),
+        ((zero_exact, "--policy", "static:4", "--out", tmp_path / "h", "--checkpoint-format", "v3"),
+         "unknown --checkpoint-format 'v3'"),
+    ):
+        result = run(*args)
+        lines = result.stderr.strip().splitlines()
+        assert result.exit_code == 2 and len(lines) == 1 and message in lines[0], result.stderr
+    assert not (tmp_path / "h").exists()

@@ -15,7 +15,7 @@ SHARED = {"fqcompile", "fqcompile.errors", "fqcompile.files", "fqcompile.process
 # The runtime's generate path, which the offline stages never import.
 RUNTIME = {"fqcompile.flex_linear", "fqcompile.loader", "fqcompile.generation", "fqcompile.slim",
            "fqcompile.controller", "fqcompile.evaluation", "fqcompile.bench", "fqcompile.demo", "fqcompile.cli",
-           "fqcompile.cli_options", "fqcompile.inspection"}
+           "fqcompile.cli_options", "fqcompile.inspection", "fqcompile.gptq_export"}
 
 
 def module_name(path: Path) -> str:
