@@ -201,6 +201,9 @@ def _notes(record: dict, checkpoint_format: str) -> list[str]:
     for b, w in record["widened"].items():
         notes.append(f"{record['layers_at'][b]} layers at {b} bits are stored as {w}-bit GPTQ layers (same "
                      f"values; GPTQ packs {', '.join(map(str, gptq_format.WIDTHS))} bits whole)")
+    if len(record["layers_at"]) > 1:
+        notes.append("mixed widths are `dynamic` overrides in the config: GPTQModel and vLLM apply them; "
+                     "transformers' GPTQ integration (through optimum) does not, and fails to load the folder")
     if record["raised_to_fused_width"]:
         notes.append(f"{len(record['raised_to_fused_width'])} layers run at the highest width of their fused "
                      f"group (vLLM runs q/k/v and gate/up as one layer)")

@@ -133,13 +133,18 @@ def write(rows, info, out: Path) -> None:
         lines.append(f"| {r['plan']} | {r['format']} | {widths} | {r['bits_per_weight']:.3f} | "
                      f"{'yes' if r['exact'] else 'no'} | {r['fqcompile']:.3f} | {r['dense_export']:.3f} | "
                      f"{delta(r, 'gptqmodel')} | {delta(r, 'transformers')} |")
-    lines += ["", "Kernels and generations (greedy, 32 tokens):", ""]
+    lines += ["", "fqcompile and the dense export (the export read back by `formats/gptq_format.py` into a plain "
+              "Hugging Face model) compute in float32; the loaders' differences are their float16 arithmetic. "
+              "A loader that fails shows its error: transformers' GPTQ integration (through optimum) has no "
+              "per-layer widths, so it cannot build a mixed plan's `dynamic` layers.", "",
+              "Kernels and generations (greedy, 32 tokens, newlines shown as ⏎):", ""]
     for r in rows:
         for loader in LOADERS:
             x = r[loader]
             if "error" not in x:
+                text = (x["prompt"] + x["generation"]).replace("\n", " ⏎ ")
                 lines.append(f"- {r['plan']} {r['format']}, {loader} ({', '.join(x['kernels'])}; load {x['load_s']} s, "
-                             f"eval {x['eval_s']} s): \"{x['prompt']}{x['generation']}\"")
+                             f"scoring {x['eval_s']} s): \"{text}\"")
     lines += ["", "Timings (s): " + ", ".join(f"{k} {v}" for k, v in info["timings_s"].items()), ""]
     out.with_suffix(".md").write_text("\n".join(lines))
 
