@@ -136,7 +136,8 @@ def write(rows, info, out: Path) -> None:
     lines += ["", "fqcompile and the dense export (the export read back by `formats/gptq_format.py` into a plain "
               "Hugging Face model) compute in float32; the loaders' differences are their float16 arithmetic. "
               "A loader that fails shows its error: transformers' GPTQ integration (through optimum) has no "
-              "per-layer widths, so it cannot build a mixed plan's `dynamic` layers.", "",
+              "per-layer widths, so it cannot build a mixed plan's `dynamic` layers; GPTQModel refuses asymmetric "
+              "checkpoints in format `gptq` (v1) unless it wrote them itself.", "",
               "Kernels and generations (greedy, 32 tokens, newlines shown as ⏎):", ""]
     for r in rows:
         for loader in LOADERS:
