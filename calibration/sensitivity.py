@@ -12,6 +12,7 @@ the embeddings (half a forward pass on average instead of a whole one).
 
 import contextlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from rich.progress import Progress
@@ -20,6 +21,7 @@ from torch import nn
 
 from fqcompile.errors import FqError
 from fqcompile.files import atomic_file
+from fqcompile.formats import checkpoint as ckpt
 from fqcompile.formats.nested import CELL_CENTRE, Layout, dequantize, pack_planes, quantize_rtn
 from fqcompile.calibration.divergence import entropy, kl_per_token, log_probs
 
@@ -57,6 +59,26 @@ def fake_quantized(weight: torch.Tensor, group_size: int, ladder, bits: int, gri
     layout = Layout(weight.shape[0], weight.shape[1], group_size, tuple(ladder), grid)
     codes, scale, zero = quantize_rtn(weight, group_size, layout.ladder, layout.grid)
     return dequantize(pack_planes(codes, layout), scale, zero, layout, bits, dtype=weight.dtype)
+
+
+def rtn_slices(model, group_size: int, ladder, grid: str = CELL_CENTRE):
+    """slice_of(module name, bits) -> dense weight: RTN slices of the model's own weights."""
+    return lambda name, bits: fake_quantized(model.get_submodule(name).weight, group_size, ladder, bits, grid)
+
+
+def checkpoint_slices(folder, dtype=torch.float32):
+    """slice_of(module name, bits) -> dense weight: the slices a checkpoint serves (GPTQ's included)."""
+    manifest = ckpt.read_manifest(folder)
+    layouts = ckpt.layouts(manifest)
+    ckpt.verify(folder, manifest, [ckpt.META] + [ckpt.plane_file(i) for i in range(len(manifest["plane_widths"]))])
+    meta = ckpt.load_tensors(Path(folder) / ckpt.META)
+    planes = [ckpt.load_tensors(Path(folder) / ckpt.plane_file(i)) for i in range(len(manifest["plane_widths"]))]
+
+    def slice_of(name: str, bits: int) -> torch.Tensor:
+        return dequantize([p[name] for p in planes], meta[f"{name}.scale"], meta[f"{name}.zero"], layouts[name], bits,
+                          dtype)
+
+    return slice_of
 
 
 @contextlib.contextmanager
@@ -128,7 +150,7 @@ def save_atomic(path, tensors: dict[str, torch.Tensor]) -> None:
 
 
 @torch.inference_mode()
-def measure(model, samples, units, ladder, group_size, folder, batch_size=4, progress=True, grid=CELL_CENTRE):
+def measure(model, samples, units, ladder, slice_of, folder, batch_size=4, progress=True):
     """Measure every unit at every lower precision; results saved per unit as they finish.
 
     Files in `folder`: reference.safetensors (entropy and NLL of the reference per token),
@@ -165,7 +187,7 @@ def measure(model, samples, units, ladder, group_size, folder, batch_size=4, pro
     top = ladder[-1]
     base_file = folder / "baseline.safetensors"
     if not base_file.exists():
-        weights = {m: fake_quantized(model.get_submodule(m).weight, group_size, ladder, top, grid) for m in linears}
+        weights = {m: slice_of(m, top) for m in linears}
         with swapped_weights(model, weights):
             kl = [kl_per_token(ref_lps(i), log_probs(model(b, use_cache=False).logits)) for i, b in enumerate(batches)]
         save_atomic(base_file, {"kl": torch.cat(kl)})
@@ -175,8 +197,7 @@ def measure(model, samples, units, ladder, group_size, folder, batch_size=4, pro
         task = bar.add_task(f"measuring {len(units)} units x {len(ladder) - 1} precisions", total=len(units),
                             completed=len(units) - len(todo))
         for index, unit in todo:
-            lowered = {b: {m: fake_quantized(model.get_submodule(m).weight, group_size, ladder, b, grid)
-                           for m in unit.modules} for b in ladder[:-1]}
+            lowered = {b: {m: slice_of(m, b) for m in unit.modules} for b in ladder[:-1]}
             kls = {b: [] for b in lowered}
             for i in range(len(batches)):
                 ref = ref_lps(i)

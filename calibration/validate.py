@@ -11,15 +11,14 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from fqcompile.calibration.sensitivity import capture, fake_quantized, run_from
+from fqcompile.calibration.sensitivity import capture, run_from
 from fqcompile.calibration.divergence import entropy, kl_per_token, log_probs
 from fqcompile.calibration.policy import bucket_of, signal
-from fqcompile.formats.nested import CELL_CENTRE
 
 
-def ladder_slices(model, units, ladder, group_size, grid) -> dict:
+def ladder_slices(units, ladder, slice_of) -> dict:
     """Every ladder slice of every unit's linears, dense: {module: {bits: weight}}."""
-    return {name: {b: fake_quantized(model.get_submodule(name).weight, group_size, ladder, b, grid) for b in ladder}
+    return {name: {b: slice_of(name, b) for b in ladder}
             for unit in units for name in unit.modules}
 
 
@@ -49,12 +48,11 @@ def tokenwise(model, units, slices: dict, choice: dict):
 
 
 @torch.inference_mode()
-def run_plans(model, samples, units, ladder, group_size, edges, smoothing, plan_list, batch_size=4,
-              grid=CELL_CENTRE):
+def run_plans(model, samples, units, ladder, slice_of, edges, smoothing, plan_list, batch_size=4):
     """Measured mean KL (positions >= 1) and the per-bucket token share, for each plan [k, u] of indices."""
     n_layers = len(model.get_decoder().layers)
     ladder_t = torch.tensor(ladder)
-    slices = ladder_slices(model, units, ladder, group_size, grid)
+    slices = ladder_slices(units, ladder, slice_of)
     sums = [0.0] * len(plan_list)
     counts = torch.zeros(len(edges) + 1, dtype=torch.float64)
     tokens = 0

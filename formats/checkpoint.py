@@ -98,6 +98,29 @@ def read_manifest(folder: Path) -> dict:
     return manifest
 
 
+def slices_fingerprint(manifest: dict) -> str:
+    """Identity of the weights a checkpoint serves: a SHA-256 over its planes' and scales' hashes."""
+    names = [META] + [plane_file(i) for i in range(len(manifest["plane_widths"]))]
+    return hashlib.sha256("".join(manifest["files"][n]["sha256"] for n in names).encode()).hexdigest()
+
+
+def install_policy(folder: Path, policy: dict) -> None:
+    """Replace the checkpoint's policy.json and re-hash it in the manifest.
+
+    Each file is written beside and renamed; a process killed between the two renames
+    leaves a policy whose hash the manifest does not hold, which `verify` reports.
+    """
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    tmp = folder / f".{POLICY}.partial"
+    tmp.write_text(json.dumps(policy, indent=1) + "\n")
+    manifest["files"][POLICY] = {"bytes": tmp.stat().st_size, "sha256": sha256(tmp)}
+    tmp_manifest = folder / f".{MANIFEST}.partial"
+    tmp_manifest.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    tmp.replace(folder / POLICY)
+    tmp_manifest.replace(folder / MANIFEST)
+
+
 def layouts(manifest: dict) -> dict[str, Layout]:
     ladder, group = tuple(manifest["ladder"]), int(manifest["group_size"])
     return {

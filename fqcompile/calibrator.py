@@ -4,6 +4,10 @@ The folder is resumable: calibration.json (the settings that define the measurem
 written first, per-unit results as they finish. A rerun with the same settings skips
 what is measured; the fit settings (target, buckets, smoothing) may change between runs,
 so a new target is a quick refit. Different measurement settings are refused.
+
+The slices measured are RTN's on the grid the export will write, or, with `checkpoint`,
+the slices an existing checkpoint serves (GPTQ's, rotated or not): the policy is then
+fitted to the weights that run, and goes into that checkpoint.
 """
 
 import json
@@ -22,6 +26,8 @@ from .calibration.validate import run_plans
 from .errors import FqError
 from .files import write_json
 from .sources import quantizable
+from .calibration.rotation import rotate
+from .formats import checkpoint as ckpt
 from .formats.checkpoint import sha256
 from .formats.nested import CELL_CENTRE, check_grid, check_ladder
 
@@ -54,7 +60,7 @@ def _check_folder(out: Path, settings: dict) -> None:
 
 
 def calibrate(
-    model: str,
+    model: str | None,
     out,
     dataset: str = "self",
     ladder=(4, 8),
@@ -70,12 +76,23 @@ def calibrate(
     batch_size: int = 4,
     seed: int = 0,
     grid: str = CELL_CENTRE,
+    checkpoint=None,
     progress: bool = True,
 ) -> dict:
     """Calibrate `model` into folder `out`; returns the fitted policy (also in out/policy.json).
 
-    The slices measured are RTN's on `grid`, the nested grid the export will write.
+    The slices measured are RTN's on `grid`, the nested grid the export will write. With
+    `checkpoint` (a checkpoint folder), they are that checkpoint's own slices: its ladder,
+    group size and grid are used, `model` defaults to its source, and the fitted policy is
+    also written into the checkpoint.
     """
+    served = None
+    if checkpoint is not None:
+        served = ckpt.read_manifest(checkpoint)
+        ladder, group_size, grid = served["ladder"], served["group_size"], served["grid"]
+        model = model or served["source"]["model"]
+    if model is None:
+        raise FqError("calibration needs a `model` or a `checkpoint`")
     start = time.perf_counter()
     ladder, out = check_ladder(ladder), Path(out)
     if len(ladder) < 2:
@@ -100,9 +117,13 @@ def calibrate(
         "model": model, "fingerprint": fingerprint(folder), "dataset": dataset_id, "ladder": list(ladder),
         "unit": unit, "group_size": group_size, "samples": samples, "eval_samples": eval_samples,
         "seq_len": seq_len, "seed": seed, "grid": check_grid(grid),
+        **({"checkpoint": str(Path(checkpoint).resolve()), "slices": ckpt.slices_fingerprint(served)} if served else {}),
     }
     _check_folder(out, settings)  # before minutes of sampling and measuring
     fp_model, tok, _ = sources.load(model)
+    if served is not None and served.get("rotation"):  # the checkpoint's weights live in the rotated basis
+        rotate(fp_model, served["rotation"]["seed"])
+    slice_of = m.checkpoint_slices(checkpoint) if served else m.rtn_slices(fp_model, group_size, ladder, grid)
     calib = load_samples(dataset, tok, split="calib", seq_len=seq_len, max_samples=samples, model=fp_model, seed=seed)
     held_out = load_samples(dataset, tok, split="eval", seq_len=seq_len, max_samples=eval_samples, model=fp_model,
                             seed=seed)
@@ -111,7 +132,7 @@ def calibrate(
         write_json(out / SETTINGS, settings)
     units = m.units_of(fp_model, [n for n, _ in quantizable(fp_model)], unit)
     measure_start = time.perf_counter()
-    results = m.measure(fp_model, calib, units, ladder, group_size, out, batch_size, progress, grid)
+    results = m.measure(fp_model, calib, units, ladder, slice_of, out, batch_size, progress)
     measure_seconds = time.perf_counter() - measure_start
     expected_shape = (len(calib), seq_len - 1)
     for r in [results["baseline"], *[v for u in results["units"] for v in u.values()]]:
@@ -130,8 +151,8 @@ def calibrate(
            for b in budgets]
     static = [pol.static_mixed(dkl, base, token_share, shares, ladder, b).expand(len(edges) + 1, -1) for b in budgets]
     validate_start = time.perf_counter()
-    measured, eval_share = run_plans(fp_model, held_out, units, ladder, group_size, edges, smoothing, dyn + static,
-                                     batch_size, grid)
+    measured, eval_share = run_plans(fp_model, held_out, units, ladder, slice_of, edges, smoothing, dyn + static,
+                                     batch_size)
     validate_seconds = time.perf_counter() - validate_start
     rows = []
     for i, b in enumerate(budgets):
@@ -173,7 +194,8 @@ def calibrate(
         "kl_correction": correction,
         "static_mixed": {"avg_bits": s_bits, "expected_kl": s_kl * correction, "bits": ladder_t[static_plan].tolist()},
         "calibration": {"model": model, "fingerprint": settings["fingerprint"], "group_size": group_size,
-                        "dataset": dataset, "tokens": int(calib[:, 1:].numel())},
+                        "dataset": dataset, "tokens": int(calib[:, 1:].numel()), "grid": grid,
+                        "slices": settings.get("slices", "rtn")},
         # the requirement model itself, so the runtime can refit other targets without the raw data
         "table": {"dkl": dkl.tolist(), "base": base.tolist(), "bucket_share": token_share.tolist()},
     }
@@ -196,6 +218,8 @@ def calibrate(
     write_json(out / "table.json", summary)
     write_json(out / POLICY, policy)
     write_report(out, summary, policy, dkl, shares, base, token_share, ladder)
+    if served is not None:
+        ckpt.install_policy(checkpoint, policy)
     return policy
 
 
@@ -209,6 +233,9 @@ def check_for_export(calib_dir, model_folder: Path, ladder, group_size, quantize
         raise FqError(f"{calib_dir} is not a finished calibration (missing {Path(exc.filename).name})") from None
     except ValueError:
         raise FqError(f"{calib_dir} holds a corrupted {SETTINGS} or {POLICY}") from None
+    if settings.get("checkpoint"):
+        raise FqError(f"calibration {calib_dir} measured the slices of checkpoint {settings['checkpoint']}; its "
+                      f"policy is already in that checkpoint and fits no other export")
     if settings.get("fingerprint") != fingerprint(model_folder):
         raise FqError(f"calibration {calib_dir} was made for another model ({settings.get('model')})")
     if list(settings.get("ladder", [])) != list(ladder) or policy.get("ladder") != list(ladder):

@@ -86,15 +86,11 @@ def export(
 @app.command(name="export-gptq")
 def export_gptq(
     folder: Path = typer.Argument(..., help="fqcompile checkpoint folder"),
-    policy: str = typer.Option(..., "--policy", help="the plan to write: static:B (a rung) or static-mixed:BITS "
-                                                     "(from the checkpoint's calibrated policy)"),
+    policy: str = typer.Option(..., "--policy", help="the plan to write: static:B or static-mixed:BITS"),
     out: Path = typer.Option(..., "--out", "-o", help="GPTQ checkpoint folder to create"),
-    checkpoint_format: str = typer.Option("gptq_v2", "--checkpoint-format",
-                                          help="gptq_v2 (zero points as they are: GPTQModel, transformers, vLLM "
-                                               "since late 2025) or gptq (v1, minus one: older loaders; GPTQModel refuses "
-                                               "asymmetric v1 files it did not write)"),
-    dataset: str = typer.Option(None, help="measure the export's perplexity (and fqcompile's at the same plan) on "
-                                           "this text: local files/folder, hub name[:config], or 'self'"),
+    checkpoint_format: str = typer.Option("gptq_v2", "--checkpoint-format", help="gptq_v2 (zero points as they "
+                                          "are) or gptq (v1: minus one, for older loaders; docs/gptq-export.md)"),
+    dataset: str = typer.Option(None, help="text to measure the export's perplexity on, beside fqcompile's"),
     samples: int = typer.Option(8, min=1, help="evaluation samples for --dataset"),
     seq_len: int = typer.Option(512, min=2, help="tokens per evaluation sample"),
     force: bool = typer.Option(False, "--force", help="replace an existing export folder"),
@@ -115,7 +111,10 @@ def export_gptq(
 @app.command()
 def calibrate(
     out: Path = typer.Option(..., "--out", "-o", help="calibration folder (resumable)"),
-    model: str = typer.Option("smollm2-135m", "--model", "-m", help=MODEL_HELP),
+    model: str = typer.Option(None, "--model", "-m", help=MODEL_HELP + " (default: smollm2-135m, or the "
+                                                                        "--checkpoint's source)"),
+    checkpoint: Path = typer.Option(None, help="measure this checkpoint's own slices (GPTQ, rotated: what it serves) "
+                                               "and write the policy into it; its ladder, group size and grid apply"),
     dataset: str = typer.Option("self", help="'self' (sampled from the model), local files/folder, or hub name[:config]"),
     ladder: str = typer.Option("4,8", help="precisions, as for export"),
     unit: str = typer.Option("block", help="switching unit: block (a decoder layer's linears) or linear"),
@@ -129,21 +128,22 @@ def calibrate(
     smoothing: float = typer.Option(0.0, help="EMA smoothing of the entropy signal (0 = none)"),
     batch_size: int = typer.Option(4, min=1),
     seed: int = typer.Option(0),
-    grid: str = typer.Option("lowest-rung", help="the nested grid of the slices measured: the --grid of the export "
-                                                 "this calibration is for"),
+    grid: str = typer.Option("lowest-rung", help="the grid of the RTN slices measured: the export's --grid"),
 ):
     """Measure layer sensitivity by entropy and KL, fit the switching policy, validate and report."""
     from .calibrator import calibrate as run_calibrate
 
     start = time.perf_counter()
-    policy = run_calibrate(model, out, dataset=dataset, ladder=parse_ladder(ladder), unit=unit,
+    policy = run_calibrate(model or (None if checkpoint else "smollm2-135m"), out, checkpoint=checkpoint,
+                           dataset=dataset, ladder=parse_ladder(ladder), unit=unit,
                            target_bits=target_bits, max_ppl_increase=parse_percent(max_ppl_increase),
                            samples=samples, eval_samples=eval_samples, seq_len=seq_len, group_size=group_size,
                            buckets=buckets, smoothing=smoothing, batch_size=batch_size, seed=seed, grid=grid)
     exp, sm = policy["expected"], policy["static_mixed"]
     print(f"policy: {exp['avg_bits']:.2f} average bits, expected mean KL {exp['kl']:.4f} "
           f"(static mixed at {sm['avg_bits']:.2f} bits: {sm['expected_kl']:.4f})")
-    print(f"wrote {out}/policy.json and {out}/report.md in {time.perf_counter() - start:.0f} s")
+    print(f"wrote {out}/policy.json{f' (and into {checkpoint})' if checkpoint else ''} and {out}/report.md in "
+          f"{time.perf_counter() - start:.0f} s")
 
 
 @app.command()

@@ -50,6 +50,10 @@ def resolve(policy: dict, manifest: dict, spec: str | None) -> Plan:
         raise FqError(f"unknown policy '{spec}' (use dynamic, dynamic:BITS, static:B or static-mixed:BITS)")
     if policy.get("kind") != "dynamic":
         raise FqError(f"policy '{spec}' needs a calibrated checkpoint (export with `calib`)")
+    slices = policy.get("calibration", {}).get("slices", "rtn")
+    if slices != "rtn" and slices != ckpt.slices_fingerprint(manifest):
+        raise FqError("this checkpoint's policy was fitted to other weights than its own: calibrate it again with "
+                      "`checkpoint`")
     units = [u["modules"] for u in policy["units"]]
     edges, smoothing, prefill = policy["bucket_edges"], policy["signal"]["smoothing"], policy["prefill_precision"]
     if kind == "dynamic" and not arg:

@@ -158,3 +158,42 @@ def test_signal_is_previous_entropy_and_buckets_are_quantiles():
     edges = pol.bucket_edges(sig, 4)
     counts = torch.bincount(pol.bucket_of(sig, edges)[0], minlength=4)
     assert counts.tolist() == [25, 25, 25, 25]
+
+
+@pytest.mark.parametrize("rotated", [False, True])
+def test_calibrating_a_checkpoint_measures_the_slices_it_serves(tiny_dir, austen, tmp_path, rotated):
+    from safetensors.torch import load_file
+
+    from fqcompile import sources
+    from fqcompile.calibration.sensitivity import checkpoint_slices, fake_quantized
+    from fqcompile.controller import resolve
+    from fqcompile.formats.nested import dequantize
+
+    folder = fqcompile.export(str(tiny_dir), tmp_path / "ck", ladder=(4, 8), group_size=32, grid="zero-exact",
+                              dataset=str(austen / "emma.txt"), samples=4, seq_len=32, rotate=rotated, progress=False)
+    policy = calibrate(None, tmp_path / "cal", checkpoint=folder, progress=False,
+                       **small_args(austen, group_size=64, ladder=(3, 8)))  # the checkpoint's settings win
+    manifest = ckpt.read_manifest(folder)
+    assert policy["ladder"] == [4, 8] and policy["calibration"]["group_size"] == 32
+    assert policy["calibration"]["slices"] == ckpt.slices_fingerprint(manifest)
+    assert json.loads((folder / ckpt.POLICY).read_text()) == policy
+    ckpt.verify(folder, manifest)  # the manifest holds the new policy's hash
+    # the slices measured are the served (GPTQ) ones, not RTN's of the source weights
+    loaded = fqcompile.load(folder)
+    name = "model.layers.1.mlp.down_proj"
+    layer = loaded.model.get_submodule(name)
+    served = dequantize(layer.planes(), layer.scale, layer.zero, layer.layout, 4)
+    assert torch.equal(checkpoint_slices(folder)(name, 4), served)
+    if not rotated:
+        rtn = fake_quantized(sources.load(str(tiny_dir))[0].get_submodule(name).weight, 32, (4, 8), 4, "zero-exact")
+        assert not torch.equal(rtn, served)
+    # every unit at 8 bits stays close to full precision: the reference is in the checkpoint's (rotated) basis
+    assert load_file(str(tmp_path / "cal" / "baseline.safetensors"))["kl"].mean() < 1e-3
+    assert resolve(loaded.policy, loaded.manifest, "dynamic").label == "dynamic"
+    other = ckpt.read_manifest(fqcompile.export(str(tiny_dir), tmp_path / "other", ladder=(4, 8), group_size=32,
+                                                grid="zero-exact", progress=False))
+    with pytest.raises(FqError, match="fitted to other weights than its own: calibrate it again with `checkpoint`"):
+        resolve(policy, other, "dynamic")
+    with pytest.raises(FqError, match="measured the slices of checkpoint .* fits no other export"):
+        fqcompile.export(str(tiny_dir), tmp_path / "new", ladder=(4, 8), group_size=32, grid="zero-exact",
+                         calib=tmp_path / "cal", progress=False)
