@@ -12,7 +12,6 @@ the embeddings (half a forward pass on average instead of a whole one).
 
 import contextlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from rich.progress import Progress
@@ -21,7 +20,6 @@ from torch import nn
 
 from fqcompile.errors import FqError
 from fqcompile.files import atomic_file
-from fqcompile.formats import checkpoint as ckpt
 from fqcompile.formats.nested import CELL_CENTRE, Layout, dequantize, pack_planes, quantize_rtn
 from fqcompile.calibration.divergence import entropy, kl_per_token, log_probs
 
@@ -64,21 +62,6 @@ def fake_quantized(weight: torch.Tensor, group_size: int, ladder, bits: int, gri
 def rtn_slices(model, group_size: int, ladder, grid: str = CELL_CENTRE):
     """slice_of(module name, bits) -> dense weight: RTN slices of the model's own weights."""
     return lambda name, bits: fake_quantized(model.get_submodule(name).weight, group_size, ladder, bits, grid)
-
-
-def checkpoint_slices(folder, dtype=torch.float32):
-    """slice_of(module name, bits) -> dense weight: the slices a checkpoint serves (GPTQ's included)."""
-    manifest = ckpt.read_manifest(folder)
-    layouts = ckpt.layouts(manifest)
-    ckpt.verify(folder, manifest, [ckpt.META] + [ckpt.plane_file(i) for i in range(len(manifest["plane_widths"]))])
-    meta = ckpt.load_tensors(Path(folder) / ckpt.META)
-    planes = [ckpt.load_tensors(Path(folder) / ckpt.plane_file(i)) for i in range(len(manifest["plane_widths"]))]
-
-    def slice_of(name: str, bits: int) -> torch.Tensor:
-        return dequantize([p[name] for p in planes], meta[f"{name}.scale"], meta[f"{name}.zero"], layouts[name], bits,
-                          dtype)
-
-    return slice_of
 
 
 @contextlib.contextmanager

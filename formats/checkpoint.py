@@ -13,7 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from fqcompile.errors import FqError
-from fqcompile.formats.nested import GRIDS, Layout, check_ladder, plane_widths
+from fqcompile.formats.nested import GRIDS, Layout, check_ladder, dequantize, plane_widths
 
 FORMAT = "fqcompile-nested"
 FORMAT_VERSIONS = tuple(sorted(set(GRIDS.values())))  # what this fqcompile reads; a grid sets the version
@@ -102,6 +102,22 @@ def slices_fingerprint(manifest: dict) -> str:
     """Identity of the weights a checkpoint serves: a SHA-256 over its planes' and scales' hashes."""
     names = [META] + [plane_file(i) for i in range(len(manifest["plane_widths"]))]
     return hashlib.sha256("".join(manifest["files"][n]["sha256"] for n in names).encode()).hexdigest()
+
+
+def slice_reader(folder, dtype=torch.float32):
+    """slice_of(module name, bits) -> dense weight: the slices a checkpoint serves (GPTQ's included)."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    names = [plane_file(i) for i in range(len(manifest["plane_widths"]))]
+    verify(folder, manifest, [META] + names)
+    shapes, meta = layouts(manifest), load_tensors(folder / META)
+    planes = [load_tensors(folder / name) for name in names]
+
+    def slice_of(name: str, bits: int) -> torch.Tensor:
+        return dequantize([p[name] for p in planes], meta[f"{name}.scale"], meta[f"{name}.zero"], shapes[name], bits,
+                          dtype)
+
+    return slice_of
 
 
 def install_policy(folder: Path, policy: dict) -> None:

@@ -182,8 +182,9 @@ def group_grid(wmin: torch.Tensor, wmax: torch.Tensor, low: int, top: int | None
     wmin, wmax = wmin.clamp(max=0), wmax.clamp(min=0)
     qmax = 2**low - 1
     cells = 2 ** ((top or low) - low)
-    # An all-zero group has no range: the smallest fp16 top-rung step keeps it within 3e-8
-    # of 0 at every precision (on the lowest-rung grid 0 sits on a cell edge above the lowest rung).
+    # An all-zero group has no range: the smallest fp16 top-rung step keeps it at 0 at the lowest
+    # rung and within 2^-25 * 2^(top - b) of 0 at rung b above it (on the lowest-rung grid 0
+    # sits on a cell edge there; 3e-8 at the top).
     exact = ((wmax - wmin) / qmax / cells).clamp(min=2.0**-24)
     finest = exact.to(torch.float16)
     finest = torch.where(finest.float() < exact, torch.nextafter(finest, torch.full_like(finest, torch.inf)), finest)

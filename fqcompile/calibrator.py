@@ -22,13 +22,13 @@ from .calibration import sensitivity as m
 from .calibration import policy as pol
 from .calibration.data import load_samples
 from .calibration.report import write_report
+from .calibration.rotation import rotate
 from .calibration.validate import run_plans
 from .errors import FqError
 from .files import write_json
-from .sources import quantizable
-from .calibration.rotation import rotate
 from .formats import checkpoint as ckpt
 from .formats.checkpoint import sha256
+from .sources import quantizable
 from .formats.nested import CELL_CENTRE, check_grid, check_ladder
 
 SETTINGS = "calibration.json"
@@ -53,7 +53,7 @@ def _check_folder(out: Path, settings: dict) -> None:
             previous = json.loads(path.read_text())
         except ValueError:
             raise FqError(f"{path} is corrupted") from None
-        diff = sorted(k for k in settings if previous.get(k) != settings[k])
+        diff = sorted(k for k in settings.keys() | previous.keys() if previous.get(k) != settings.get(k))
         if diff:
             raise FqError(f"{out} holds a calibration with other settings ({', '.join(diff)}): "
                           f"use another folder or delete it")
@@ -121,9 +121,13 @@ def calibrate(
     }
     _check_folder(out, settings)  # before minutes of sampling and measuring
     fp_model, tok, _ = sources.load(model)
-    if served is not None and served.get("rotation"):  # the checkpoint's weights live in the rotated basis
-        rotate(fp_model, served["rotation"]["seed"])
-    slice_of = m.checkpoint_slices(checkpoint) if served else m.rtn_slices(fp_model, group_size, ladder, grid)
+    if served is not None:
+        shapes = {n: [lin.out_features, lin.in_features] for n, lin in quantizable(fp_model)}
+        if shapes != {n: info["shape"] for n, info in served["modules"].items()}:
+            raise FqError(f"`model` {model} does not have the quantized layers of checkpoint {checkpoint}")
+        if served.get("rotation"):  # the checkpoint's weights live in the rotated basis
+            rotate(fp_model, served["rotation"]["seed"])
+    slice_of = ckpt.slice_reader(checkpoint) if served else m.rtn_slices(fp_model, group_size, ladder, grid)
     calib = load_samples(dataset, tok, split="calib", seq_len=seq_len, max_samples=samples, model=fp_model, seed=seed)
     held_out = load_samples(dataset, tok, split="eval", seq_len=seq_len, max_samples=eval_samples, model=fp_model,
                             seed=seed)

@@ -103,8 +103,8 @@ def export(model: str, out: Path, config: ExportConfig | None = None, *, force: 
             raise FqError("GPTQ needs damping > 0, block size >= 1, upper budget > 0 and positive weights "
                           "for rungs of the ladder")
         if calib is not None and progress:
-            print(f"note: the policy was measured on RTN slices; calibrating the checkpoint (`fqcompile calibrate "
-                  f"--checkpoint {out}`) refits it on the GPTQ slices it serves", file=sys.stderr)
+            print(f"note: the policy was measured on RTN slices; calibrating with `checkpoint` {out} refits it on "
+                  f"the GPTQ slices the checkpoint serves", file=sys.stderr)
     elif dataset is not None and calib is None:
         print("note: `dataset` is only used by `method='gptq'`; quantizing with RTN", file=sys.stderr)
 

@@ -28,7 +28,8 @@ from .calibration.data import load_samples
 from .controller import resolve
 from .errors import FqError
 from .evaluation import FULL, evaluate
-from .files import atomic_dir
+from .exporter import GPTQ_LOG
+from .files import atomic_dir, check_writable
 from .formats import checkpoint as ckpt
 from .formats import gptq_format
 from .formats.nested import dequantize, slice_params, unpack_codes
@@ -38,7 +39,7 @@ from .sources import LLAMA_LIKE, materialize_buffers
 RECORD = "fqcompile-gptq.json"  # written last: marks a complete export of ours (and --force may replace it)
 MODEL_FILE = "model.safetensors"
 FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # run as one layer by vLLM
-OURS = {ckpt.MANIFEST, ckpt.POLICY, ckpt.DENSE, ckpt.META, "gptq-log.json", "config.json"}
+OURS = {ckpt.MANIFEST, ckpt.POLICY, ckpt.DENSE, ckpt.META, GPTQ_LOG, "config.json"}  # not copied
 
 
 def plan_widths(folder: Path, spec: str) -> tuple[str, dict[str, int], list[str]]:
@@ -78,10 +79,10 @@ def slice_tensors(planes, scale, zero, layout, bits: int):
 
 
 def dynamic_rules(bits: dict[str, int], base: int) -> dict[str, dict]:
-    """`dynamic` overrides: one rule per decoder block whose layers share a width other than
-    `base`, else one per layer, each also matching the fused name vLLM gives the layer."""
+    """`dynamic` overrides (stored widths): one rule per decoder block whose layers share a width
+    other than `base`, else one per layer, each also matching the fused name vLLM gives the layer."""
     by_parent: dict[str, dict[str, int]] = {}
-    for name, b in bits.items():
+    for name, b in ((n, stored_width(b)) for n, b in bits.items()):
         prefix, _, rest = name.partition(".layers.")
         index, _, tail = rest.partition(".")
         key = f"{prefix}.layers.{index}." if rest else name
@@ -92,13 +93,13 @@ def dynamic_rules(bits: dict[str, int], base: int) -> dict[str, dict]:
         if widths == {base}:
             continue
         if len(widths) == 1 and key.endswith("."):
-            rules["+:^" + _escape(key)] = {"bits": stored_width(widths.pop())}
+            rules["+:^" + _escape(key)] = {"bits": widths.pop()}
             continue
         for tail, b in members.items():
             if b == base:
                 continue
             names = [tail] + [_fused_name(tail)] if _fused_name(tail) else [tail]
-            rules["+:^" + _escape(key) + "(" + "|".join(_escape(t) for t in names) + ")$"] = {"bits": stored_width(b)}
+            rules["+:^" + _escape(key) + "(" + "|".join(_escape(t) for t in names) + ")$"] = {"bits": b}
     return rules
 
 
@@ -127,6 +128,7 @@ def export_gptq(folder, out, spec: str, checkpoint_format: str = "gptq_v2", *, f
     `seq_len` tokens (the `eval` split). Returns the export record (docs/gptq-export.md).
     """
     folder, out = Path(folder), Path(out)
+    check_writable(out, force, RECORD)  # before the work, not after
     if checkpoint_format not in gptq_format.FORMATS:
         raise FqError(f"unknown `checkpoint_format` '{checkpoint_format}' (use {' or '.join(gptq_format.FORMATS)})")
     manifest = ckpt.read_manifest(folder)
@@ -165,7 +167,7 @@ def export_gptq(folder, out, spec: str, checkpoint_format: str = "gptq_v2", *, f
     quantization = {
         "quant_method": "gptq", "bits": base, "group_size": manifest["group_size"], "desc_act": False, "sym": False,
         "checkpoint_format": checkpoint_format, "pack_dtype": "int32", "lm_head": False,
-        **({"dynamic": dynamic_rules(bits, base)} if len(weights) > 1 else {}),
+        **({"dynamic": dynamic_rules(bits, base)} if len(weights) > 1 else {}),  # weights: by stored width
         "meta": {"quantizer": [f"fqcompile:{__version__}"]},
     }
     record = {
@@ -176,16 +178,19 @@ def export_gptq(folder, out, spec: str, checkpoint_format: str = "gptq_v2", *, f
         "widened": {str(b): stored_width(b) for b in widened}, "raised_to_fused_width": raised,
         "bits_per_weight": 8 * stats["quantized_bytes"] / n_weights, **stats,
     }
-    notes = _notes(record, checkpoint_format)
+    ragged = sorted({lay.in_features for lay in layouts.values() if lay.in_features % lay.group_size})
+    notes = _notes(record, checkpoint_format, "dynamic" in quantization, ragged, manifest["group_size"])
     with atomic_dir(out, force, RECORD) as tmp:
         ckpt.save_tensors(tmp / MODEL_FILE, tensors, format="pt")
         config = json.loads((folder / "config.json").read_text())
         config["quantization_config"] = quantization
+        config["dtype"] = "float16"  # GPTQ kernels compute in float16 (vLLM's take nothing else)
         (tmp / "config.json").write_text(json.dumps(config, indent=1) + "\n")
         (tmp / "quantize_config.json").write_text(json.dumps(quantization, indent=1) + "\n")
-        for path in folder.iterdir():  # tokenizer and generation config
-            if path.is_file() and path.name not in OURS and not path.name.startswith("plane-"):
-                shutil.copy2(path, tmp / path.name)
+        planes_files = {ckpt.plane_file(i) for i in range(len(manifest["plane_widths"]))}
+        for name in manifest["files"]:  # the tokenizer and generation config: what else the checkpoint holds
+            if name not in OURS | planes_files and not name.startswith("."):
+                shutil.copy2(folder / name, tmp / name)
         record["exact"] = _max_difference(tmp, planes, meta, layouts, bits)
         if dataset is not None:
             record["quality"] = _measure(folder, tmp, bits, dataset, samples, seq_len, seed, progress)
@@ -195,13 +200,17 @@ def export_gptq(folder, out, spec: str, checkpoint_format: str = "gptq_v2", *, f
     return record
 
 
-def _notes(record: dict, checkpoint_format: str) -> list[str]:
+def _notes(record: dict, checkpoint_format: str, dynamic: bool, ragged: list[int], group_size: int) -> list[str]:
     notes = ["asymmetric groups (sym false): vLLM runs them with its gptq kernels; gptq_marlin takes symmetric "
              "4- and 8-bit layers only"]
     for b, w in record["widened"].items():
         notes.append(f"{record['layers_at'][b]} layers at {b} bits are stored as {w}-bit GPTQ layers (same "
                      f"values; GPTQ packs {', '.join(map(str, gptq_format.WIDTHS))} bits whole)")
-    if len(record["layers_at"]) > 1:
+    if ragged:
+        notes.append(f"in_features {ragged} are not multiples of the group size {group_size}: vLLM's GPTQ layers "
+                     f"refuse them, and GPTQModel and transformers need their torch backend; export the checkpoint "
+                     f"with a group size that divides every layer's inputs to serve it with vLLM")
+    if dynamic:
         notes.append("mixed widths are `dynamic` overrides in the config: GPTQModel and vLLM apply them; "
                      "transformers' GPTQ integration (through optimum) does not, and fails to load the folder")
     if record["raised_to_fused_width"]:
@@ -220,9 +229,11 @@ def _notes(record: dict, checkpoint_format: str) -> list[str]:
 
 
 def _max_difference(tmp: Path, planes, meta, layouts, bits) -> dict:
-    """Read the export back (formats/gptq_format.py) and compare every layer with its slice."""
+    """Read the export back (formats/gptq_format.py) and compare every layer with its slice, one at a time."""
+    config = gptq_format.read_config(tmp)
     worst = 0.0
-    for name, weight in gptq_format.read(tmp).items():
+    for name, tensors in gptq_format.read_tensors(tmp)[0].items():
+        weight = gptq_format.dequantize(tensors, gptq_format.layer_bits(config, name), config["checkpoint_format"])
         layout = layouts[name]
         ref = dequantize([p[name] for p in planes], meta[f"{name}.scale"], meta[f"{name}.zero"], layout, bits[name])
         worst = max(worst, ((weight - ref).abs().max() / ref.abs().max().clamp(min=1e-30)).item())
@@ -305,7 +316,8 @@ def card(record: dict) -> str:
     lines += ["", "## Notes", ""] + [f"- {n}" for n in record["notes"]] + [
         "", "## Loading", "",
         "- GPTQModel: `GPTQModel.load(folder)` (on CPU: `backend=BACKEND.TORCH`)",
-        "- transformers: `AutoModelForCausalLM.from_pretrained(folder)` (needs gptqmodel and optimum)",
-        "- vLLM: `vllm serve folder`", "",
+        "- transformers (static plans; needs gptqmodel and optimum): `AutoModelForCausalLM.from_pretrained(folder, "
+        "quantization_config=GPTQConfig(bits=..., backend=\"torch\"))`",
+        "- vLLM: `vllm serve folder` (layers whose inputs the group size divides; see the notes)", "",
         f"Written by fqcompile {__version__} (`fqcompile export-gptq`).", ""]
     return "\n".join(lines)

@@ -12,6 +12,7 @@ greedy generation. Writes OUT.md and OUT.json.
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import tempfile
@@ -36,7 +37,10 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ckpt", help="a zero-exact checkpoint to export (default: calibrate and export the built-in "
                                    "model here)")
+    ap.add_argument("--describe", help="how --ckpt was made, for the report")
     ap.add_argument("--method", default="gptq", help="quantizer of the checkpoint made here: gptq or rtn")
+    ap.add_argument("--group-size", type=int, default=128,
+                    help="group size of the checkpoint made here (64 for vLLM on the built-in model's 576-wide layers)")
     ap.add_argument("--dataset", default=str(DEFAULT_DATA))
     ap.add_argument("--plans", nargs="+", default=["static:4", "static:8", "static-mixed:6"])
     ap.add_argument("--formats", default="gptq_v2", help="GPTQ checkpoint formats to write, comma-separated")
@@ -54,12 +58,13 @@ def main():
         raise SystemExit(f"no GPTQModel python at {args.gptqmodel_python} (docs/gptq.md says how to make one)")
 
     info = {"dataset": args.dataset, "samples": args.samples, "seq_len": args.seq_len, "dtype": args.dtype,
-            "machine": platform.processor() or platform.machine(), "fqcompile": fqcompile.__version__, "timings_s": {}}
+            "machine": cpu_name(), "fqcompile": fqcompile.__version__, "timings_s": {}}
     rows = []
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
         ckpt = Path(args.ckpt) if args.ckpt else make_checkpoint(work, args, info["timings_s"])
-        info["checkpoint"] = str(ckpt) if args.ckpt else f"built-in model, {args.method}, [4, 8], zero-exact"
+        info["checkpoint"] = (args.describe or str(ckpt)) if args.ckpt else \
+            f"built-in model, {args.method}, [4, 8], zero-exact, group {args.group_size}"
         tok = AutoTokenizer.from_pretrained(ckpt)
         data = load_samples(args.dataset, tok, split="eval", seq_len=args.seq_len, max_samples=args.samples)
         tokens = work / "tokens.json"
@@ -85,13 +90,21 @@ def main():
 def make_checkpoint(work: Path, args, timings: dict) -> Path:
     start = time.perf_counter()
     calibrate(sources.BUILTIN_NAME, work / "calib", dataset=args.dataset, grid="zero-exact",
-              samples=args.calib_samples, progress=False)
+              group_size=args.group_size, samples=args.calib_samples, progress=False)
     timings["calibrate"] = round(time.perf_counter() - start, 1)
     start = time.perf_counter()
     ckpt = fqcompile.export(sources.BUILTIN_NAME, work / "ckpt", ladder=(4, 8), grid="zero-exact", method=args.method,
-                            calib=work / "calib", progress=False)
+                            group_size=args.group_size, calib=work / "calib", progress=False)
     timings["export"] = round(time.perf_counter() - start, 1)
     return ckpt
+
+
+def cpu_name() -> str:
+    try:
+        line = next(x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("model name"))
+        return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
+    except (OSError, StopIteration):
+        return platform.machine()
 
 
 def run_loader(python: str, folder: Path, tokens: Path, loader: str, dtype: str, work: Path) -> dict:

@@ -53,13 +53,14 @@ PYEOF
 
 # 3. vLLM on GPTQ exports (issue: GPTQ-format export), when GPTQ_EXPORTS names a folder of
 #    `fqcompile export-gptq` outputs made with --dataset (e.g. `python scripts/gptq_interop.py
-#    --keep exports`): serves each with vLLM, checks the greedy generation and the perplexity on
-#    the same held-out windows against fqcompile's (recorded in the export), and times decode.
-#    vLLM is installed if missing (needs the package index; VLLM_SPEC picks the version).
+#    --group-size 64 --keep exports`: vLLM's GPTQ layers need a group size that divides every
+#    layer's inputs) and VLLM_PYTHON a python with vLLM and fqcompile installed (its own venv:
+#    vLLM pins its own torch; the lent machine has no package index). For each export: the
+#    perplexity on the windows fqcompile measured (recorded in the export) against fqcompile's,
+#    the greedy generation, and the decode speed at batch 1.
 if [ -n "${GPTQ_EXPORTS:-}" ]; then
-  "$PY" -c "import vllm" 2>/dev/null || "$PY" -m pip install --quiet "${VLLM_SPEC:-vllm}"
-  DATASET=${DATASET:-../shared/data/austen} timeout 900 "$PY" - "$GPTQ_EXPORTS" <<'PYEOF'
-import json, math, os, sys, time
+  timeout 540 "${VLLM_PYTHON:?set VLLM_PYTHON to a python with vLLM installed}" - "$GPTQ_EXPORTS" <<'PYEOF'
+import json, math, sys, time
 from pathlib import Path
 
 from transformers import AutoTokenizer
@@ -70,23 +71,26 @@ from fqcompile.calibration.data import load_samples
 
 for folder in sorted(p for p in Path(sys.argv[1]).iterdir() if (p / "fqcompile-gptq.json").is_file()):
     record = json.loads((folder / "fqcompile-gptq.json").read_text())
-    quality = record.get("quality") or {"samples": 2, "seq_len": 512}
+    quality = record.get("quality")
+    if not quality or not Path(quality["dataset"]).exists():
+        print(f"{folder.name}: skipped (exported without --dataset, or its text is not on this machine)")
+        continue
     tok = AutoTokenizer.from_pretrained(folder)
-    data = load_samples(os.environ["DATASET"], tok, split="eval", seq_len=quality["seq_len"],
+    data = load_samples(quality["dataset"], tok, split="eval", seq_len=quality["seq_len"],
                         max_samples=quality["samples"]).tolist()
     llm = LLM(model=str(folder), dtype="float16", gpu_memory_utilization=0.3, max_model_len=2048)
     outs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in data],
                         SamplingParams(max_tokens=1, prompt_logprobs=1))
     nll = -sum(o.prompt_logprobs[t][ids[t]].logprob for o, ids in zip(outs, data) for t in range(1, len(ids)))
     ppl = math.exp(nll / sum(len(ids) - 1 for ids in data))
-    ours = quality.get("fqcompile_perplexity")
+    ours = quality["fqcompile_perplexity"]
     prompt = "It is a truth universally acknowledged, that"
     start = time.perf_counter()
     gen = llm.generate([prompt], SamplingParams(max_tokens=128, temperature=0, ignore_eos=True))[0].outputs[0]
     seconds = time.perf_counter() - start
-    print(f"{folder.name}: {record['plan']}, vLLM perplexity {ppl:.3f}"
-          + (f" (fqcompile {ours:.3f}, {100 * (ppl / ours - 1):+.3f}%)" if ours else "")
-          + f", decode {len(gen.token_ids) / seconds:.1f} tokens/s (batch 1, 128 tokens)")
+    verdict = "ok" if abs(ppl / ours - 1) <= 0.001 else "MISMATCH (over 0.1%)"
+    print(f"{folder.name}: {record['plan']}, vLLM perplexity {ppl:.3f} vs fqcompile {ours:.3f} "
+          f"({100 * (ppl / ours - 1):+.3f}%: {verdict}), decode {len(gen.token_ids) / seconds:.1f} tokens/s")
     print(f"  {prompt}{gen.text[:200]!r}")
     del llm
 PYEOF

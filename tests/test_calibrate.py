@@ -165,7 +165,7 @@ def test_calibrating_a_checkpoint_measures_the_slices_it_serves(tiny_dir, austen
     from safetensors.torch import load_file
 
     from fqcompile import sources
-    from fqcompile.calibration.sensitivity import checkpoint_slices, fake_quantized
+    from fqcompile.calibration.sensitivity import fake_quantized
     from fqcompile.controller import resolve
     from fqcompile.formats.nested import dequantize
 
@@ -183,7 +183,7 @@ def test_calibrating_a_checkpoint_measures_the_slices_it_serves(tiny_dir, austen
     name = "model.layers.1.mlp.down_proj"
     layer = loaded.model.get_submodule(name)
     served = dequantize(layer.planes(), layer.scale, layer.zero, layer.layout, 4)
-    assert torch.equal(checkpoint_slices(folder)(name, 4), served)
+    assert torch.equal(ckpt.slice_reader(folder)(name, 4), served)
     if not rotated:
         rtn = fake_quantized(sources.load(str(tiny_dir))[0].get_submodule(name).weight, 32, (4, 8), 4, "zero-exact")
         assert not torch.equal(rtn, served)

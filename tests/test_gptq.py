@@ -224,10 +224,11 @@ def test_gptq_checkpoint_reader(tmp_path, fmt):
 
 
 def test_gptq_dynamic_overrides_first_match_wins():
-    config = {"bits": 4, "dynamic": {"-:.*lm_head": {}, r"+:^model\.layers\.1\.": {"bits": 8},
+    config = {"bits": 4, "dynamic": {r"layers\.1\.": {"bits": 2}, "-:.*lm_head": {}, r"+:^model\.layers\.1\.": {"bits": 8},
                                      r"^model\.layers\.1\.mlp": {"bits": 2}, r"model\.layers\.2\.mlp\.down_proj$": {}}}
     assert gptq_format.layer_bits(config, "model.layers.0.mlp.up_proj") == 4
-    assert gptq_format.layer_bits(config, "model.layers.1.mlp.up_proj") == 8  # the earlier rule wins
+    assert gptq_format.layer_bits(config, "model.layers.1.mlp.up_proj") == 8  # the earlier rule wins; the very
+    # first one would match inside the name (re.search), but rules match from its start (re.match)
     assert gptq_format.layer_bits(config, "model.layers.2.mlp.down_proj") == 4  # matched, no bits: the base
     assert gptq_format.layer_bits(config, "lm_head") is None  # "-:": left unquantized
     assert gptq_format.layer_bits(config, "model.layers.11.mlp.up_proj") == 4  # re.match anchors at the start only

@@ -126,6 +126,9 @@ def test_static_mixed_plan_writes_dynamic_overrides(zero_exact, tmp_path):
         parent, _, attr = name.rpartition(".")
         group = next((g for g in FUSED if attr in g), (attr,))
         assert bits == max(wanted[f"{parent}.{p}"] for p in group), name  # fused parts share the widest
+        fused = {"q_proj": "qkv_proj", "gate_proj": "gate_up_proj"}.get(attr)
+        if fused:  # vLLM asks for the fused layer by its own name
+            assert gptq_format.layer_bits(config, f"{parent}.{fused}") == bits, name
     assert set(record["raised_to_fused_width"]) == {n for n in wanted if exported[n] != wanted[n]}
     assert record["exact"]["identical"]
     read = gptq_format.read(tmp_path / "g")

@@ -115,3 +115,21 @@ def test_non_finite_weights_refused(bad):
 def test_precision_outside_ladder_refused():
     with pytest.raises(FqError, match="not in the ladder"):
         Layout(4, 64, 32, (4, 8)).planes_for(6)
+
+
+def test_every_rungs_scale_is_an_fp16_number():
+    """group_grid rounds through the top rung's step, so s / 2^(B - b0) survives fp16 even for tiny
+    ranges (a GPTQ export stores each rung's scale in fp16); normal ranges keep the plain rounding."""
+    from fqcompile.formats.nested import group_grid
+
+    torch.manual_seed(0)
+    spans = torch.cat([torch.rand(64) * 1e-3 + 1e-5, torch.rand(64) * 0.5 + 0.02])  # tiny and normal ranges
+    wmin = -spans * torch.rand(128)
+    wmax = wmin + spans
+    scale, zero = group_grid(wmin, wmax, 4, 8)
+    top = scale.float() / 16
+    assert torch.equal(top.half().float(), top)
+    assert (scale.float() * 15 >= (wmax.clamp(min=0) - wmin.clamp(max=0)) * (1 - 1e-6)).all()  # still spans the range
+    plain, _ = group_grid(wmin, wmax, 4)
+    assert not torch.equal(plain[:64].float() / 16, plain[:64].float().div(16).half().float())  # what it fixes
+    assert torch.equal(scale[64:], plain[64:])
