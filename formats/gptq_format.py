@@ -18,6 +18,7 @@ regular expressions tried in order against the module name (re.match, first matc
 
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -129,21 +130,30 @@ def read_tensors(folder: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict
     return layers, other
 
 
-def read(folder) -> dict[str, torch.Tensor]:
-    """{linear name: dense fp32 weight} for every quantized linear of a GPTQ checkpoint,
-    each at its own width (`bits`, or `dynamic`'s override)."""
+def read_layers(folder) -> tuple[Iterator[tuple[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """(every quantized linear as (name, dense fp32 weight), dequantized one at a time as the
+    iterator is consumed, each at its own width: `bits` or `dynamic`'s override; {name: every
+    other tensor}) of a GPTQ checkpoint, whose files are read once."""
     folder = Path(folder)
     config = read_config(folder)
     fmt = config.get("checkpoint_format", "gptq")
     if fmt not in FORMATS:
         raise FqError(f"unknown GPTQ checkpoint_format '{fmt}' (expected one of {', '.join(FORMATS)})")
-    layers, _ = read_tensors(folder)
-    out = {}
-    for name, tensors in sorted(layers.items()):
-        bits = layer_bits(config, name)
-        if bits not in WIDTHS:
-            raise FqError(f"GPTQ layer {name}: {bits} bits is not supported (2, 4 or 8)")
-        if tensors["qweight"].shape[0] * 32 // bits < len(tensors["g_idx"]):
-            raise FqError(f"GPTQ layer {name}: qweight holds fewer than {len(tensors['g_idx'])} {bits}-bit codes per column")
-        out[name] = dequantize(tensors, bits, fmt)
-    return out
+    layers, other = read_tensors(folder)
+
+    def weights():
+        for name, tensors in sorted(layers.items()):
+            bits = layer_bits(config, name)
+            if bits not in WIDTHS:
+                raise FqError(f"GPTQ layer {name}: {bits} bits is not supported (2, 4 or 8)")
+            if tensors["qweight"].shape[0] * 32 // bits < len(tensors["g_idx"]):
+                raise FqError(f"GPTQ layer {name}: qweight holds fewer than {len(tensors['g_idx'])} {bits}-bit "
+                              f"codes per column")
+            yield name, dequantize(tensors, bits, fmt)
+
+    return weights(), other
+
+
+def read(folder) -> dict[str, torch.Tensor]:
+    """{linear name: dense fp32 weight} for every quantized linear of a GPTQ checkpoint (read_layers)."""
+    return dict(read_layers(folder)[0])

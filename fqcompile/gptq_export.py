@@ -34,7 +34,7 @@ from .formats import checkpoint as ckpt
 from .formats import gptq_format
 from .formats.nested import dequantize, slice_params, unpack_codes
 from .loader import load, read_policy
-from .sources import LLAMA_LIKE, materialize_buffers
+from .sources import LLAMA_LIKE, assign_state
 
 RECORD = "fqcompile-gptq.json"  # written last: marks a complete export of ours (and --force may replace it)
 MODEL_FILE = "model.safetensors"
@@ -42,9 +42,8 @@ FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # run as one
 OURS = {ckpt.MANIFEST, ckpt.POLICY, ckpt.DENSE, ckpt.META, GPTQ_LOG, "config.json"}  # not copied
 
 
-def plan_widths(folder: Path, spec: str) -> tuple[str, dict[str, int], list[str]]:
+def plan_widths(folder: Path, manifest: dict, spec: str) -> tuple[str, dict[str, int], list[str]]:
     """(plan label, {module: width}, modules raised to their fused group's width) for a static plan."""
-    manifest = ckpt.read_manifest(folder)
     plan = resolve(read_policy(folder), manifest, spec)
     if plan.edges or plan.bits.shape[0] != 1:
         raise FqError(f"policy '{spec}' switches per token; a GPTQ checkpoint holds one static plan "
@@ -135,7 +134,7 @@ def export_gptq(folder, out, spec: str, checkpoint_format: str = "gptq_v2", *, f
     architecture = manifest["source"]["architecture"]
     if architecture not in LLAMA_LIKE:  # the layer names GPTQModel and vLLM expect, and their fused groups
         raise FqError(f"GPTQ export supports {', '.join(LLAMA_LIKE)} checkpoints, not {architecture}")
-    label, bits, raised = plan_widths(folder, spec)
+    label, bits, raised = plan_widths(folder, manifest, spec)
     layouts = ckpt.layouts(manifest)
     top = max(bits.values())
     ckpt.verify(folder, manifest, ckpt.files_for(manifest, top))
@@ -230,10 +229,8 @@ def _notes(record: dict, checkpoint_format: str, dynamic: bool, ragged: list[int
 
 def _max_difference(tmp: Path, planes, meta, layouts, bits) -> dict:
     """Read the export back (formats/gptq_format.py) and compare every layer with its slice, one at a time."""
-    config = gptq_format.read_config(tmp)
     worst = 0.0
-    for name, tensors in gptq_format.read_tensors(tmp)[0].items():
-        weight = gptq_format.dequantize(tensors, gptq_format.layer_bits(config, name), config["checkpoint_format"])
+    for name, weight in gptq_format.read_layers(tmp)[0]:
         layout = layouts[name]
         ref = dequantize([p[name] for p in planes], meta[f"{name}.scale"], meta[f"{name}.zero"], layout, bits[name])
         worst = max(worst, ((weight - ref).abs().max() / ref.abs().max().clamp(min=1e-30)).item())
@@ -249,18 +246,10 @@ def dense_model(folder: Path, dtype=torch.float32):
         del config.quantization_config
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    _, other = gptq_format.read_tensors(folder)
+    weights, other = gptq_format.read_layers(folder)
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in other.items()}
-    state.update({f"{name}.weight": w.to(dtype) for name, w in gptq_format.read(folder).items()})
-    result = model.load_state_dict(state, strict=False, assign=True)
-    if result.unexpected_keys:
-        raise FqError(f"GPTQ checkpoint tensors not in the model: {', '.join(result.unexpected_keys[:3])}")
-    if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()
-    missing = [n for n, p in model.named_parameters() if p.is_meta]
-    if missing:
-        raise FqError(f"GPTQ checkpoint lacks tensors for: {', '.join(missing[:3])}")
-    materialize_buffers(model)
+    state.update({f"{name}.weight": w.to(dtype) for name, w in weights})
+    assign_state(model, state, "GPTQ checkpoint")
     return model.eval()
 
 

@@ -17,7 +17,7 @@ from .flex_linear import FlexLinear
 from .formats import checkpoint as ckpt
 from .formats.nested import Layout, dequantize, pack_planes, quantize_rtn
 from .kernels import backend, packs_rows
-from .sources import check_causal_lm, materialize_buffers
+from .sources import assign_state, check_causal_lm
 
 
 @dataclass
@@ -72,15 +72,7 @@ def load(folder, precision: int | None = None, verify: bool = True, dtype: torch
             raise FqError(f"checkpoint bias of {name} does not match its manifest entry")
         setattr(parent, attr, FlexLinear(layout, *tensors, bias=bias))
 
-    result = model.load_state_dict(dense, strict=False, assign=True)
-    if result.unexpected_keys:
-        raise FqError(f"checkpoint tensors not in the model: {', '.join(result.unexpected_keys[:3])}")
-    if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()
-    materialize_buffers(model)
-    missing = [n for n, p in model.named_parameters() if p.is_meta]
-    if missing:
-        raise FqError(f"checkpoint lacks tensors for: {', '.join(missing[:3])}")
+    assign_state(model, dense, "checkpoint")
     model.eval()
     backend(torch.device("cpu"))  # the kernels' one-time build happens at load, never inside a timed call
     if quantized_head:

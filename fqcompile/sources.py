@@ -216,6 +216,20 @@ def meta_model(folder, dtype=torch.float32):
     return model.eval(), AutoTokenizer.from_pretrained(folder)
 
 
+def assign_state(model, state: dict[str, torch.Tensor], source: str) -> None:
+    """Fill a model built on the meta device with `state` (tied weights re-tied, buffers
+    computed); `source` names the tensors' origin in the errors."""
+    result = model.load_state_dict(state, strict=False, assign=True)
+    if result.unexpected_keys:
+        raise FqError(f"{source} tensors not in the model: {', '.join(result.unexpected_keys[:3])}")
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+    materialize_buffers(model)
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise FqError(f"{source} lacks tensors for: {', '.join(missing[:3])}")
+
+
 def materialize_buffers(model) -> None:
     """Recompute non-persistent buffers (e.g. RoPE inverse frequencies) left on meta.
 
