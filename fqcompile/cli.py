@@ -182,8 +182,8 @@ def generate(
     verify: bool = typer.Option(True, "--verify/--no-verify", help="check file hashes on load"),
     int8_activations: Int8Activations = None,
     quantized_head: QuantizedHead = None,
-    engine: str = typer.Option("auto", help="slim (fqcompile's Llama-family decoder), hf (Hugging Face "
-                               "generate), or auto: slim where the model allows"),
+    engine: str = typer.Option("auto", help="slim (fqcompile's decoder: Llama, Mistral, Qwen2/3, Gemma 3, Phi-3), "
+                               "hf (Hugging Face generate), or auto: slim where the model allows"),
     json_path: JsonPath = None,
 ):
     """Generate text from a checkpoint under a precision policy (dynamic or static)."""

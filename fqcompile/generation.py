@@ -28,8 +28,8 @@ def generate(
     """Generate text; returns it with speed, the engine used (and the controller's stats).
 
     `prompt` may be a list: the prompts are left-padded into one batch. engine: "slim"
-    (fqcompile.slim, Llama-family models), "hf" (Hugging Face `generate`, any model and
-    stop strings), or "auto": slim where it applies.
+    (fqcompile.slim: Llama, Mistral, Qwen2/3, Gemma 3 and Phi-3 models), "hf" (Hugging
+    Face `generate`, any model and stop strings), or "auto": slim where it applies.
     """
     tok = loaded.tokenizer
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -89,7 +89,7 @@ def choose_engine(loaded: Loaded, engine: str = "auto", stop_strings=None, lengt
         return "hf", "asked for"
     why = slim.unsupported(loaded.model, length) or ("stop strings" if stop_strings else None)
     if why is None:
-        return "slim", "Llama-family model"
+        return "slim", "supported architecture"
     if engine == "slim":
         raise FqError(f"the slim engine does not support {why}; use `engine='hf'`")
     return "hf", f"the slim engine does not support {why}"
@@ -99,7 +99,7 @@ def decoder(loaded: Loaded):
     """The slim decoder over `loaded` (built once: fusing the projections re-points their planes)."""
     if getattr(loaded.model, "_fq_decoder", None) is None:
         # object.__setattr__: not a submodule of the HF model (no duplicate parameters)
-        object.__setattr__(loaded.model, "_fq_decoder", slim.Llama(loaded.model))
+        object.__setattr__(loaded.model, "_fq_decoder", slim.Decoder(loaded.model))
     return loaded.model._fq_decoder
 
 
@@ -117,7 +117,7 @@ def _generate_slim(loaded, prompt, rows, max_new_tokens, temperature, top_p, top
     seconds = time.perf_counter() - start
     texts = [tok.decode(n, skip_special_tokens=True) for n in new]
     count = sum(map(len, new))
-    return _result(prompt, texts, count, seconds, "slim", "Llama-family model", controller)
+    return _result(prompt, texts, count, seconds, "slim", "supported architecture", controller)
 
 
 def _prompt_ids(tok, prompt: str, chat: bool) -> list[int]:

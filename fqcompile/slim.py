@@ -1,15 +1,22 @@
-"""A compact decoder for the Llama family over fqcompile checkpoints (in the gpt-fast manner).
+"""A compact decoder over fqcompile checkpoints (in the gpt-fast manner): Llama, Mistral, Qwen2/3,
+Gemma 3 and Phi-3.
 
 It shares the loaded checkpoint's modules and tensors (no copies): the FlexLinear layers,
 embeddings, norms, head and Hugging Face's rotary embedding (so every RoPE scaling variant
 means what it means there). What it drops is the framework around them: per layer a decode
-step is RMSNorm, one fused q/k/v call, one `attend` (RoPE, the KV-cache write and attention
-over the preallocated cache), the o call, RMSNorm, one fused gate/up call, `silu_mul` and
-the down call: each one op (kernels/ops.py). On the CPU in float32 the whole stack of layers
-is one call instead (fqcompile.Stack, kernels/cpu_stack.cpp: the same kernels without ~300
-dispatches a step, about a third of a small model's step); its plan, each projection's
-precision, is read from the layers again whenever a layer's settings changed since the
-last step (flex_linear.changes), so the controller works unchanged.
+step is RMSNorm, one fused q/k/v call, one `attend` (qk-norm, RoPE, the KV-cache write and
+attention over the preallocated cache), the o call, RMSNorm, one fused gate/up call, `gated`
+(SwiGLU or GeGLU) and the down call: each one op (kernels/ops.py). The families differ from
+Llama only in what a layer's description says (`Decoder.__init__`): qk-norm (Qwen3, Gemma 3),
+norms after attention and MLP and (1 + w) norm weights (Gemma 3), a per-layer sliding window
+and RoPE table (Gemma 3's local and global layers), a query scale (Gemma 3), projections
+fused in the checkpoint (Phi-3). A sliding-window layer's cache is a ring of window + prompt
+slots, so generation goes on past the window in bounded memory.
+On the CPU in float32 the whole stack of layers is one call instead (fqcompile.Stack,
+kernels/cpu_stack.cpp: the same kernels without ~300 dispatches a step, about a third of a
+small model's step); its plan, each projection's precision, is read from the layers again
+whenever a layer's settings changed since the last step (flex_linear.changes), so the
+controller works unchanged.
 Fusion concatenates the layers' planes once and turns the separate layers' planes into row
 views of the fused ones, so memory does not grow and the controller still switches every
 layer by name; a fused call is used whenever its parts run at the same precision.
@@ -27,39 +34,65 @@ from torch import nn
 from .errors import FqError
 from . import flex_linear
 from .flex_linear import FlexLinear, fuse
-from .kernels.ops import attend, backend, rms_norm, silu_mul
-from .sources import LLAMA_LIKE
+from .kernels.ops import attend, backend, gated, rms_norm
 
-SUPPORTED = LLAMA_LIKE
+SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Gemma3ForCausalLM",
+             "Phi3ForCausalLM")
+UNIT_OFFSET_NORMS = ("Gemma3ForCausalLM",)  # RMSNorm scales by (1 + w)
+ACTIVATIONS = {"silu": False, "swish": False, "gelu_pytorch_tanh": True, "gelu_new": True}  # name -> GeGLU
 SLOTS = ("qkv", "o", "gate_up", "down")  # the projections of a layer, in kernels/cpu_stack.cpp's order
 
 
-def window(cfg) -> int | None:
-    """The model's sliding attention window in tokens, or None if it attends to everything."""
+def windows(cfg) -> list[int | None]:
+    """Each layer's sliding attention window in tokens (None: it attends to everything)."""
+    size = getattr(cfg, "sliding_window", None) or None
     if getattr(cfg, "use_sliding_window", True) is False:  # Qwen2 keeps a window size it does not use
-        return None
-    return getattr(cfg, "sliding_window", None) or None
+        size = None
+    types = getattr(cfg, "layer_types", None)
+    if types:  # interleaved local and global layers (Gemma 3, Qwen2/3 with max_window_layers)
+        return [size if kind == "sliding_attention" else None for kind in types]
+    return [size] * cfg.num_hidden_layers
+
+
+def activation(cfg) -> str:
+    return getattr(cfg, "hidden_activation", None) or getattr(cfg, "hidden_act", "silu")
+
+
+def rope_types(model) -> dict:
+    """RoPE table kind (a layer type, or None for one table) -> Hugging Face's rope type."""
+    kinds = model.model.rotary_emb.rope_type
+    return kinds if isinstance(kinds, dict) else {None: kinds}
+
+
+def projections(block) -> tuple[list, nn.Module, list, nn.Module]:
+    """A block's (q/k/v layers, o, gate/up layers, down): one layer each where the checkpoint fuses them (Phi-3)."""
+    att, mlp = block.self_attn, block.mlp
+    qkv = [att.qkv_proj] if hasattr(att, "qkv_proj") else [att.q_proj, att.k_proj, att.v_proj]
+    gate_up = [mlp.gate_up_proj] if hasattr(mlp, "gate_up_proj") else [mlp.gate_proj, mlp.up_proj]
+    return qkv, att.o_proj, gate_up, mlp.down_proj
 
 
 def unsupported(model, length: int = 0) -> str | None:
-    """Why `model` cannot run on this decoder for sequences of `length` tokens (None if it can).
-
-    A sliding window is no obstacle while the sequence fits in it: attention is then full.
-    """
+    """Why `model` cannot run on this decoder for sequences of `length` tokens (None if it can)."""
     cfg = model.config
     name = type(model).__name__
     if name not in SUPPORTED:
         return f"architecture {name} (supported: {', '.join(SUPPORTED)})"
-    rope = getattr(cfg, "rope_scaling", None) or getattr(cfg, "rope_parameters", None) or {}
-    if isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) == "dynamic":
+    kinds = set(rope_types(model).values())
+    if "dynamic" in kinds:
         return "dynamic RoPE scaling (its frequencies depend on the sequence length)"
-    if getattr(cfg, "hidden_act", "silu") != "silu":
-        return f"activation {cfg.hidden_act}"
-    if window(cfg) is not None and length > window(cfg):
-        return f"sliding-window attention beyond its window ({length} tokens, window {window(cfg)})"
-    layers = model.model.layers
-    if not all(isinstance(getattr(blk.self_attn, p), FlexLinear) for blk in layers for p in ("q_proj", "k_proj", "v_proj", "o_proj")):
-        return "attention projections that are not quantized"
+    if "longrope" in kinds:
+        original = cfg.rope_parameters.get("original_max_position_embeddings") or cfg.original_max_position_embeddings
+        if length > original:  # Hugging Face switches to the long factors there and recomputes the whole cache
+            return f"long RoPE beyond its original length ({length} tokens, original {original})"
+    if activation(cfg) not in ACTIVATIONS:
+        return f"activation {activation(cfg)}"
+    if getattr(cfg, "attn_logit_softcapping", None) or getattr(cfg, "use_bidirectional_attention", False):
+        return "attention logit soft-capping or bidirectional attention"
+    for blk in model.model.layers:
+        qkv, o, _, _ = projections(blk)
+        if not all(isinstance(p, FlexLinear) for p in [*qkv, o]):
+            return "attention projections that are not quantized"
     return None
 
 
@@ -84,7 +117,7 @@ class Output:
     logits: torch.Tensor  # [batch, positions returned, vocab]
 
 
-class Llama(nn.Module):
+class Decoder(nn.Module):
     """Decoder over a loaded checkpoint's model (see `unsupported`)."""
 
     def __init__(self, model):
@@ -98,43 +131,69 @@ class Llama(nn.Module):
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
         self.eps = cfg.rms_norm_eps
-        self.window = window(cfg)
+        pre_scale = getattr(cfg, "query_pre_attn_scalar", None)  # Gemma scales scores by it, not by head_dim
+        self.scale = float(pre_scale) ** -0.5 if pre_scale else self.head_dim ** -0.5
+        self.gelu = ACTIVATIONS[activation(cfg)]
+        self.softcap = getattr(cfg, "final_logit_softcapping", None)
+        self.unit_offset = type(model).__name__ in UNIT_OFFSET_NORMS
         inner = model.model
-        self.embed = inner.embed_tokens
+        self.embed = inner.embed_tokens  # Gemma's scales by sqrt(hidden) itself
         self.rotary = inner.rotary_emb
-        self.norm = inner.norm.weight
-        self.head = model.lm_head
+        self.kinds = list(rope_types(model))  # RoPE tables, one per layer type where they differ (Gemma 3)
+        types = getattr(cfg, "layer_types", None) or [None] * cfg.num_hidden_layers
+        self.final_norm = inner.norm
+        self.head = model.get_output_embeddings()
         self.blocks = []
-        for blk in inner.layers:
-            att, mlp = blk.self_attn, blk.mlp
+        for blk, window, kind in zip(inner.layers, windows(cfg), types):
+            qkv, o, gate_up, down = projections(blk)
+            after = hasattr(blk, "pre_feedforward_layernorm")  # Gemma: norms before and after each sublayer
+            att = blk.self_attn
             self.blocks.append({
-                "in_norm": blk.input_layernorm.weight, "post_norm": blk.post_attention_layernorm.weight,
-                "qkv": Projections([att.q_proj, att.k_proj, att.v_proj]), "o": att.o_proj,
-                "gate_up": Projections([mlp.gate_proj, mlp.up_proj]), "down": mlp.down_proj,
+                "norms": {"attn_in": blk.input_layernorm, "attn_out": blk.post_attention_layernorm if after else None,
+                          "mlp_in": blk.pre_feedforward_layernorm if after else blk.post_attention_layernorm,
+                          "mlp_out": blk.post_feedforward_layernorm if after else None,
+                          "q_norm": getattr(att, "q_norm", None), "k_norm": getattr(att, "k_norm", None)},
+                "window": window or 0, "rope": self.kinds.index(kind if kind in self.kinds else None),
+                "qkv": Projections(qkv) if len(qkv) > 1 else qkv[0], "o": o,
+                "gate_up": Projections(gate_up) if len(gate_up) > 1 else gate_up[0], "down": down,
             })
         # Per stack slot (qkv, o, gate_up, down): the FlexLinear the kernel runs and the layers
         # whose precision it follows (the parts of a fused one).
-        self.slots = [[(blk[name].fused, blk[name].parts) if name in ("qkv", "gate_up") else (blk[name], [blk[name]])
+        self.slots = [[(blk[name].fused, blk[name].parts) if isinstance(blk[name], Projections) else (blk[name], [blk[name]])
                        for name in SLOTS] for blk in self.blocks]
-        self.k_cache = self.v_cache = self.stack = None
+        self.caches = self.stack = None
         self.use_stack = True  # False: always the per-op loop (what the stack must agree with)
         self._planned = (None, None)  # (flex_linear.changes, plan) when the plan was last read
         self._synced = {}  # (layer, slot) -> the int8 flag the stack's tensors for it were last set for
 
-    def setup_cache(self, batch: int, length: int) -> None:
-        """Preallocate the KV cache (and the RoPE tables) for `batch` rows of up to `length` tokens."""
-        if self.window is not None and length > self.window:
-            raise FqError(f"the slim decoder does not support sliding-window attention beyond its window "
-                          f"({length} tokens, window {self.window}); use `engine='hf'`")
-        dtype = self.norm.dtype
-        shape = (len(self.blocks), batch, self.kv_heads, length, self.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=dtype)
-        self.v_cache = torch.zeros(shape, dtype=dtype)
-        self.caches = list(zip(self.k_cache, self.v_cache))  # per-layer views, taken once
-        cos, sin = self.rotary(self.k_cache[0, :1, :1], torch.arange(length)[None])
-        half = self.head_dim // 2
-        # rotate_half(x) * sin == roll(x, half) * (sin with its first half negated), bit for bit
-        self.cos, self.sin = cos[0], torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1)  # [length, head_dim]
+    def _weight(self, norm):
+        """A norm's weight as the kernels apply it (a plain tensor: not a parameter of this module)."""
+        if norm is None:
+            return None
+        w = norm.weight.detach()
+        return w + 1 if self.unit_offset else w
+
+    def setup_cache(self, batch: int, length: int, chunk: int | None = None) -> None:
+        """Preallocate the KV caches (and the RoPE tables) for `batch` rows of up to `length` tokens,
+        fed at most `chunk` tokens a call (default: all at once). A sliding-window layer holds
+        window + chunk - 1 slots (a ring), enough for any such call."""
+        chunk = length if chunk is None else chunk
+        dtype = self.final_norm.weight.dtype
+        self.caches = []
+        for blk in self.blocks:
+            slots = min(length, blk["window"] + chunk - 1) if blk["window"] else length
+            shape = (batch, self.kv_heads, slots, self.head_dim)
+            self.caches.append((torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)))
+        # The norms' weights as the kernels take them (Gemma's 1 + w), read again at every setup.
+        self.norms = [{k: self._weight(m) for k, m in blk["norms"].items()} for blk in self.blocks]
+        self.final = self._weight(self.final_norm)
+        probe, positions = torch.zeros(1, 1, self.head_dim, dtype=dtype), torch.arange(length)[None]
+        self.tables = []
+        for kind in self.kinds:
+            cos, sin = self.rotary(probe, positions) if kind is None else self.rotary(probe, positions, kind)
+            half = cos.shape[-1] // 2  # of the rotated dims (partial rotary: fewer than head_dim)
+            # rotate_half(x) * sin == roll(x, half) * (sin with its first half negated), bit for bit
+            self.tables.append((cos[0], torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1)))  # [length, R]
         self.stack = self._build_stack() if self.use_stack else None
         # The new stack has no projections yet: the next plan read gives it each slot's tensors.
         self._synced, self._planned = {}, (None, None)
@@ -150,11 +209,13 @@ class Llama(nn.Module):
         projections' tensors are set by _read_plan: packed rows for a slot in int8 mode
         where they apply (the layer then holds nothing else), else the nested planes.
         """
-        if self.norm.dtype is not torch.float32 or not self.norm.is_cpu or backend(self.norm.device) != "cpu-cpp":
+        ref = self.final
+        if ref.dtype is not torch.float32 or not ref.is_cpu or backend(ref.device) != "cpu-cpp":
             return None
-        stack = torch.classes.fqcompile.Stack(len(self.blocks), self.eps, self.heads)
-        for i, (blk, (k, v)) in enumerate(zip(self.blocks, self.caches)):
-            stack.set_norms(i, blk["in_norm"], blk["post_norm"])
+        stack = torch.classes.fqcompile.Stack(len(self.blocks), self.eps, self.heads, self.scale, self.gelu)
+        for i, (blk, norms, (k, v)) in enumerate(zip(self.blocks, self.norms, self.caches)):
+            stack.set_layer(i, norms["attn_in"], norms["attn_out"], norms["mlp_in"], norms["mlp_out"], norms["q_norm"],
+                            norms["k_norm"], blk["window"], blk["rope"])
             stack.set_cache(i, k, v)
         return stack
 
@@ -197,32 +258,37 @@ class Llama(nn.Module):
 
     @torch.inference_mode()
     def forward(self, input_ids, positions, start: int, mask=None, all_logits: bool = False) -> Output:
-        """One step for every row: the T new tokens go to cache slots start .. start + T - 1.
+        """One step for every row: the T new tokens are sequence slots start .. start + T - 1.
 
         input_ids, positions (RoPE positions): [B, T]; mask: [B, 1, T, L] bool over the
-        first L = start + T cache slots (True = attend), or None when every row attends to
-        all of them (one query per row, no padding).
+        first L = start + T sequence slots (True = attend), or None when every row attends to
+        all of them (one query per row, no padding). Sliding windows apply on top.
         """
-        b, t = input_ids.shape
         x = self.embed(input_ids)
-        cos, sin = self.cos[positions], self.sin[positions]  # [B, T, D]
+        tables = [(cos[positions], sin[positions]) for cos, sin in self.tables]  # each [B, T, R]
         plan = self.stack_plan() if self.stack is not None and x.dtype is torch.float32 else None
         if plan is not None and (mask is None or mask.dtype is torch.bool):
-            x = self.stack.forward(x, cos, sin, start, *plan, mask)
+            x = self.stack.forward(x, [c for c, _ in tables], [s for _, s in tables], start, *plan, mask)
         else:
-            x = self._layers(x, cos, sin, start, mask)
-        x = rms_norm(x if all_logits else x[:, -1:], self.norm, self.eps)
-        return Output(self.head(x))
+            x = self._layers(x, tables, start, mask)
+        logits = self.head(rms_norm(x if all_logits else x[:, -1:], self.final, self.eps))
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return Output(logits)
 
-    def _layers(self, x, cos, sin, start: int, mask):
+    def _layers(self, x, tables, start: int, mask):
         """The per-op loop: what the C++ stack computes, for any dtype, device and precision mix."""
-        for blk, (k_cache, v_cache) in zip(self.blocks, self.caches):
-            qkv = blk["qkv"].forward(rms_norm(x, blk["in_norm"], self.eps))
-            att = attend(qkv, cos, sin, k_cache, v_cache, start, self.heads, mask)
-            x = x + blk["o"].forward(att)
-            gate_up = blk["gate_up"].forward(rms_norm(x, blk["post_norm"], self.eps))
-            x = x + blk["down"].forward(silu_mul(gate_up))
+        for blk, norms, (k_cache, v_cache) in zip(self.blocks, self.norms, self.caches):
+            qkv = blk["qkv"].forward(rms_norm(x, norms["attn_in"], self.eps))
+            att = attend(qkv, *tables[blk["rope"]], k_cache, v_cache, start, self.heads, mask, norms["q_norm"],
+                         norms["k_norm"], self.eps, self.scale, blk["window"])
+            x = x + self._normed(blk["o"].forward(att), norms["attn_out"])
+            gate_up = blk["gate_up"].forward(rms_norm(x, norms["mlp_in"], self.eps))
+            x = x + self._normed(blk["down"].forward(gated(gate_up, self.gelu)), norms["mlp_out"])
         return x
+
+    def _normed(self, y, weight):
+        return y if weight is None else rms_norm(y, weight, self.eps)
 
 
 def _set_linear(stack, i: int, slot: int, run, bits: int) -> None:
@@ -251,7 +317,7 @@ def pick(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, gen
 
 
 @torch.inference_mode()
-def generate(dec: Llama, rows: list[list[int]], max_new_tokens: int, stop_ids, pad: int, temperature=0.0,
+def generate(dec: Decoder, rows: list[list[int]], max_new_tokens: int, stop_ids, pad: int, temperature=0.0,
              top_k=0, top_p=1.0, seed=0, streamer=None, on_logits=None) -> list[list[int]]:
     """Decode every prompt (token lists; left-padded into one batch); returns the new tokens.
 
@@ -261,7 +327,7 @@ def generate(dec: Llama, rows: list[list[int]], max_new_tokens: int, stop_ids, p
     """
     b, width = len(rows), max(map(len, rows))
     total = width + max_new_tokens
-    dec.setup_cache(b, total)
+    dec.setup_cache(b, total, chunk=width)
     ids = torch.tensor([[pad] * (width - len(r)) + list(r) for r in rows])
     real = torch.tensor([[False] * (width - len(r)) + [True] * len(r) for r in rows])
     positions = (real.long().cumsum(-1) - 1).clamp(min=0)

@@ -1,4 +1,4 @@
-// CPU fast paths of the decode step's glue: fqcompile::rms_norm, ::attend, ::silu_mul and ::entropy.
+// CPU fast paths of the decode step's glue: fqcompile::rms_norm, ::attend, ::gated and ::entropy.
 //
 // Built with cpu_nested.cpp into one library (kernels/cpu.py). At decode, a token's
 // activations are a few hundred floats, so torch's composite versions of these steps
@@ -131,11 +131,19 @@ at::Tensor fqcompile::rms_norm(const at::Tensor& x, const at::Tensor& weight, do
 
 namespace {
 
-// out[i] = x[i] cos[i] + x[(i + D/2) % D] sin[i]; sin has its first half negated (slim.py).
-void rope(const float* __restrict x, const float* __restrict cos, const float* __restrict sin, int64_t d,
+// RoPE on the first r of d dims: out[i] = x[i] cos[i] + x[(i + r/2) % r] sin[i] for i < r, x[i] beyond
+// (partial rotary); sin has its first half negated (slim.py).
+void rope(const float* __restrict x, const float* __restrict cos, const float* __restrict sin, int64_t d, int64_t r,
           float* __restrict out) {
-  const int64_t half = d / 2;
-  for (int64_t i = 0; i < d; ++i) out[i] = x[i] * cos[i] + x[i < half ? i + half : i - half] * sin[i];
+  const int64_t half = r / 2;
+  for (int64_t i = 0; i < r; ++i) out[i] = x[i] * cos[i] + x[i < half ? i + half : i - half] * sin[i];
+  std::copy(x + r, x + d, out + r);
+}
+
+// out = w * x / rms(x) over one head (qk-norm), as rms_norm computes a row.
+void norm_row(const float* __restrict x, const float* __restrict w, int64_t d, float eps, float* __restrict out) {
+  const float inv = 1.f / std::sqrt(dot(x, x, d) / static_cast<float>(d) + eps);
+  for (int64_t i = 0; i < d; ++i) out[i] = w[i] * (x[i] * inv);
 }
 
 // out[j] = scale * q . k_j for the n rows k_j at k + j * stride (the attention scores).
@@ -165,14 +173,19 @@ void scores(const float* __restrict q, const float* __restrict k, int64_t n, int
   for (; j < n; ++j) out[j] = scale * dot(q, k + j * stride, d);
 }
 
-// out[0, d) = sum_j w[j] v_j over n rows v_j at v + j * stride: the softmax-weighted values.
+// out[0, d) = sum_j w[j] v_j over n rows v_j at v + j * stride: the softmax-weighted values
+// (added to out with `accumulate`: a ring cache's keys come in two runs).
 void weighted_sum(const float* __restrict w, const float* __restrict v, int64_t n, int64_t stride, int64_t d,
-                  float* __restrict out) {
+                  float* __restrict out, bool accumulate) {
   int64_t e = 0;
 #if defined(__AVX512F__)
   // 64 columns at a time in four registers (a memory accumulator would cost a store per key).
   for (; e + 64 <= d; e += 64) {
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    if (accumulate) {
+      a0 = _mm512_loadu_ps(out + e), a1 = _mm512_loadu_ps(out + e + 16);
+      a2 = _mm512_loadu_ps(out + e + 32), a3 = _mm512_loadu_ps(out + e + 48);
+    }
     for (int64_t j = 0; j < n; ++j) {
       const __m512 wj = _mm512_set1_ps(w[j]);
       const float* row = v + j * stride + e;
@@ -189,7 +202,7 @@ void weighted_sum(const float* __restrict w, const float* __restrict v, int64_t 
 #elif defined(FQ_AVX2)
   for (; e + 64 <= d; e += 64) {  // the same in eight 8-lane registers
     __m256 a[8];
-    for (auto& r : a) r = _mm256_setzero_ps();
+    for (int r = 0; r < 8; ++r) a[r] = accumulate ? _mm256_loadu_ps(out + e + 8 * r) : _mm256_setzero_ps();
     for (int64_t j = 0; j < n; ++j) {
       const __m256 wj = _mm256_set1_ps(w[j]);
       const float* row = v + j * stride + e;
@@ -199,7 +212,7 @@ void weighted_sum(const float* __restrict w, const float* __restrict v, int64_t 
   }
 #endif
   if (e == d) return;
-  std::fill(out + e, out + d, 0.f);
+  if (!accumulate) std::fill(out + e, out + d, 0.f);
   for (int64_t j = 0; j < n; ++j) {
     const float* row = v + j * stride;
 #pragma omp simd
@@ -209,22 +222,36 @@ void weighted_sum(const float* __restrict w, const float* __restrict v, int64_t 
 
 }  // namespace
 
-// qkv [B, T, (H + 2 KV) D]: RoPE on q and k, k and v into cache slots start .. start + T - 1,
-// then each query head attends to cache slots [0, start + T) (where mask allows).
-
+// qkv [B, T, (H + 2 KV) D]: qk-norm and RoPE on q and k, k and v into cache slots (start + i) % C,
+// then each query head attends to the slots the mask and the window allow (kernels/reference.py:
+// attend_reference).
 at::Tensor fqcompile::attend(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_cache,
-                  at::Tensor& v_cache, int64_t start, int64_t heads, const c10::optional<at::Tensor>& mask) {
+                             at::Tensor& v_cache, int64_t start, int64_t heads, const c10::optional<at::Tensor>& mask,
+                             const c10::optional<at::Tensor>& q_norm, const c10::optional<at::Tensor>& k_norm,
+                             double eps, double scale, int64_t window) {
   TORCH_CHECK(qkv.scalar_type() == at::kFloat && k_cache.scalar_type() == at::kFloat &&
                   v_cache.scalar_type() == at::kFloat && cos.scalar_type() == at::kFloat &&
                   sin.scalar_type() == at::kFloat, "attend: float32 only");
   TORCH_CHECK(qkv.dim() == 3 && k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() &&
                   k_cache.is_contiguous() && v_cache.is_contiguous(), "attend: bad shapes");
   const int64_t b = qkv.size(0), t = qkv.size(1), kv = k_cache.size(1), cap = k_cache.size(2),
-                d = k_cache.size(3), length = start + t;
+                d = k_cache.size(3), length = start + t, r = cos.size(-1);
   TORCH_CHECK(heads % kv == 0 && qkv.size(2) == (heads + 2 * kv) * d && k_cache.size(0) == b,
               "attend: qkv does not match the cache");
-  TORCH_CHECK(start >= 0 && length <= cap, "attend: slots ", start, "..", length, " outside the cache of ", cap);
-  TORCH_CHECK(cos.sizes() == sin.sizes() && cos.numel() == b * t * d, "attend: cos/sin must be [B, T, D]");
+  const int64_t lo = std::max<int64_t>(0, length - cap);  // the oldest slot still held (a ring beyond C)
+  TORCH_CHECK(start >= 0 && window >= 0 && (lo == 0 || (window > 0 && cap >= window + t - 1)), "attend: slots ",
+              start, "..", length, " outside the cache of ", cap, " (window ", window, ")");
+  TORCH_CHECK(cos.sizes() == sin.sizes() && cos.dim() == 3 && cos.size(0) == b && cos.size(1) == t && r <= d &&
+                  r % 2 == 0, "attend: cos/sin must be [B, T, R] with an even R <= D");
+  const float* norm[2] = {nullptr, nullptr};
+  at::Tensor norms[2];
+  for (int i = 0; i < 2; ++i) {
+    const auto& w = i ? k_norm : q_norm;
+    if (!w.has_value()) continue;
+    TORCH_CHECK(w->scalar_type() == at::kFloat && w->numel() == d, "attend: qk-norm weights must be float32 [D]");
+    norms[i] = w->contiguous();
+    norm[i] = norms[i].data_ptr<float>();
+  }
   at::Tensor m;
   if (mask.has_value()) {
     TORCH_CHECK(mask->scalar_type() == at::kBool, "attend: the mask must be bool (True = attend)");
@@ -235,46 +262,101 @@ at::Tensor fqcompile::attend(const at::Tensor& qkv, const at::Tensor& cos, const
   float *kp = k_cache.data_ptr<float>(), *vp = v_cache.data_ptr<float>();
   const bool* mp = m.defined() ? m.data_ptr<bool>() : nullptr;
   const int64_t width = (heads + 2 * kv) * d;
+  const float fe = static_cast<float>(eps);
   auto slot = [&](float* cache, int64_t bi, int64_t h, int64_t j) { return cache + ((bi * kv + h) * cap + j) * d; };
+  // qk-norm (where the model has it) then RoPE, one head at a time
+  auto embed = [&](const float* head, const float* w, int64_t pos, float* tmp, float* out) {
+    if (w) {
+      norm_row(head, w, d, fe, tmp);
+      head = tmp;
+    }
+    rope(head, cp + pos * r, sp + pos * r, d, r, out);
+  };
+  std::vector<float> tmp(d);
   for (int64_t bi = 0; bi < b; ++bi)
     for (int64_t ti = 0; ti < t; ++ti) {
-      const float* row = xp + (bi * t + ti) * width;
-      const float *cs = cp + (bi * t + ti) * d, *sn = sp + (bi * t + ti) * d;
+      const int64_t pos = bi * t + ti, at_slot = (start + ti) % cap;
+      const float* row = xp + pos * width;
       for (int64_t h = 0; h < kv; ++h) {
-        rope(row + (heads + h) * d, cs, sn, d, slot(kp, bi, h, start + ti));
-        std::copy_n(row + (heads + kv + h) * d, d, slot(vp, bi, h, start + ti));
+        embed(row + (heads + h) * d, norm[1], pos, tmp.data(), slot(kp, bi, h, at_slot));
+        std::copy_n(row + (heads + kv + h) * d, d, slot(vp, bi, h, at_slot));
       }
     }
   at::Tensor y = at::empty({b, t, heads * d}, qkv.options());
   float* yp = y.data_ptr<float>();
-  const float scale = 1.f / std::sqrt(static_cast<float>(d));
+  const float sc = scale > 0 ? static_cast<float>(scale) : 1.f / std::sqrt(static_cast<float>(d));
   at::parallel_for(0, b * heads, 1, [&](int64_t first, int64_t last) {
-    std::vector<float> q(d), p(length);
+    std::vector<float> q(d), qt(d), p(length);
     for (int64_t i = first; i < last; ++i) {
       const int64_t bi = i / heads, h = i % heads, g = h / (heads / kv);
       for (int64_t ti = 0; ti < t; ++ti) {
-        const int64_t pos = bi * t + ti;
-        rope(xp + pos * width + h * d, cp + pos * d, sp + pos * d, d, q.data());
-        const bool* allowed = mp ? mp + pos * length : nullptr;
-        scores(q.data(), slot(kp, bi, g, 0), length, d, d, scale, p.data());
+        const int64_t pos = bi * t + ti, self = start + ti;
+        const int64_t from = std::max(lo, window ? self - window + 1 : int64_t{0}), n = length - from;
+        embed(xp + pos * width + h * d, norm[0], pos, qt.data(), q.data());
+        // the keys [from, length) lie in at most two runs of the ring
+        auto runs = [&](auto&& fn) {
+          for (int64_t j = from; j < length;) {
+            const int64_t phys = j % cap, len = std::min(length - j, cap - phys);
+            fn(j - from, phys, len);
+            j += len;
+          }
+        };
+        runs([&](int64_t off, int64_t phys, int64_t len) {
+          scores(q.data(), slot(kp, bi, g, phys), len, d, d, sc, p.data() + off);
+        });
+        const bool* allowed = mp ? mp + pos * length + from : nullptr;
         float top = -std::numeric_limits<float>::infinity();
-        for (int64_t j = 0; j < length; ++j) {
+        for (int64_t j = 0; j < n; ++j) {
           if (allowed && !allowed[j]) p[j] = -std::numeric_limits<float>::infinity();
           top = std::max(top, p[j]);
         }
-        const float total = exp_shifted(p.data(), length, top);
-        for (int64_t j = 0; j < length; ++j) p[j] /= total;
-        weighted_sum(p.data(), slot(vp, bi, g, 0), length, d, d, yp + pos * heads * d + h * d);
+        const float total = exp_shifted(p.data(), n, top);
+        for (int64_t j = 0; j < n; ++j) p[j] /= total;
+        float* out = yp + pos * heads * d + h * d;
+        runs([&](int64_t off, int64_t phys, int64_t len) {
+          weighted_sum(p.data() + off, slot(vp, bi, g, phys), len, d, d, out, off != 0);
+        });
       }
     }
   });
   return y;
 }
 
+namespace {
 
-// silu(gate) * up over a fused gate/up projection's output [..., 2I] -> [..., I].
-at::Tensor fqcompile::silu_mul(const at::Tensor& gate_up) {
-  TORCH_CHECK(gate_up.scalar_type() == at::kFloat && gate_up.size(-1) % 2 == 0, "silu_mul: float32 [..., 2I]");
+// GELU's tanh approximation is x * sigmoid(z) with z = 2 sqrt(2/pi) (x + 0.044715 x^3).
+constexpr float kGeluA = 1.5957691216057308f, kGeluB = 0.044715f;
+
+#if defined(__AVX512F__)
+inline __m512 sigmoid(__m512 v) {  // 1 / (1 + e^-x), or e^x / (1 + e^x) for x < 0
+  const __m512 one = _mm512_set1_ps(1.f);
+  const __m512 e = exp_neg(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(v)));  // e^-|x|
+  const __mmask16 neg = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_LT_OQ);
+  return _mm512_div_ps(_mm512_mask_blend_ps(neg, one, e), _mm512_add_ps(one, e));
+}
+inline __m512 gelu_arg(__m512 v) {
+  const __m512 v3 = _mm512_mul_ps(_mm512_mul_ps(v, v), v);
+  return _mm512_mul_ps(_mm512_set1_ps(kGeluA), _mm512_fmadd_ps(_mm512_set1_ps(kGeluB), v3, v));
+}
+#elif defined(FQ_AVX2)
+inline __m256 sigmoid(__m256 v) {
+  const __m256 one = _mm256_set1_ps(1.f);
+  const __m256 e = exp_neg(_mm256_or_ps(v, _mm256_set1_ps(-0.f)));  // e^-|x|
+  return _mm256_div_ps(_mm256_blendv_ps(one, e, _mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_LT_OQ)),
+                       _mm256_add_ps(one, e));
+}
+inline __m256 gelu_arg(__m256 v) {
+  const __m256 v3 = _mm256_mul_ps(_mm256_mul_ps(v, v), v);
+  return _mm256_mul_ps(_mm256_set1_ps(kGeluA), _mm256_fmadd_ps(_mm256_set1_ps(kGeluB), v3, v));
+}
+#endif
+
+}  // namespace
+
+// act(gate) * up over a fused gate/up projection's output [..., 2I] -> [..., I]; act is SiLU,
+// or GELU's tanh approximation with `gelu`.
+at::Tensor fqcompile::gated(const at::Tensor& gate_up, bool gelu) {
+  TORCH_CHECK(gate_up.scalar_type() == at::kFloat && gate_up.size(-1) % 2 == 0, "gated: float32 [..., 2I]");
   const at::Tensor x = gate_up.contiguous();
   const int64_t inner = x.size(-1) / 2, rows = inner ? x.numel() / (2 * inner) : 0;
   auto sizes = x.sizes().vec();
@@ -287,24 +369,22 @@ at::Tensor fqcompile::silu_mul(const at::Tensor& gate_up) {
     float* out = yp + r * inner;
     int64_t i = 0;
 #if defined(__AVX512F__)
-    const __m512 one = _mm512_set1_ps(1.f);
-    for (; i + 16 <= inner; i += 16) {  // sigmoid(x) = 1 / (1 + e^-x), or e^x / (1 + e^x) for x < 0
+    for (; i + 16 <= inner; i += 16) {
       const __m512 v = _mm512_loadu_ps(g + i);
-      const __m512 e = exp_neg(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(v)));  // e^-|x|
-      const __mmask16 neg = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_LT_OQ);
-      const __m512 sig = _mm512_div_ps(_mm512_mask_blend_ps(neg, one, e), _mm512_add_ps(one, e));
+      const __m512 sig = sigmoid(gelu ? gelu_arg(v) : v);
       _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_mul_ps(v, sig), _mm512_loadu_ps(u + i)));
     }
 #elif defined(FQ_AVX2)
-    const __m256 one = _mm256_set1_ps(1.f), zero = _mm256_setzero_ps();
     for (; i + 8 <= inner; i += 8) {
       const __m256 v = _mm256_loadu_ps(g + i);
-      const __m256 e = exp_neg(_mm256_or_ps(v, _mm256_set1_ps(-0.f)));  // e^-|x|
-      const __m256 sig = _mm256_div_ps(_mm256_blendv_ps(one, e, _mm256_cmp_ps(v, zero, _CMP_LT_OQ)), _mm256_add_ps(one, e));
+      const __m256 sig = sigmoid(gelu ? gelu_arg(v) : v);
       _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_mul_ps(v, sig), _mm256_loadu_ps(u + i)));
     }
 #endif
-    for (; i < inner; ++i) out[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+    for (; i < inner; ++i) {
+      const float z = gelu ? kGeluA * (g[i] + kGeluB * g[i] * g[i] * g[i]) : g[i];
+      out[i] = g[i] / (1.f + std::exp(-z)) * u[i];
+    }
   }
   return y;
 }
@@ -424,5 +504,5 @@ TORCH_LIBRARY_IMPL(fqcompile, CPU, m) {
   m.impl("rms_norm", &fqcompile::rms_norm);
   m.impl("attend", &fqcompile::attend);
   m.impl("entropy", &entropy);
-  m.impl("silu_mul", &fqcompile::silu_mul);
+  m.impl("gated", &fqcompile::gated);
 }

@@ -23,7 +23,9 @@ at::Tensor packed_linear(const at::Tensor& x, at::TensorList packed, int64_t out
 at::Tensor unpack_rows(const at::Tensor& codes, int64_t out_features);
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
 at::Tensor attend(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_cache,
-                  at::Tensor& v_cache, int64_t start, int64_t heads, const c10::optional<at::Tensor>& mask);
-at::Tensor silu_mul(const at::Tensor& gate_up);
+                  at::Tensor& v_cache, int64_t start, int64_t heads, const c10::optional<at::Tensor>& mask,
+                  const c10::optional<at::Tensor>& q_norm, const c10::optional<at::Tensor>& k_norm, double eps,
+                  double scale, int64_t window);
+at::Tensor gated(const at::Tensor& gate_up, bool gelu);
 
 }  // namespace fqcompile

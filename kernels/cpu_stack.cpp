@@ -1,4 +1,6 @@
-// fqcompile.Stack: a Llama-family decoder stack run in one call (fqcompile/slim.py's CPU path).
+// fqcompile.Stack: a decoder stack run in one call (fqcompile/slim.py's CPU path): Llama and the
+// families slim.py describes by their differences (qk-norm, norms after attention and MLP, GeGLU,
+// sliding-window layers, per-layer RoPE tables).
 //
 // A decode step of a small model is ~10 ops a layer, and each op called from Python costs
 // a few microseconds of dispatch: on SmolLM2 (30 layers) that was about a third of the step.
@@ -55,28 +57,48 @@ void add_into(at::Tensor& x, const at::Tensor& y) {
 constexpr int64_t kSlots = 4;  // per layer: fused q/k/v, o, fused gate/up, down
 
 struct Layer {
-  at::Tensor in_norm, post_norm, k_cache, v_cache;
+  // norms before attention and MLP; after them too where the family has them (else undefined)
+  at::Tensor attn_in, attn_out, mlp_in, mlp_out, k_cache, v_cache;
+  c10::optional<at::Tensor> q_norm, k_norm;  // qk-norm weights
+  int64_t window = 0, rope = 0;              // sliding window (0: none); which RoPE table
   std::array<std::map<int64_t, Linear>, kSlots> linear;  // precision -> kernel arguments
 };
 
+at::Tensor float_norm(const c10::optional<at::Tensor>& w) {
+  if (!w.has_value()) return at::Tensor();
+  TORCH_CHECK(w->scalar_type() == at::kFloat, "Stack: float32 norms");
+  return w->contiguous();
+}
+
 struct Stack : torch::CustomClassHolder {
   std::vector<Layer> layers;
-  double eps;
+  double eps, scale;  // RMSNorm epsilon; attention score scale (0: 1/sqrt(head_dim))
   int64_t heads;
+  bool gelu;  // GeGLU (GELU-tanh) rather than SwiGLU
   bool timing = false;  // set_timing: clock the projections, attention and whole calls (benchmarks)
   double linear_s = 0, attend_s = 0, forward_s = 0;  // seconds since the last timings()
 
-  Stack(int64_t n_layers, double eps, int64_t heads) : layers(n_layers), eps(eps), heads(heads) {}
+  Stack(int64_t n_layers, double eps, int64_t heads, double scale, bool gelu)
+      : layers(n_layers), eps(eps), scale(scale), heads(heads), gelu(gelu) {}
 
   Layer& layer(int64_t i) {
     TORCH_CHECK(i >= 0 && i < static_cast<int64_t>(layers.size()), "Stack: no layer ", i);
     return layers[i];
   }
 
-  void set_norms(int64_t i, const at::Tensor& in_norm, const at::Tensor& post_norm) {
-    TORCH_CHECK(in_norm.scalar_type() == at::kFloat && post_norm.scalar_type() == at::kFloat, "Stack: float32 norms");
-    layer(i).in_norm = in_norm.contiguous();
-    layer(i).post_norm = post_norm.contiguous();
+  void set_layer(int64_t i, const at::Tensor& attn_in, const c10::optional<at::Tensor>& attn_out,
+                 const at::Tensor& mlp_in, const c10::optional<at::Tensor>& mlp_out,
+                 const c10::optional<at::Tensor>& q_norm, const c10::optional<at::Tensor>& k_norm, int64_t window,
+                 int64_t rope) {
+    Layer& l = layer(i);
+    l.attn_in = float_norm(attn_in);
+    l.attn_out = float_norm(attn_out);
+    l.mlp_in = float_norm(mlp_in);
+    l.mlp_out = float_norm(mlp_out);
+    l.q_norm = q_norm.has_value() ? c10::optional<at::Tensor>(float_norm(q_norm)) : c10::nullopt;
+    l.k_norm = k_norm.has_value() ? c10::optional<at::Tensor>(float_norm(k_norm)) : c10::nullopt;
+    l.window = window;
+    l.rope = rope;
   }
 
   void set_cache(int64_t i, const at::Tensor& k_cache, const at::Tensor& v_cache) {
@@ -124,33 +146,45 @@ struct Stack : torch::CustomClassHolder {
 
   // x [B, T, hidden] (embedded tokens) -> the last layer's output. plan and int8: kSlots
   // entries a layer, the precision and the int8-activation flag of each projection.
-  at::Tensor forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, int64_t start,
+  at::Tensor forward(const at::Tensor& x, const std::vector<at::Tensor>& cos, const std::vector<at::Tensor>& sin,
+                     int64_t start,
                      const std::vector<int64_t>& plan, const std::vector<int64_t>& int8,
                      const c10::optional<at::Tensor>& mask) {
     return clocked(&forward_s, [&] { return run(x, cos, sin, start, plan, int8, mask); });
   }
 
-  at::Tensor run(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, int64_t start,
+  // The sublayer's output, normed where the family norms it (Gemma), added to the residual h.
+  void add_normed(at::Tensor& h, const at::Tensor& y, const at::Tensor& norm) {
+    add_into(h, norm.defined() ? fqcompile::rms_norm(y, norm, eps) : y);
+  }
+
+  at::Tensor run(const at::Tensor& x, const std::vector<at::Tensor>& cos, const std::vector<at::Tensor>& sin,
+                 int64_t start,
                  const std::vector<int64_t>& plan, const std::vector<int64_t>& int8,
                  const c10::optional<at::Tensor>& mask) {
     const size_t n = layers.size() * kSlots;
     TORCH_CHECK(plan.size() == n && int8.size() == n, "Stack: the plan needs ", n, " entries");
     TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 3, "Stack: x must be float32 [B, T, hidden]");
     // The kernels are called directly, not through the dispatcher: nothing else would stop another device's memory.
-    TORCH_CHECK(x.is_cpu() && cos.is_cpu() && sin.is_cpu() && (!mask.has_value() || mask->is_cpu()),
-                "Stack: every input must be on the CPU");
+    TORCH_CHECK(cos.size() == sin.size(), "Stack: one sin table per cos table");
+    bool cpu = x.is_cpu() && (!mask.has_value() || mask->is_cpu());
+    for (size_t r = 0; r < cos.size(); ++r) cpu = cpu && cos[r].is_cpu() && sin[r].is_cpu();
+    TORCH_CHECK(cpu, "Stack: every input must be on the CPU");
     at::Tensor h = x.contiguous().clone();
     for (size_t i = 0; i < layers.size(); ++i) {
       Layer& l = layers[i];
       const int64_t* bits = plan.data() + i * kSlots;
       const int64_t* q = int8.data() + i * kSlots;
-      const at::Tensor qkv = project(l, 0, bits[0], fqcompile::rms_norm(h, l.in_norm, eps), q[0]);
+      TORCH_CHECK(l.rope >= 0 && l.rope < static_cast<int64_t>(cos.size()), "Stack: layer ", i, " needs RoPE table ",
+                  l.rope);
+      const at::Tensor qkv = project(l, 0, bits[0], fqcompile::rms_norm(h, l.attn_in, eps), q[0]);
       const at::Tensor att = clocked(&attend_s, [&] {
-        return fqcompile::attend(qkv, cos, sin, l.k_cache, l.v_cache, start, heads, mask);
+        return fqcompile::attend(qkv, cos[l.rope], sin[l.rope], l.k_cache, l.v_cache, start, heads, mask, l.q_norm,
+                                 l.k_norm, eps, scale, l.window);
       });
-      add_into(h, project(l, 1, bits[1], att, q[1]));
-      const at::Tensor gate_up = project(l, 2, bits[2], fqcompile::rms_norm(h, l.post_norm, eps), q[2]);
-      add_into(h, project(l, 3, bits[3], fqcompile::silu_mul(gate_up), q[3]));
+      add_normed(h, project(l, 1, bits[1], att, q[1]), l.attn_out);
+      const at::Tensor gate_up = project(l, 2, bits[2], fqcompile::rms_norm(h, l.mlp_in, eps), q[2]);
+      add_normed(h, project(l, 3, bits[3], fqcompile::gated(gate_up, gelu), q[3]), l.mlp_out);
     }
     return h;
   }
@@ -160,8 +194,8 @@ struct Stack : torch::CustomClassHolder {
 
 TORCH_LIBRARY_FRAGMENT(fqcompile, m) {
   m.class_<Stack>("Stack")
-      .def(torch::init<int64_t, double, int64_t>())
-      .def("set_norms", &Stack::set_norms)
+      .def(torch::init<int64_t, double, int64_t, double, bool>())
+      .def("set_layer", &Stack::set_layer)
       .def("set_cache", &Stack::set_cache)
       .def("set_linear", &Stack::set_linear)
       .def("forward", &Stack::forward)

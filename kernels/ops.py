@@ -1,7 +1,7 @@
-"""The custom ops fqcompile::nested_linear, ::rms_norm, ::attend, ::silu_mul and ::entropy, and which
+"""The custom ops fqcompile::nested_linear, ::rms_norm, ::attend, ::gated and ::entropy, and which
 implementation serves each device.
 
-nested_linear is every quantized linear; rms_norm, attend and silu_mul are the rest of a
+nested_linear is every quantized linear; rms_norm, attend and gated are the rest of a
 decode step that costs more in dispatch than in arithmetic (fqcompile/slim.py); entropy is
 the precision controller's signal, over the whole vocabulary at every step. Each is one op,
 so torch.compile traces around it (fake kernels) and the dispatcher picks the
@@ -17,7 +17,7 @@ import sys
 import torch
 
 from fqcompile.kernels.reference import (attend_reference, entropy_reference, nested_linear_reference,
-                                         rms_norm_reference, silu_mul_reference)
+                                         gated_reference, rms_norm_reference)
 
 SCHEMA = ("nested_linear(Tensor x, Tensor[] planes, int[] widths, Tensor scale, Tensor zero, "
           "int low, float offset, int group_size, bool int8_activations=False) -> Tensor")
@@ -25,9 +25,10 @@ LIB = torch.library.Library("fqcompile", "DEF")
 LIB.define(SCHEMA)
 LIB.define("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor")
 LIB.define("attend(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, int start, "
-           "int heads, Tensor? mask=None) -> Tensor")
+           "int heads, Tensor? mask=None, Tensor? q_norm=None, Tensor? k_norm=None, float eps=1e-6, "
+           "float scale=0.0, int window=0) -> Tensor")
 LIB.define("entropy(Tensor logits) -> Tensor")
-LIB.define("silu_mul(Tensor gate_up) -> Tensor")
+LIB.define("gated(Tensor gate_up, bool gelu=False) -> Tensor")
 
 
 # Serves every device that has no kernel of its own.
@@ -40,7 +41,7 @@ def _fake(x, planes, widths, scale, zero, low, offset, group_size, int8_activati
 
 
 LIB.impl("rms_norm", rms_norm_reference, "CompositeExplicitAutograd")
-LIB.impl("silu_mul", silu_mul_reference, "CompositeExplicitAutograd")
+LIB.impl("gated", gated_reference, "CompositeExplicitAutograd")
 LIB.impl("entropy", entropy_reference, "CompositeExplicitAutograd")
 LIB.impl("attend", attend_reference, "CompositeExplicitAutograd")
 
@@ -50,8 +51,8 @@ def _fake_rms(x, weight, eps):
     return torch.empty_like(x)
 
 
-@torch.library.register_fake("fqcompile::silu_mul")
-def _fake_silu_mul(gate_up):
+@torch.library.register_fake("fqcompile::gated")
+def _fake_gated(gate_up, gelu=False):
     return gate_up.new_empty(*gate_up.shape[:-1], gate_up.shape[-1] // 2)
 
 
@@ -61,7 +62,8 @@ def _fake_entropy(logits):
 
 
 @torch.library.register_fake("fqcompile::attend")
-def _fake_attend(qkv, cos, sin, k_cache, v_cache, start, heads, mask=None):
+def _fake_attend(qkv, cos, sin, k_cache, v_cache, start, heads, mask=None, q_norm=None, k_norm=None, eps=1e-6,
+                 scale=0.0, window=0):
     return qkv.new_empty(qkv.shape[0], qkv.shape[1], heads * k_cache.shape[-1])
 
 
@@ -159,8 +161,8 @@ def packed_linear(x, packed, out_features: int, low: int, offset: float, group_s
     return _PACKED(x, packed, out_features, low, offset, group_size)
 
 
-_RMS, _ATTEND, _ENTROPY, _SILU_MUL = (torch.ops.fqcompile.rms_norm.default, torch.ops.fqcompile.attend.default,
-                                      torch.ops.fqcompile.entropy.default, torch.ops.fqcompile.silu_mul.default)
+_RMS, _ATTEND, _ENTROPY, _GATED = (torch.ops.fqcompile.rms_norm.default, torch.ops.fqcompile.attend.default,
+                                   torch.ops.fqcompile.entropy.default, torch.ops.fqcompile.gated.default)
 
 
 def _fast_float(x) -> bool:
@@ -174,16 +176,19 @@ def rms_norm(x, weight, eps: float) -> torch.Tensor:
     return rms_norm_reference(x, weight, eps)
 
 
-def attend(qkv, cos, sin, k_cache, v_cache, start: int, heads: int, mask=None) -> torch.Tensor:
+def attend(qkv, cos, sin, k_cache, v_cache, start: int, heads: int, mask=None, q_norm=None, k_norm=None,
+           eps: float = 1e-6, scale: float = 0.0, window: int = 0) -> torch.Tensor:
     """See attend_reference; the C++ kernel takes float32 throughout, contiguous caches and a bool mask."""
-    if (_fast_float(qkv) and all(t.dtype is torch.float32 for t in (cos, sin, k_cache, v_cache))
+    norms = [n for n in (q_norm, k_norm) if n is not None]
+    if (_fast_float(qkv) and all(t.dtype is torch.float32 for t in (cos, sin, k_cache, v_cache, *norms))
             and k_cache.is_contiguous() and v_cache.is_contiguous() and (mask is None or mask.dtype is torch.bool)):
-        return _ATTEND(qkv, cos, sin, k_cache, v_cache, start, heads, mask)
-    return attend_reference(qkv, cos, sin, k_cache, v_cache, start, heads, mask)
+        return _ATTEND(qkv, cos, sin, k_cache, v_cache, start, heads, mask, q_norm, k_norm, eps, scale, window)
+    return attend_reference(qkv, cos, sin, k_cache, v_cache, start, heads, mask, q_norm, k_norm, eps, scale, window)
 
 
-def silu_mul(gate_up) -> torch.Tensor:
-    return _SILU_MUL(gate_up) if _fast_float(gate_up) else silu_mul_reference(gate_up)
+def gated(gate_up, gelu: bool = False) -> torch.Tensor:
+    """act(gate) * up (see gated_reference)."""
+    return _GATED(gate_up, gelu) if _fast_float(gate_up) else gated_reference(gate_up, gelu)
 
 
 def entropy(logits) -> torch.Tensor:

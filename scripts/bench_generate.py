@@ -82,7 +82,7 @@ def breakdown(checkpoint: str, bits: int, quantized_head: bool, int8: bool, new_
         loop_step = steps()
     finally:
         dec.use_stack = True
-    build = slim.Llama._build_stack
+    build = slim.Decoder._build_stack
     run, began, hooks = FlexLinear.run, {}, []
     FlexLinear.run = timed(run, "linear")  # the quantized head (and every projection if there is no stack)
     if not isinstance(dec.head, FlexLinear):  # a float head is an nn.Linear: time it by hooks
@@ -96,14 +96,14 @@ def breakdown(checkpoint: str, bits: int, quantized_head: bool, int8: bool, new_
             stack.set_timing(True)
         return stack
 
-    slim.Llama._build_stack = build_timed
+    slim.Decoder._build_stack = build_timed
     try:
         timed_step = steps(mean=True)
         if dec.stack is not None:  # (checked below)
             clock["stack_linear"], clock["attend"], clock["stack"] = dec.stack.timings()
     finally:
         FlexLinear.run = run
-        slim.Llama._build_stack = build
+        slim.Decoder._build_stack = build
         for h in hooks:
             h.remove()
     if dec.stack is None:

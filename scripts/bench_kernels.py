@@ -241,7 +241,7 @@ def report(results: list, ladder, stream: float, args, elapsed: float, ppl: dict
         for name, r in ppl["results"].items():
             lines.append(f"| {name} | " + " | ".join(f"{r[str(b)]:.6f}" for b in ladder) + f" | {r['seconds']:.1f} |")
         (fast, exact), (_, ref), (_, int8) = list(ppl["results"].items())
-        lines += ["", f"Fast path vs reference, relative: " + ", ".join(
+        lines += ["", "Fast path vs reference, relative: " + ", ".join(
             f"{b}-bit {exact[str(b)] / ref[str(b)] - 1:+.1e}" for b in ladder) + ". Int8-activation cost: " + ", ".join(
             f"{b}-bit {int8[str(b)] / exact[str(b)] - 1:+.2%}" for b in ladder) + " (target ≤ +0.2%)."]
     return "\n".join(lines) + "\n"

@@ -1,4 +1,4 @@
-"""The decode step's glue ops (kernels/ops.py: rms_norm, attend, silu_mul, entropy): the C++ CPU
+"""The decode step's glue ops (kernels/ops.py: rms_norm, attend, gated, entropy): the C++ CPU
 kernels against the references computed in float64."""
 
 import os
@@ -40,6 +40,7 @@ def test_rms_norm_other_dtypes_take_the_reference():
 
 
 def rope_tables(b, t, d, start):
+    """cos, sin [b, t, d] for positions start .. start + t - 1 over d rotated dims."""
     pos = torch.arange(start, start + t, dtype=torch.float64)[None].expand(b, t)
     freq = 10000.0 ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
     angle = torch.cat([pos[..., None] * freq] * 2, dim=-1)
@@ -76,6 +77,66 @@ def test_attend_refuses_slots_outside_the_cache():
     cache = torch.zeros(1, 1, 4, 8)
     with pytest.raises(RuntimeError, match="outside the cache"):
         ops.attend(qkv, cos, sin, cache, cache.clone(), 3, 1)
+    with pytest.raises(RuntimeError, match="outside the cache"):  # a ring, but 2 queries need window + 1 slots
+        ops.attend(qkv, cos, sin, cache, cache.clone(), 3, 1, window=4)
+    with pytest.raises(ValueError, match="outside the cache"):
+        ops.attend_reference(qkv, cos, sin, cache, cache.clone(), 3, 1, window=4)
+
+
+# qk-norm (Qwen3, Gemma 3), partial rotary (Phi-4-mini: 3/4 of a head), a query scale (Gemma 3)
+@pytest.mark.parametrize("qk_norm,rotary,scale,d", [(True, 64, 0.0, 64), (False, 48, 0.0, 64), (True, 16, 0.0625, 16),
+                                                    (True, 256, 0.03, 256)])
+def test_attend_variants_match_float64(qk_norm, rotary, scale, d):
+    torch.manual_seed(6)
+    b, t, heads, kv, start, cap = 2, 3, 4, 2, 5, 16
+    qkv = torch.randn(b, t, (heads + 2 * kv) * d) * 2
+    cos, sin = (x.float() for x in rope_tables(b, t, rotary, start))
+    norms = (torch.rand(d) + 0.5, torch.rand(d) + 0.5) if qk_norm else (None, None)
+    mask = torch.rand(b, 1, t, start + t) > 0.3
+    mask[..., torch.arange(t), start + torch.arange(t)] = True
+    k_cache, v_cache = torch.randn(b, kv, cap, d), torch.randn(b, kv, cap, d)
+    k64, v64 = k_cache.double(), v_cache.double()
+    n64 = [n.double() if n is not None else None for n in norms]
+    want = ops.attend_reference(qkv.double(), cos.double(), sin.double(), k64, v64, start, heads, mask, *n64, 1e-6, scale)
+    got = ops.attend(qkv, cos, sin, k_cache, v_cache, start, heads, mask, *norms, 1e-6, scale)
+    assert rel(got, want) < 1e-5 and rel(k_cache, k64) < 1e-6
+    # the scale is applied (0 means 1/sqrt(d))
+    plain = ops.attend_reference(qkv.double(), cos.double(), sin.double(), k64.clone(), v64.clone(), start, heads, mask,
+                                 *n64, 1e-6, 0.0)
+    assert (scale == 0.0) == (rel(plain, want) < 1e-12)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_ring_cache_attends_as_a_full_cache_with_a_window(masked):
+    """A sliding-window layer keeps window + chunk - 1 slots: a prefill of 5, a chunk of 3 and
+    single tokens past the window give what a cache of the whole sequence gives with the
+    window applied (Hugging Face's: slot j is seen from slot i when j > i - window)."""
+    torch.manual_seed(7)
+    b, heads, kv, d, window, total = 2, 4, 2, 16, 8, 30
+    steps = [(0, 5), (5, 3)] + [(s, 1) for s in range(8, total)]
+    ring = [torch.randn(b, kv, window + 5 - 1, d) for _ in range(2)]  # stale values everywhere
+    full = [torch.zeros(b, kv, total, d, dtype=torch.float64) for _ in range(2)]
+    keys = torch.rand(b, total) > 0.2
+    keys[:, 4:] = True  # row padding sits in the prompt
+    keys[:, 0] = True
+    for start, t in steps:
+        qkv = torch.randn(b, t, (heads + 2 * kv) * d)
+        cos, sin = (x.float() for x in rope_tables(b, t, d, start))
+        causal = torch.ones(t, start + t, dtype=torch.bool).tril(start)
+        if masked:  # padding, but every query sees itself
+            mask = ((keys[:, None, :start + t] & causal) | (torch.arange(start + t) == start + torch.arange(t)[:, None]))
+            mask = mask[:, None]
+        else:
+            mask = None if t == 1 else causal.expand(b, 1, t, start + t)
+        got = ops.attend(qkv, cos, sin, *ring, start, heads, mask, window=window)
+        want = ops.attend_reference(qkv.double(), cos.double(), sin.double(), *full, start, heads, mask, window=window)
+        assert rel(got, want) < 1e-5, (start, t)
+        # the reference's window is the mask a full cache would need
+        near = torch.arange(start + t) > (start + torch.arange(t))[:, None] - window
+        again = ops.attend_reference(qkv.double(), cos.double(), sin.double(), *[c.clone() for c in full], start, heads,
+                                     near if mask is None else mask & near)
+        assert rel(again, want) < 1e-12
+    assert start + t > 3 * window  # the ring went round
 
 
 @pytest.mark.parametrize("scale", [0.1, 3.0, 30.0])
@@ -91,13 +152,16 @@ def test_entropy_matches_float64(scale):
     assert got.shape == (3,) and bool(((got - want).abs() <= 1e-5 * want + 2e-7).all()), (got, want)
 
 
+@pytest.mark.parametrize("gelu", [False, True])
 @pytest.mark.parametrize("shape", [(1, 1, 2 * 1536), (3, 2, 2 * 196), (5, 2 * 7)])
-def test_silu_mul_matches_float64(shape):
+def test_gated_matches_float64(shape, gelu):
     torch.manual_seed(3)
     gate_up = torch.randn(shape) * 6  # both signs, and large |x| where e^-x under/overflows
-    got = ops.silu_mul(gate_up)
-    want = ops.silu_mul_reference(gate_up.double())
+    got = ops.gated(gate_up, gelu)
+    want = ops.gated_reference(gate_up.double(), gelu)
     assert got.shape == (*shape[:-1], shape[-1] // 2) and rel(got, want) < 1e-6
+    other = ops.gated_reference(gate_up.double(), not gelu)
+    assert rel(other, want) > 1e-3  # SiLU and GELU-tanh differ: the flag is not ignored
 
 
 def test_entropy_ignores_minus_infinity():

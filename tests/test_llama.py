@@ -4,40 +4,10 @@ import pytest
 import torch
 
 import fqcompile
-from fqcompile import flex_linear, generation, loader, slim
+from fqcompile import flex_linear, loader, slim
 from fqcompile.errors import FqError
 
-PROMPTS = ["It is a truth universally acknowledged", "Emma Woodhouse, handsome,", "The"]
-
-
-def hf_logits(model, rows, new, pad):
-    """Teacher-forced Hugging Face logits for each row's prompt + generated tokens, left-padded."""
-    seqs = [list(r) + n for r, n in zip(rows, new)]
-    width = max(map(len, seqs))
-    ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs])
-    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    with torch.inference_mode():
-        return model(input_ids=ids, attention_mask=mask, position_ids=positions).logits, width
-
-
-def check_agreement(loaded, bits, steps):
-    fqcompile.set_precision(loaded.model, bits)
-    tok = loaded.tokenizer
-    rows = [tok(p)["input_ids"] for p in PROMPTS]
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    dec = slim.Llama(loaded.model)
-    seen = []
-    new = slim.generate(dec, rows, steps, stop_ids=[], pad=pad, on_logits=lambda s, lg: seen.append(lg.clone()))
-    assert all(len(n) == steps for n in new)
-    ref, width = hf_logits(loaded.model, rows, new, pad)
-    worst = 0.0
-    for step, logits in enumerate(seen):
-        # ours at step s predicts token s; HF's prediction for it sits one position earlier
-        want = ref[:, width - steps - 1 + step]
-        for r in range(len(rows)):
-            worst = max(worst, float((logits[r] - want[r]).norm() / want[r].norm()))
-    return worst
+from slim_checks import PROMPTS, check_agreement, greedy_logits
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -62,7 +32,7 @@ def test_layers_stay_switchable_after_fusion(tiny_ckpt):
     loaded = fqcompile.load(tiny_ckpt)
     ids = torch.tensor([[1, 5, 9, 14]])
     before = {b: (fqcompile.set_precision(loaded.model, b), loaded.model(ids).logits)[1] for b in (4, 8)}
-    slim.Llama(loaded.model)
+    slim.Decoder(loaded.model)
     for b in (4, 8):
         fqcompile.set_precision(loaded.model, b)
         assert torch.equal(loaded.model(ids).logits, before[b])
@@ -89,7 +59,7 @@ def test_refuses_unsupported_models(tiny_dir):
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
     assert "architecture GPT2LMHeadModel" in slim.unsupported(gpt2)
     with pytest.raises(FqError, match="does not support"):
-        slim.Llama(gpt2)
+        slim.Decoder(gpt2)
 
 
 def test_quantized_head_runs_at_8_bits_on_both_engines(tiny_ckpt):
@@ -125,12 +95,6 @@ def random_checkpoint(tmp_path, smol_dir, model_class, config_class, prepare=Non
     return fqcompile.export(str(tmp_path / "model"), tmp_path / "ckpt", ladder=(4, 8), group_size=32, progress=False)
 
 
-def greedy_logits(dec, rows, steps, pad):
-    seen = []
-    slim.generate(dec, rows, steps, stop_ids=[], pad=pad, on_logits=lambda s, lg: seen.append(lg.clone()))
-    return torch.stack(seen)
-
-
 def test_cpp_stack_is_the_per_op_loop_bit_for_bit(tiny_ckpt):
     """The one-call C++ stack (kernels/cpu_stack.cpp) against the per-op loop, on a mixed plan.
 
@@ -145,7 +109,7 @@ def test_cpp_stack_is_the_per_op_loop_bit_for_bit(tiny_ckpt):
             layer.int8_activations = name.startswith("self_attn")
     tok = loaded.tokenizer
     rows = [tok(p)["input_ids"] for p in PROMPTS]
-    dec = slim.Llama(loaded.model)
+    dec = slim.Decoder(loaded.model)
     fast = greedy_logits(dec, rows, 12, tok.eos_token_id)
     assert dec.stack is not None and dec.stack_plan()[0][:8] == [4, 4, 4, 4, 8, 8, 8, 8]
     dec.use_stack = False
@@ -166,7 +130,7 @@ def test_stack_holds_the_packed_rows_in_place_of_the_planes(tmp_path, smol_dir):
     loaded = fqcompile.load(random_checkpoint(tmp_path, smol_dir, LlamaForCausalLM, LlamaConfig))
     tok = loaded.tokenizer
     rows = [tok(p)["input_ids"] for p in PROMPTS]
-    dec = slim.Llama(loaded.model)
+    dec = slim.Decoder(loaded.model)
     layers = loader.flex_layers(loaded.model)
     nested = {id(m): [p.clone() for p in m.planes()] for m in layers}
     float_logits = greedy_logits(dec, rows, 4, tok.eos_token_id)
@@ -196,7 +160,7 @@ def test_stack_holds_the_packed_rows_in_place_of_the_planes(tmp_path, smol_dir):
 def test_cached_plan_follows_every_way_of_switching(tiny_ckpt):
     """The plan is reused between steps: any change to a layer's settings must reach it."""
     loaded = fqcompile.load(tiny_ckpt)
-    dec = slim.Llama(loaded.model)
+    dec = slim.Decoder(loaded.model)
     o_proj = loaded.model.model.layers[0].self_attn.o_proj
     assert dec.stack_plan()[0][1] == 8 and dec.stack_plan()[1][1] == 0
     object.__setattr__(o_proj, "precision", 4)  # no nn.Module checks
@@ -215,7 +179,7 @@ def test_cached_plan_follows_every_way_of_switching(tiny_ckpt):
 
 def test_plan_falls_back_when_fused_parts_disagree(tiny_ckpt):
     loaded = fqcompile.load(tiny_ckpt)
-    dec = slim.Llama(loaded.model)
+    dec = slim.Decoder(loaded.model)
     assert dec.stack_plan() is not None
     loaded.model.model.layers[1].self_attn.k_proj.set_precision(4)  # q and v stay at 8
     assert dec.stack_plan() is None
@@ -242,36 +206,10 @@ def test_qwen2_with_qkv_bias_agrees_with_hugging_face(tmp_path, smol_dir):
         assert check_agreement(loaded, bits, steps=8) <= 1e-4
 
 
-def test_sliding_window_model_runs_slim_while_the_sequence_fits(tmp_path, smol_dir):
-    """Mistral with a 24-token window: within it attention is full, so slim agrees with HF; beyond, auto picks HF."""
-    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
-
-
-    torch.manual_seed(3)
-    tok = AutoTokenizer.from_pretrained(smol_dir)
-    model = MistralForCausalLM(MistralConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, sliding_window=24, max_position_embeddings=256, tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
-    model.save_pretrained(tmp_path / "mistral")
-    tok.save_pretrained(tmp_path / "mistral")
-    ckpt = fqcompile.export(str(tmp_path / "mistral"), tmp_path / "ckpt", ladder=(4, 8), group_size=32, progress=False)
-    loaded = fqcompile.load(ckpt)
-    longest = max(len(tok(p)["input_ids"]) for p in PROMPTS)
-    assert check_agreement(loaded, 4, steps=24 - longest) <= 1e-4
-    assert generation.choose_engine(loaded, "auto", length=24)[0] == "slim"
-    name, why = generation.choose_engine(loaded, "auto", length=25)
-    assert name == "hf" and "window 24" in why
-    with pytest.raises(FqError, match="window"):
-        generation.choose_engine(loaded, "slim", length=25)
-    out = generation.generate(loaded, PROMPTS[0], max_new_tokens=30)
-    assert out["engine"] == "hf" and out["new_tokens"] > 0
-
-
 def test_stack_refuses_a_projection_of_the_wrong_size(tiny_ckpt):
     """The stack calls its kernels directly: a mismatched projection must raise, not write out of bounds."""
     loaded = fqcompile.load(tiny_ckpt)
-    dec = slim.Llama(loaded.model)
+    dec = slim.Decoder(loaded.model)
     dec.setup_cache(1, 8)
     dec.stack_plan()  # the stack gets its projections
     qkv = dec.blocks[0]["qkv"].fused  # wider than the hidden size
