@@ -76,17 +76,33 @@ def _call(block, hidden, kwargs):
     return out[0] if isinstance(out, tuple) else out
 
 
-@torch.inference_mode()
-def first_inputs(model, samples: torch.Tensor, batch_size: int) -> list[tuple[torch.Tensor, dict]]:
-    """(hidden states, keyword arguments) entering the first decoder block, per batch."""
-    captured = []
+class _Record(torch.nn.Module):
+    """Stands in for decoder block `index` during first_inputs: keeps what the model passes it."""
 
-    def grab(_module, args, kwargs):
+    def __init__(self, index: int, hidden: list, kwargs: list[list[dict]]):
+        super().__init__()
+        self.index, self.hidden, self.kwargs = index, hidden, kwargs
+
+    def forward(self, *args, **kwargs):
         hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append((hidden.float(), kwargs))
-        raise _Stop
+        if self.index == 0:
+            self.hidden.append(hidden.float())
+        self.kwargs[self.index].append(kwargs)
+        if self.index == len(self.kwargs) - 1:
+            raise _Stop
+        return hidden
 
-    hook = model.get_decoder().layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+
+@torch.inference_mode()
+def first_inputs(model, samples: torch.Tensor, batch_size: int) -> tuple[list[torch.Tensor], list[list[dict]]]:
+    """The hidden states entering the first decoder block, per batch, and every block's keyword
+    arguments, per block and batch: local and global layers get different masks and RoPE
+    tables (Gemma 3). The blocks are swapped for recorders meanwhile (their weights are on meta)."""
+    layers = model.get_decoder().layers
+    blocks = list(layers)
+    hidden, kwargs = [], [[] for _ in blocks]
+    for i in range(len(blocks)):
+        layers[i] = _Record(i, hidden, kwargs)
     try:
         for start in range(0, len(samples), batch_size):
             try:
@@ -94,8 +110,9 @@ def first_inputs(model, samples: torch.Tensor, batch_size: int) -> list[tuple[to
             except _Stop:
                 pass
     finally:
-        hook.remove()
-    return captured
+        for i, block in enumerate(blocks):
+            layers[i] = block
+    return hidden, kwargs
 
 
 @torch.inference_mode()
@@ -189,7 +206,7 @@ def quantize_model(model, files, targets: list[str], samples, ladder, group_size
     embed_name = next(n for n, m in model.named_modules() if m is embed)
     materialize(model, embed_name, files)
     materialize_buffers(model)
-    inputs = first_inputs(model, samples, batch_size)
+    hidden, block_kwargs = first_inputs(model, samples, batch_size)
     embed.to("meta")
 
     results, log = {}, {"layers": {}, "rss_before_mib": before}
@@ -200,6 +217,7 @@ def quantize_model(model, files, targets: list[str], samples, ladder, group_size
             mine = [t[len(prefix) + 1 :] for t in targets if t.startswith(prefix + ".")]
             bar.update(task, description=f"GPTQ block {index + 1}/{len(decoder.layers)}")
             block = materialize(model, prefix, files)
+            inputs = list(zip(hidden, block_kwargs[index]))
             groups = input_groups(block, mine, *inputs[0]) if mine else []
             # not true-sequential: every Hessian from the block's float weights, taken up front
             early = {} if true_sequential else {g[0]: hessian(block, block.get_submodule(g[0]), inputs) for g in groups}
@@ -220,7 +238,7 @@ def quantize_model(model, files, targets: list[str], samples, ladder, group_size
                     log["layers"][full] = {"loss": gptq.losses(m.weight, part, h, layout), "damp": q.damp,
                                            "rung_weights": weights}
                     m.weight.copy_(decode_codes(part.codes, part.scale, part.zero, layout, propagate))
-            inputs = [(_call(block, hidden, kwargs), kwargs) for hidden, kwargs in inputs]
+            hidden = [_call(block, h, kwargs) for h, kwargs in inputs]
             block.to("meta")
             bar.advance(task)
     log["peak_rss_mib"] = round(peak_rss_mib(), 1)

@@ -1,4 +1,4 @@
-"""Generate: text from a loaded checkpoint, on the slim decoder (Llama family) or Hugging Face `generate`."""
+"""Generate: text from a loaded checkpoint, on the slim decoder (fqcompile.slim) or Hugging Face `generate`."""
 
 import time
 

@@ -23,16 +23,22 @@ def noisy_norms(model):
                 p.add_(torch.randn_like(p) * 0.3)
 
 
-def family_checkpoint(tmp_path, smol_dir, model_class, config):
+def family_model(folder, smol_dir, model_class, config):
+    """A random-weight model of the family with SmolLM2's tokenizer, saved to `folder`."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(smol_dir)
     config.vocab_size, config.bos_token_id, config.eos_token_id = len(tok), tok.bos_token_id, tok.eos_token_id
-    model = model_class(config)
+    model = model_class(config).eval()
     noisy_norms(model)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return model, tok
+
+
+def family_checkpoint(tmp_path, smol_dir, model_class, config):
+    model, _ = family_model(tmp_path / "model", smol_dir, model_class, config)
     linears = sum(isinstance(m, nn.Linear) for m in model.modules()) - 1  # all but the head
-    model.save_pretrained(tmp_path / "model")
-    tok.save_pretrained(tmp_path / "model")
     ckpt = fqcompile.export(str(tmp_path / "model"), tmp_path / "ckpt", ladder=(4, 8), group_size=32, progress=False)
     loaded = fqcompile.load(ckpt)
     assert len(loader.flex_layers(loaded.model)) == linears  # every linear quantized, fused ones included
@@ -146,3 +152,30 @@ def test_quantized_head_covers_a_tied_embedding(tmp_path, smol_dir):
     with torch.inference_mode():
         exact, rounded = loaded.model(ids).logits, quant.model(ids).logits
     assert 0 < float((exact - rounded).norm() / exact.norm()) < 0.01
+
+
+def test_gptq_feeds_every_block_its_own_mask_and_rope(tmp_path, smol_dir):
+    """Block-by-block GPTQ runs each block alone: a global layer of Gemma 3 needs the global
+    RoPE table and the full mask, not the first (local) block's. With the float weights, the
+    blocks chained from what first_inputs records give Hugging Face's hidden states."""
+    from fqcompile.calibration import gptq_blocks
+    from fqcompile.sources import materialize_buffers, meta_model
+
+    torch.manual_seed(15)
+    model, tok = family_model(tmp_path / "model", smol_dir, *gemma3())
+    ids = torch.tensor([tok(" ".join(LONG))["input_ids"][:40]])  # past the 16-token window
+    with torch.inference_mode():
+        want = model(ids, output_hidden_states=True).hidden_states  # embeddings, then each block's output
+    meta, _ = meta_model(tmp_path / "model")
+    files = gptq_blocks.weight_files(tmp_path / "model")
+    gptq_blocks.materialize(meta, "model.embed_tokens", files)
+    materialize_buffers(meta)
+    hidden, kwargs = gptq_blocks.first_inputs(meta, ids, batch_size=1)
+    assert len(kwargs) == 3 and all(len(k) == 1 for k in kwargs)
+    h = hidden[0]
+    with torch.inference_mode():
+        for i in range(2):  # the last block's output is normed in hidden_states
+            block = gptq_blocks.materialize(meta, f"model.layers.{i}", files)
+            h = block(h, **kwargs[i][0])
+            h = h[0] if isinstance(h, tuple) else h
+            assert float((h - want[i + 1]).norm() / want[i + 1].norm()) < 1e-5, i
