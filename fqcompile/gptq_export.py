@@ -38,6 +38,8 @@ from .sources import LLAMA_LIKE, assign_state
 
 RECORD = "fqcompile-gptq.json"  # written last: marks a complete export of ours (and --force may replace it)
 MODEL_FILE = "model.safetensors"
+# Whose layer names GPTQModel and vLLM load as they are (Phi-3's q/k/v and gate/up are one layer each already).
+ARCHITECTURES = (*LLAMA_LIKE, "Qwen3ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM")
 FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # run as one layer by vLLM
 OURS = {ckpt.MANIFEST, ckpt.POLICY, ckpt.DENSE, ckpt.META, GPTQ_LOG, "config.json"}  # not copied
 
@@ -132,8 +134,8 @@ def export_gptq(folder, out, spec: str, checkpoint_format: str = "gptq_v2", *, f
         raise FqError(f"unknown `checkpoint_format` '{checkpoint_format}' (use {' or '.join(gptq_format.FORMATS)})")
     manifest = ckpt.read_manifest(folder)
     architecture = manifest["source"]["architecture"]
-    if architecture not in LLAMA_LIKE:  # the layer names GPTQModel and vLLM expect, and their fused groups
-        raise FqError(f"GPTQ export supports {', '.join(LLAMA_LIKE)} checkpoints, not {architecture}")
+    if architecture not in ARCHITECTURES:
+        raise FqError(f"GPTQ export supports {', '.join(ARCHITECTURES)} checkpoints, not {architecture}")
     label, bits, raised = plan_widths(folder, manifest, spec)
     layouts = ckpt.layouts(manifest)
     top = max(bits.values())

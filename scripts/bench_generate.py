@@ -138,7 +138,7 @@ def report(checkpoint: str, out: Path, new_tokens: int, prompt_tokens: int, titl
     parts = [breakdown(checkpoint, b, qh, i8, new_tokens, prompt) for b in ends for qh, i8 in ((0, 0), (1, 1))]
     data = {"checkpoint": checkpoint, "threads": plain["threads"], "repeats": repeats, "rows": rows, "notes": both["notes"],
             "breakdown": parts}
-    out.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
+    out.with_name(out.name + ".json").write_text(json.dumps(data, indent=1) + "\n")
     from fqcompile.bench import table
 
     notes = [f"- {n}" for n in both["notes"]]
@@ -168,7 +168,7 @@ def report(checkpoint: str, out: Path, new_tokens: int, prompt_tokens: int, titl
         "from Python the 8-bit head's calls (counted with the linears) and a float head's matmul; \"outside "
         "the layers\" is the remainder: embedding, the final norm, sampling, the controller, Python:", "",
         *split, ""])
-    out.with_suffix(".md").write_text(text)
+    out.with_name(out.name + ".md").write_text(text)
     return text
 
 

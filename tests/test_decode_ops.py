@@ -106,13 +106,14 @@ def test_attend_variants_match_float64(qk_norm, rotary, scale, d):
     assert (scale == 0.0) == (rel(plain, want) < 1e-12)
 
 
+@pytest.mark.parametrize("d", [16, 80])  # the value sums' scalar loop; their vector loop plus a tail
 @pytest.mark.parametrize("masked", [False, True])
-def test_ring_cache_attends_as_a_full_cache_with_a_window(masked):
+def test_ring_cache_attends_as_a_full_cache_with_a_window(masked, d):
     """A sliding-window layer keeps window + chunk - 1 slots: a prefill of 5, a chunk of 3 and
     single tokens past the window give what a cache of the whole sequence gives with the
     window applied (Hugging Face's: slot j is seen from slot i when j > i - window)."""
     torch.manual_seed(7)
-    b, heads, kv, d, window, total = 2, 4, 2, 16, 8, 30
+    b, heads, kv, window, total = 2, 4, 2, 8, 30
     steps = [(0, 5), (5, 3)] + [(s, 1) for s in range(8, total)]
     ring = [torch.randn(b, kv, window + 5 - 1, d) for _ in range(2)]  # stale values everywhere
     full = [torch.zeros(b, kv, total, d, dtype=torch.float64) for _ in range(2)]

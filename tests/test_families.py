@@ -179,3 +179,19 @@ def test_gptq_feeds_every_block_its_own_mask_and_rope(tmp_path, smol_dir):
             h = block(h, **kwargs[i][0])
             h = h[0] if isinstance(h, tuple) else h
             assert float((h - want[i + 1]).norm() / want[i + 1].norm()) < 1e-5, i
+
+
+@pytest.mark.parametrize("family", [qwen3, gemma3, phi3])
+def test_gptq_export_of_each_family_is_exact(tmp_path, smol_dir, austen, family):
+    """Qwen3's and Gemma's q/k/v and gate/up, Phi-3's fused layers: a zero-exact rung exports
+    exactly and the export, dequantized as a GPTQ loader does, has fqcompile's perplexity."""
+    from fqcompile.gptq_export import export_gptq
+
+    torch.manual_seed(16)
+    family_model(tmp_path / "model", smol_dir, *family())
+    ckpt = fqcompile.export(str(tmp_path / "model"), tmp_path / "ckpt", ladder=(4, 8), group_size=32,
+                            grid="zero-exact", progress=False)
+    record = export_gptq(ckpt, tmp_path / "gptq", "static:8", dataset=str(austen / "emma.txt"), samples=2, seq_len=48,
+                         progress=False)
+    assert record["exact"]["identical"]
+    assert record["quality"]["perplexity"] == pytest.approx(record["quality"]["fqcompile_perplexity"], rel=1e-4)
