@@ -79,16 +79,16 @@ def _call(block, hidden, kwargs):
 class _Record(torch.nn.Module):
     """Stands in for decoder block `index` during first_inputs: keeps what the model passes it."""
 
-    def __init__(self, index: int, hidden: list, kwargs: list[list[dict]]):
+    def __init__(self, index: int, last: int, hidden: list, kwargs: list[list[dict]]):
         super().__init__()
-        self.index, self.hidden, self.kwargs = index, hidden, kwargs
+        self.index, self.last, self.hidden, self.kwargs = index, last, hidden, kwargs
 
     def forward(self, *args, **kwargs):
         hidden = args[0] if args else kwargs.pop("hidden_states")
         if self.index == 0:
             self.hidden.append(hidden.float())
         self.kwargs[self.index].append(kwargs)
-        if self.index == len(self.kwargs) - 1:
+        if self.index == self.last:
             raise _Stop
         return hidden
 
@@ -101,8 +101,9 @@ def first_inputs(model, samples: torch.Tensor, batch_size: int) -> tuple[list[to
     layers = model.get_decoder().layers
     blocks = list(layers)
     hidden, kwargs = [], [[] for _ in blocks]
+    last = min(len(blocks), getattr(model.config, "num_hidden_layers", None) or len(blocks)) - 1  # the last it calls
     for i in range(len(blocks)):
-        layers[i] = _Record(i, hidden, kwargs)
+        layers[i] = _Record(i, last, hidden, kwargs)
     try:
         for start in range(0, len(samples), batch_size):
             try:
@@ -112,6 +113,8 @@ def first_inputs(model, samples: torch.Tensor, batch_size: int) -> tuple[list[to
     finally:
         for i, block in enumerate(blocks):
             layers[i] = block
+    if not all(len(k) == len(hidden) for k in kwargs):  # e.g. a config naming fewer layers than the model holds
+        raise FqError("could not record the inputs of every decoder block; use `method='rtn'`")
     return hidden, kwargs
 
 

@@ -10,8 +10,9 @@ attention over the preallocated cache), the o call, RMSNorm, one fused gate/up c
 Llama only in what a layer's description says (`Decoder.__init__`): qk-norm (Qwen3, Gemma 3),
 norms after attention and MLP and (1 + w) norm weights (Gemma 3), a per-layer sliding window
 and RoPE table (Gemma 3's local and global layers), a query scale (Gemma 3), projections
-fused in the checkpoint (Phi-3). A sliding-window layer's cache is a ring of window + prompt
-slots, so generation goes on past the window in bounded memory.
+fused in the checkpoint (Phi-3). A sliding-window layer's cache is a ring of window + chunk - 1
+slots (chunk: the most tokens one call feeds, the prompt in `generate`), so generation goes
+on past the window in bounded memory.
 On the CPU in float32 the whole stack of layers is one call instead (fqcompile.Stack,
 kernels/cpu_stack.cpp: the same kernels without ~300 dispatches a step, about a third of a
 small model's step); its plan, each projection's precision, is read from the layers again
@@ -171,23 +172,28 @@ class Decoder(nn.Module):
         if norm is None:
             return None
         w = norm.weight.detach()
-        return w + 1 if self.unit_offset else w
+        return w.float() + 1 if self.unit_offset else w  # float32, as Gemma's norm adds it
 
     def setup_cache(self, batch: int, length: int, chunk: int | None = None) -> None:
         """Preallocate the KV caches (and the RoPE tables) for `batch` rows of up to `length` tokens,
         fed at most `chunk` tokens a call (default: all at once). A sliding-window layer holds
         window + chunk - 1 slots (a ring), enough for any such call."""
+        why = unsupported(self.hf[0], length)
+        if why:  # e.g. long RoPE past its original length: Hugging Face would recompute the cache there
+            raise FqError(f"the slim decoder does not support {why}; use `engine='hf'`")
         chunk = length if chunk is None else chunk
-        dtype = self.final_norm.weight.dtype
+        dtype, device = self.final_norm.weight.dtype, self.final_norm.weight.device
         self.caches = []
         for blk in self.blocks:
             slots = min(length, blk["window"] + chunk - 1) if blk["window"] else length
             shape = (batch, self.kv_heads, slots, self.head_dim)
-            self.caches.append((torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)))
+            self.caches.append((torch.zeros(shape, dtype=dtype, device=device),
+                                torch.zeros(shape, dtype=dtype, device=device)))
         # The norms' weights as the kernels take them (Gemma's 1 + w), read again at every setup.
         self.norms = [{k: self._weight(m) for k, m in blk["norms"].items()} for blk in self.blocks]
         self.final = self._weight(self.final_norm)
-        probe, positions = torch.zeros(1, 1, self.head_dim, dtype=dtype), torch.arange(length)[None]
+        probe = torch.zeros(1, 1, self.head_dim, dtype=dtype, device=device)
+        positions = torch.arange(length, device=device)[None]
         self.tables = []
         for kind in self.kinds:
             cos, sin = self.rotary(probe, positions) if kind is None else self.rotary(probe, positions, kind)

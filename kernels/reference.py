@@ -37,9 +37,14 @@ def nested_linear_reference(x, planes, widths, scale, zero, low, offset, group_s
 
 
 def rms_norm_reference(x, weight, eps):
-    """RMSNorm as Hugging Face's Llama computes it (in float32, weight applied in x's dtype)."""
+    """RMSNorm as Hugging Face's Llama computes it (in float32, weight applied in x's dtype); a
+    float32 weight on lower-precision x is applied in float32 before the cast (Gemma's order:
+    fqcompile/slim.py keeps its 1 + w weights in float32)."""
     xf = x.float()
-    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if weight.dtype is torch.float32 and x.dtype is not torch.float32:
+        return (weight * normed).to(x.dtype)
+    return weight * normed.to(x.dtype)
 
 
 def rope_reference(x, cos, sin):
@@ -72,20 +77,20 @@ def attend_reference(qkv, cos, sin, k_cache, v_cache, start, heads, mask=None, q
     length = start + t
     lo = max(0, length - cap)  # the oldest slot still held
     if lo and not (window and cap >= window + t - 1):
-        raise ValueError(f"attend: slots {start}..{length} outside the cache of {cap} (window {window})")
+        raise RuntimeError(f"attend: slots {start}..{length} outside the cache of {cap} (window {window})")
     q, k, v = qkv.reshape(b, t, heads + 2 * kv, d).split([heads, kv, kv], dim=2)
     if q_norm is not None:
         q = rms_norm_reference(q, q_norm, eps)
     if k_norm is not None:
         k = rms_norm_reference(k, k_norm, eps)
     q, k = rope_reference(q, cos, sin), rope_reference(k, cos, sin)
-    slots = torch.arange(start, length) % cap
+    slots = torch.arange(start, length, device=qkv.device) % cap
     k_cache.index_copy_(2, slots, k.transpose(1, 2).to(k_cache.dtype))
     v_cache.index_copy_(2, slots, v.transpose(1, 2).to(v_cache.dtype))
-    keys = torch.arange(lo, length)
+    keys = torch.arange(lo, length, device=qkv.device)
     allowed = None if mask is None else mask[..., lo:length]
     if window:
-        near = keys > torch.arange(start, length)[:, None] - window  # [T, keys]
+        near = keys > torch.arange(start, length, device=qkv.device)[:, None] - window  # [T, keys]
         if allowed is None or allowed.dtype is torch.bool:
             allowed = near if allowed is None else allowed & near
         else:  # an additive float mask

@@ -39,6 +39,18 @@ def test_rms_norm_other_dtypes_take_the_reference():
     assert torch.equal(ops.rms_norm(x, w, 1e-6), ops.rms_norm_reference(x, w, 1e-6))
 
 
+def test_gemma_norm_on_bfloat16_is_hugging_faces():
+    """Gemma applies its 1 + w in float32 and casts once: a float32 weight on bf16 x does the same."""
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+
+    torch.manual_seed(9)
+    norm = Gemma3RMSNorm(64, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_(0, 0.3)
+    x = (torch.randn(3, 64) * 2).bfloat16()
+    assert torch.equal(ops.rms_norm(x, norm.weight.detach() + 1, 1e-6), norm(x))
+
+
 def rope_tables(b, t, d, start):
     """cos, sin [b, t, d] for positions start .. start + t - 1 over d rotated dims."""
     pos = torch.arange(start, start + t, dtype=torch.float64)[None].expand(b, t)
@@ -79,7 +91,7 @@ def test_attend_refuses_slots_outside_the_cache():
         ops.attend(qkv, cos, sin, cache, cache.clone(), 3, 1)
     with pytest.raises(RuntimeError, match="outside the cache"):  # a ring, but 2 queries need window + 1 slots
         ops.attend(qkv, cos, sin, cache, cache.clone(), 3, 1, window=4)
-    with pytest.raises(ValueError, match="outside the cache"):
+    with pytest.raises(RuntimeError, match="outside the cache"):
         ops.attend_reference(qkv, cos, sin, cache, cache.clone(), 3, 1, window=4)
 
 
@@ -114,7 +126,8 @@ def test_ring_cache_attends_as_a_full_cache_with_a_window(masked, d):
     window applied (Hugging Face's: slot j is seen from slot i when j > i - window)."""
     torch.manual_seed(7)
     b, heads, kv, window, total = 2, 4, 2, 8, 30
-    steps = [(0, 5), (5, 3)] + [(s, 1) for s in range(8, total)]
+    # single tokens, and a chunk of 3 whose queries see different runs of the wrapped ring
+    steps = [(0, 5), (5, 3)] + [(s, 1) for s in range(8, 20)] + [(20, 3)] + [(s, 1) for s in range(23, total)]
     ring = [torch.randn(b, kv, window + 5 - 1, d) for _ in range(2)]  # stale values everywhere
     full = [torch.zeros(b, kv, total, d, dtype=torch.float64) for _ in range(2)]
     keys = torch.rand(b, total) > 0.2
