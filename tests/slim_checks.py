@@ -43,3 +43,19 @@ def greedy_logits(dec, rows, steps, pad):
     seen = []
     slim.generate(dec, rows, steps, stop_ids=[], pad=pad, on_logits=lambda s, lg: seen.append(lg.clone()))
     return torch.stack(seen)
+
+
+def stack_and_loop(loaded, prompts, steps, int8_in):
+    """Layer 0 at 4 bits, int8 activations on its layers named from `int8_in`: greedy logits
+    from the C++ stack and from the per-op loop, with whether the stack served and its plan."""
+    for name, layer in loaded.model.model.layers[0].named_modules():
+        if hasattr(layer, "set_precision"):
+            layer.set_precision(4)
+            layer.int8_activations = name.startswith(int8_in)
+    tok = loaded.tokenizer
+    rows = [tok(p)["input_ids"] for p in prompts]
+    dec = slim.Decoder(loaded.model)
+    fast = greedy_logits(dec, rows, steps, tok.eos_token_id)
+    served, plan = dec.stack is not None, dec.stack_plan()
+    dec.use_stack = False
+    return fast, greedy_logits(dec, rows, steps, tok.eos_token_id), served, plan

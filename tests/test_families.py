@@ -9,7 +9,7 @@ import fqcompile
 from fqcompile import generation, loader, slim
 from fqcompile.errors import FqError
 
-from slim_checks import PROMPTS, check_agreement, greedy_logits
+from slim_checks import PROMPTS, check_agreement, stack_and_loop
 
 LONG = PROMPTS + ["She was the youngest of the two daughters of a most affectionate, indulgent father; and had"]
 STEPS = 64
@@ -111,17 +111,8 @@ def test_stack_is_the_per_op_loop_on_gemma(tmp_path, smol_dir):
     stack agrees with the per-op loop bit for bit, at a mixed plan with int8 activations."""
     torch.manual_seed(12)
     loaded = family_checkpoint(tmp_path, smol_dir, *gemma3())
-    for name, layer in loaded.model.model.layers[0].named_modules():
-        if hasattr(layer, "set_precision"):
-            layer.set_precision(4)
-            layer.int8_activations = name.startswith("mlp")
-    tok = loaded.tokenizer
-    rows = [tok(p)["input_ids"] for p in LONG]
-    dec = slim.Decoder(loaded.model)
-    fast = greedy_logits(dec, rows, 30, tok.eos_token_id)
-    assert dec.stack is not None and dec.stack_plan() is not None
-    dec.use_stack = False
-    slow = greedy_logits(dec, rows, 30, tok.eos_token_id)
+    fast, slow, served, plan = stack_and_loop(loaded, LONG, 30, "mlp")
+    assert served and plan is not None
     assert torch.equal(fast, slow)
 
 

@@ -7,7 +7,7 @@ import fqcompile
 from fqcompile import flex_linear, loader, slim
 from fqcompile.errors import FqError
 
-from slim_checks import PROMPTS, check_agreement, greedy_logits
+from slim_checks import PROMPTS, check_agreement, greedy_logits, stack_and_loop
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -102,18 +102,8 @@ def test_cpp_stack_is_the_per_op_loop_bit_for_bit(tiny_ckpt):
     prompts (a bool mask every step).
     """
     loaded = fqcompile.load(tiny_ckpt)
-    blocks = loaded.model.model.layers
-    for name, layer in blocks[0].named_modules():
-        if hasattr(layer, "set_precision"):
-            layer.set_precision(4)
-            layer.int8_activations = name.startswith("self_attn")
-    tok = loaded.tokenizer
-    rows = [tok(p)["input_ids"] for p in PROMPTS]
-    dec = slim.Decoder(loaded.model)
-    fast = greedy_logits(dec, rows, 12, tok.eos_token_id)
-    assert dec.stack is not None and dec.stack_plan()[0][:8] == [4, 4, 4, 4, 8, 8, 8, 8]
-    dec.use_stack = False
-    slow = greedy_logits(dec, rows, 12, tok.eos_token_id)
+    fast, slow, served, plan = stack_and_loop(loaded, PROMPTS, 12, "self_attn")
+    assert served and plan[0][:8] == [4, 4, 4, 4, 8, 8, 8, 8]
     assert torch.equal(fast, slow)
 
 
