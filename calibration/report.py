@@ -5,7 +5,8 @@ import torch
 from fqcompile.calibration import policy as pol
 
 
-def write_report(out, summary, policy, dkl, shares, base, token_share, ladder) -> None:
+def write_report(out, summary, policy, dkl, shares, base, token_share, ladder, dynamic, inputs) -> None:
+    """`dynamic`: the dynamic fit's (dKL, base, token share); `inputs`: estimate.record's tensors."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -46,7 +47,7 @@ def write_report(out, summary, policy, dkl, shares, base, token_share, ladder) -
     fig, ax = plt.subplots(figsize=(6, 4))
     dyn, sta = [], []
     for lam in torch.logspace(-7, 2, 60).tolist():
-        dyn.append(pol.expected(dkl, base, token_share, shares, ladder, pol.plans(dkl, shares, ladder, lam)))
+        dyn.append(pol.expected(*dynamic, shares, ladder, pol.plans(dynamic[0], shares, ladder, lam)))
     for bits in torch.linspace(ladder[0], ladder[-1], 25).tolist():
         plan = pol.static_mixed(dkl, base, token_share, shares, ladder, bits).expand(len(edges) + 1, -1)
         sta.append(pol.expected(dkl, base, token_share, shares, ladder, plan))
@@ -81,13 +82,22 @@ def write_report(out, summary, policy, dkl, shares, base, token_share, ladder) -
         f"average bits, mean KL {policy['expected']['kl']:.4f} (corrected). Static mixed at the same bits: "
         f"{policy['static_mixed']['avg_bits']:.2f} bits, mean KL {policy['static_mixed']['expected_kl']:.4f}.",
         "",
-        "| entropy bucket (nats) | share of tokens | average bits | units below top |",
-        "|---|---|---|---|",
+        f"Signal: {policy['signal']['kind']}.",
+        "",
     ]
-    for k, plan in enumerate(policy["plans"]):
-        bits = sum(b * sh for b, sh in zip(plan, (u["weight_share"] for u in policy["units"])))
-        lines.append(f"| {labels[k]} | {token_share[k]:.3f} | {bits:.2f} | "
-                     f"{sum(b < ladder[-1] for b in plan)} / {len(plan)} |")
+    if "plans" in policy:
+        lines += ["| entropy bucket (nats) | share of tokens | average bits | units below top |", "|---|---|---|---|"]
+        for k, plan in enumerate(policy["plans"]):
+            bits = sum(b * sh for b, sh in zip(plan, (u["weight_share"] for u in policy["units"])))
+            lines.append(f"| {labels[k]} | {token_share[k]:.3f} | {bits:.2f} | "
+                         f"{sum(b < ladder[-1] for b in plan)} / {len(plan)} |")
+    else:
+        lines += ["| entropy bucket (nats) | share of tokens | units switching on their input | always top | always lower |",
+                  "|---|---|---|---|---|"]
+        for k, (edges_k, bits_k) in enumerate(zip(policy["rules"]["edges"], policy["rules"]["bits"])):
+            lines.append(f"| {labels[k]} | {token_share[k]:.3f} | {sum(bool(e) for e in edges_k)} | "
+                         f"{sum(b == [ladder[-1]] for b in bits_k)} | {sum(b[-1] < ladder[-1] for b in bits_k)} |")
+        lines += ["", _estimate_plot(out, policy, inputs, units, ladder)]
     lines += [
         "",
         "## Sensitivity",
@@ -104,17 +114,47 @@ def write_report(out, summary, policy, dkl, shares, base, token_share, ladder) -
         "Each plan is run token by token (position t uses the bucket of the reference entropy at t-1). "
         f"Least-squares correction factor (measured / predicted): {summary['kl_correction']:.3f}.",
         "",
-        "| target bits | avg bits | predicted KL | measured KL | ratio | static-mixed bits | static predicted | static measured |",
+        "| target bits | avg bits (predicted / measured) | predicted KL | measured KL | ratio | static-mixed bits | static predicted | static measured |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}"
-        lines.append(f"| {r['target_bits']:.2f} | {r['avg_bits']:.2f} | {r['predicted_kl']:.4f} | "
+        lines.append(f"| {r['target_bits']:.2f} | {r['avg_bits']:.2f} / {r['measured_bits']:.2f} | {r['predicted_kl']:.4f} | "
                      f"{r['measured_kl']:.4f} | {ratio} | {r['static_avg_bits']:.2f} | "
                      f"{r['static_predicted_kl']:.4f} | {r['static_measured_kl']:.4f} |")
     lines += ["", "![predicted vs measured](predicted_vs_measured.png)", "",
               "![accuracy vs bits](accuracy_vs_bits.png)", ""]
     (out / "report.md").write_text("\n".join(lines))
+
+
+def _estimate_plot(out, policy, inputs, units, ladder) -> str:
+    """estimate.png (estimated vs true error energy; R^2 per unit) and its paragraph."""
+    import matplotlib.pyplot as plt
+
+    est = policy["estimate"]
+    r2 = torch.tensor(est["r2"])[:, 0]
+    a, c = torch.tensor(est["a"])[:, 0], torch.tensor(est["c"])[:, 0]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    picks = sorted(set(torch.linspace(0, len(units) - 1, 4).round().long().tolist()))
+    for u in picks:
+        x, e = inputs["ms"][u].flatten(), inputs["energy"][u, 0].flatten()
+        keep = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:2000]
+        left.scatter(e[keep], a[u] + c[u] * x[keep], s=3, alpha=0.4, label=f"{units[u]} (R² {float(r2[u]):.2f})")
+    top = float(inputs["energy"][picks, 0].max())
+    left.plot([0, top], [0, top], "k-", lw=1)
+    left.set_xlabel(f"true ||(W{ladder[-1]} - W{ladder[0]}) x||² per weight")
+    left.set_ylabel("estimate a + c ms(x)")
+    left.legend(fontsize=7)
+    right.bar(range(len(units)), r2.clamp_min(-0.5).numpy())
+    right.set_xlabel("unit (model order)")
+    right.set_ylabel(f"R² of the estimate ({ladder[0]}-bit error)")
+    right.set_ylim(-0.5, 1)
+    fig.tight_layout()
+    fig.savefig(out / "estimate.png", dpi=110)
+    plt.close(fig)
+    q = torch.quantile(r2.double(), torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)).tolist()
+    return (f"Error estimate a + c ms(x) of each unit's {ladder[0]}-bit error energy on its calibration inputs: "
+            f"R² quartiles over {len(units)} units {q[0]:.2f} / {q[1]:.2f} / {q[2]:.2f}.\n\n![estimate](estimate.png)")
 
 
 def _bucket_labels(edges) -> list[str]:

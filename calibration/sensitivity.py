@@ -37,7 +37,8 @@ class Unit:
 
 
 def units_of(model, linears: list[str], kind: str) -> list[Unit]:
-    """Units in model order: 'block' groups the linears of each decoder layer, 'linear' keeps them apart."""
+    """Units in model order: 'block' groups the linears of each decoder layer, 'projection' the
+    linears that read one input (q/k/v, gate/up: one kernel call once fused), 'linear' none."""
     layers = model.get_decoder().layers
     names = {id(m): n for n, m in model.named_modules()}
     block_name = {i: names[id(layer)] for i, layer in enumerate(layers)}
@@ -49,7 +50,33 @@ def units_of(model, linears: list[str], kind: str) -> list[Unit]:
         by_block.setdefault(block, []).append(name)
     if kind == "block":
         return [Unit(block_name[b], b, tuple(mods)) for b, mods in sorted(by_block.items())]
+    if kind == "projection":
+        source = shared_inputs(model, linears)
+        return [Unit(mods[0], b, tuple(mods)) for b, block in sorted(by_block.items())
+                for mods in _groups(block, source)]
     return [Unit(m, b, (m,)) for b, mods in sorted(by_block.items()) for m in mods]
+
+
+def _groups(names: list[str], source: dict) -> list[list[str]]:
+    groups: dict = {}
+    for name in names:
+        groups.setdefault(source[name], []).append(name)
+    return list(groups.values())
+
+
+@torch.inference_mode()
+def shared_inputs(model, linears: list[str]) -> dict[str, int]:
+    """Per linear, the first linear (by index) whose forward received the same input tensor."""
+    seen: dict[str, torch.Tensor] = {}  # the inputs themselves: alive, so no two share an id()
+    hooks = [model.get_submodule(n).register_forward_pre_hook(lambda _m, a, n=n: seen.setdefault(n, a[0]))
+             for n in linears]
+    try:
+        model(torch.zeros(1, 2, dtype=torch.long), use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    first: dict[int, int] = {}
+    return {n: first.setdefault(id(seen[n]), i) for i, n in enumerate(linears)}
 
 
 def fake_quantized(weight: torch.Tensor, group_size: int, ladder, bits: int, grid: str = CELL_CENTRE) -> torch.Tensor:

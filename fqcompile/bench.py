@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from . import slim, sources
+from . import decoding, sources
 from .controller import Controller, resolve
 from .errors import FqError
 from .formats import checkpoint as ckpt
@@ -61,7 +61,7 @@ def run_policy(loaded, spec: str, ids: list[int], new_tokens: int, engine: str) 
             controller.attach(dec)
             controller.reset()
             start = time.perf_counter()
-            slim.generate(dec, [ids], new_tokens, stop_ids=[], pad=pad,
+            decoding.generate(dec, [ids], new_tokens, stop_ids=[], pad=pad,
                            on_logits=lambda step, _: marks.append(time.perf_counter()))
             end = time.perf_counter()
         else:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from . import sources
+from .calibration import estimate
 from .calibration import sensitivity as m
 from .calibration import policy as pol
 from .calibration.data import load_samples
@@ -33,7 +34,9 @@ from .formats.nested import CELL_CENTRE, check_grid, check_ladder
 
 SETTINGS = "calibration.json"
 POLICY = "policy.json"
-UNIT_KINDS = ("block", "linear")
+UNIT_KINDS = ("block", "projection", "linear")
+SIGNALS = {"entropy": "previous-token-entropy", "estimate": "error-estimate",
+           "both": "previous-token-entropy+error-estimate"}
 
 
 def fingerprint(folder: Path) -> str:
@@ -64,15 +67,16 @@ def calibrate(
     out,
     dataset: str = "self",
     ladder=(4, 8),
-    unit: str = "block",
+    unit: str = "projection",
     target_bits: float | None = None,
     max_ppl_increase: float | None = None,
-    samples: int = 32,
-    eval_samples: int = 16,
+    samples: int = 4,
+    eval_samples: int = 8,
     seq_len: int = 256,
     group_size: int = 128,
     buckets: int = 8,
     smoothing: float = 0.0,
+    signal: str = "estimate",
     batch_size: int = 4,
     seed: int = 0,
     grid: str = CELL_CENTRE,
@@ -99,6 +103,8 @@ def calibrate(
         raise FqError("calibration needs a ladder with at least two precisions")
     if unit not in UNIT_KINDS:
         raise FqError(f"unit must be one of {', '.join(UNIT_KINDS)}, got '{unit}'")
+    if signal not in SIGNALS:
+        raise FqError(f"signal must be one of {', '.join(SIGNALS)}, got '{signal}'")
     if target_bits is not None and max_ppl_increase is not None:
         raise FqError("give either a target in average bits or an allowed perplexity increase, not both")
     if max_ppl_increase is None and target_bits is None:
@@ -137,6 +143,8 @@ def calibrate(
     units = m.units_of(fp_model, [n for n, _ in quantizable(fp_model)], unit)
     measure_start = time.perf_counter()
     results = m.measure(fp_model, calib, units, ladder, slice_of, out, batch_size, progress)
+    batches = [calib[i : i + batch_size] for i in range(0, len(calib), batch_size)]
+    inputs = estimate.record(fp_model, batches, units, ladder, slice_of, out)
     measure_seconds = time.perf_counter() - measure_start
     expected_shape = (len(calib), seq_len - 1)
     for r in [results["baseline"], *[v for u in results["units"] for v in u.values()]]:
@@ -146,35 +154,48 @@ def calibrate(
     weights = torch.tensor([sum(fp_model.get_submodule(n).weight.numel() for n in u.modules) for u in units],
                            dtype=torch.float64)
     shares = weights / weights.sum()
-    edges = pol.bucket_edges(pol.signal(results["reference"]["entropy"], smoothing), buckets)
+    edges = pol.bucket_edges(pol.signal(results["reference"]["entropy"], smoothing),
+                             1 if signal == "estimate" else buckets)
     dkl, base, token_share = pol.table(results, ladder, edges, smoothing)
+    est = None if signal == "entropy" else estimate.fit(inputs, results, ladder, edges, smoothing)
+
+    def fitted(share):
+        """The dynamic fit's (dKL, base, token share): per bucket, or per (bucket, input quantile)."""
+        return (dkl, base, share) if est is None else estimate.table(est, base, share)
+
+    def run_plan(lam):
+        """What the engines run at price lam: bucket plans, or the estimate rules."""
+        return pol.plans(dkl, shares, ladder, lam) if est is None else estimate.rules(est, lam, shares, ladder)
+
+    def expect(lam, share):
+        table_ = fitted(share)
+        return pol.expected(*table_, shares, ladder, pol.plans(table_[0], shares, ladder, lam))
 
     # validation on held-out text: predicted vs measured KL at several budgets, dynamic and static-mixed
     budgets = [ladder[0] + (ladder[-1] - ladder[0]) * f for f in (0.125, 0.3125, 0.5, 0.6875, 0.875)]
-    dyn = [pol.plans(dkl, shares, ladder, pol.fit(dkl, base, token_share, shares, ladder, target_bits=b))
-           for b in budgets]
+    lams = [pol.fit(*fitted(token_share), shares, ladder, target_bits=b) for b in budgets]
     static = [pol.static_mixed(dkl, base, token_share, shares, ladder, b).expand(len(edges) + 1, -1) for b in budgets]
     validate_start = time.perf_counter()
-    measured, eval_share = run_plans(fp_model, held_out, units, ladder, slice_of, edges, smoothing, dyn + static,
-                                     batch_size)
+    measured, measured_bits, eval_share = run_plans(fp_model, held_out, units, ladder, slice_of, edges, smoothing,
+                                                    [run_plan(lam) for lam in lams] + static, shares.tolist(),
+                                                    batch_size)
     validate_seconds = time.perf_counter() - validate_start
     rows = []
     for i, b in enumerate(budgets):
-        bits, predicted = pol.expected(dkl, base, eval_share, shares, ladder, dyn[i])
+        bits, predicted = expect(lams[i], eval_share)
         s_bits, s_pred = pol.expected(dkl, base, eval_share, shares, ladder, static[i])
-        rows.append({"target_bits": b, "avg_bits": bits, "predicted_kl": predicted, "measured_kl": measured[i],
-                     "ratio": measured[i] / predicted if predicted > 0 else None, "static_avg_bits": s_bits,
-                     "static_predicted_kl": s_pred, "static_measured_kl": measured[len(budgets) + i]})
+        rows.append({"target_bits": b, "avg_bits": bits, "measured_bits": measured_bits[i], "predicted_kl": predicted,
+                     "measured_kl": measured[i], "ratio": measured[i] / predicted if predicted > 0 else None,
+                     "static_avg_bits": s_bits, "static_predicted_kl": s_pred,
+                     "static_measured_kl": measured[len(budgets) + i]})
     pred = torch.tensor([r["predicted_kl"] for r in rows])
     meas = torch.tensor([r["measured_kl"] for r in rows])
     correction = float((pred * meas).sum() / (pred * pred).sum()) if (pred > 0).any() else 1.0
 
     # mean KL ~ mean NLL increase to first order, so ppl x (1 + p) <=> mean KL <= log(1 + p)
     max_kl = None if max_ppl_increase is None else math.log1p(max_ppl_increase)
-    lam = pol.fit(dkl, base, token_share, shares, ladder, target_bits=target_bits, max_kl=max_kl,
-                  correction=correction)
-    plan = pol.plans(dkl, shares, ladder, lam)
-    avg_bits, kl = pol.expected(dkl, base, token_share, shares, ladder, plan)
+    lam = pol.fit(*fitted(token_share), shares, ladder, target_bits=target_bits, max_kl=max_kl, correction=correction)
+    avg_bits, kl = expect(lam, token_share)
     static_plan = pol.static_mixed(dkl, base, token_share, shares, ladder, avg_bits)
     s_bits, s_kl = pol.expected(dkl, base, token_share, shares, ladder, static_plan.expand(len(edges) + 1, -1))
     ladder_t = torch.tensor(ladder)
@@ -182,15 +203,17 @@ def calibrate(
     half = len(calib) // 2
     halves = [pol.table(results, ladder, edges, smoothing, rows=r)[0][:, 0].mean(-1)
               for r in (slice(0, half), slice(half, None))]
+    chosen = run_plan(lam)
     policy = {
         "kind": "dynamic",
-        "version": 1,
+        "version": 1 if est is None else 2,  # 2: rules instead of plans
         "ladder": list(ladder),
         "unit": unit,
         "units": [{"name": u.name, "modules": list(u.modules), "weight_share": float(s)} for u, s in zip(units, shares)],
-        "signal": {"kind": "previous-token-entropy", "unit": "nats", "smoothing": smoothing},
+        "signal": {"kind": SIGNALS[signal], "unit": "nats", "smoothing": smoothing,
+                   **({"estimator": "input-mean-square"} if est else {})},
         "bucket_edges": edges,
-        "plans": ladder_t[plan].tolist(),
+        **({"plans": ladder_t[chosen].tolist()} if est is None else {"rules": chosen}),
         "prefill_precision": ladder[-1],
         "lam": lam,
         "target": {"avg_bits": target_bits} if max_ppl_increase is None else {"max_ppl_increase": max_ppl_increase},
@@ -202,6 +225,7 @@ def calibrate(
                         "slices": settings.get("slices", "rtn")},
         # the requirement model itself, so the runtime can refit other targets without the raw data
         "table": {"dkl": dkl.tolist(), "base": base.tolist(), "bucket_share": token_share.tolist()},
+        **({"estimate": est} if est else {}),
     }
     summary = {
         "settings": settings,
@@ -221,7 +245,7 @@ def calibrate(
     }
     write_json(out / "table.json", summary)
     write_json(out / POLICY, policy)
-    write_report(out, summary, policy, dkl, shares, base, token_share, ladder)
+    write_report(out, summary, policy, dkl, shares, base, token_share, ladder, fitted(token_share), inputs)
     if served is not None:
         ckpt.install_policy(checkpoint, policy)
     return policy

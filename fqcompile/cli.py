@@ -13,7 +13,7 @@ import typer
 
 from .cli_options import (MODEL_HELP, POLICY_HELP, Int8Activations, JsonPath, OneLineErrors, QuantizedHead,
                           check_json_path, fast_options, parse_ladder, parse_percent,
-                          parse_rung_weights, write_json)
+                          parse_rung_weights, policy_spec, write_json)
 from .errors import FqError
 
 app = typer.Typer(
@@ -117,14 +117,17 @@ def calibrate(
                                                "and write the policy into it; its ladder, group size and grid apply"),
     dataset: str = typer.Option("self", help="'self' (sampled from the model), local files/folder, or hub name[:config]"),
     ladder: str = typer.Option("4,8", help="precisions, as for export"),
-    unit: str = typer.Option("block", help="switching unit: block (a decoder layer's linears) or linear"),
+    unit: str = typer.Option("projection", help="switching unit: block (a decoder layer's linears), projection (the "
+                                           "linears reading one input: q/k/v, o, gate/up, down) or linear"),
     target_bits: float = typer.Option(None, help="average bits per weight to reach (default: middle of the ladder)"),
     max_ppl_increase: str = typer.Option(None, help="allowed perplexity increase instead, e.g. 1%"),
-    samples: int = typer.Option(32, help="calibration samples"),
-    eval_samples: int = typer.Option(16, help="held-out samples for validating the fit"),
+    samples: int = typer.Option(4, help="calibration samples"),
+    eval_samples: int = typer.Option(8, help="held-out samples for validating the fit"),
     seq_len: int = typer.Option(256, min=8),
     group_size: int = typer.Option(128),
-    buckets: int = typer.Option(8, help="entropy buckets"),
+    signal: str = typer.Option("estimate", help="per-token switch: entropy (previous token), estimate (each unit's error "
+                                               "estimated on its input) or both"),
+    buckets: int = typer.Option(8, help="entropy buckets (with --signal entropy or both)"),
     smoothing: float = typer.Option(0.0, help="EMA smoothing of the entropy signal (0 = none)"),
     batch_size: int = typer.Option(4, min=1),
     seed: int = typer.Option(0),
@@ -135,7 +138,7 @@ def calibrate(
 
     start = time.perf_counter()
     policy = run_calibrate(model or (None if checkpoint else "smollm2-135m"), out, checkpoint=checkpoint,
-                           dataset=dataset, ladder=parse_ladder(ladder), unit=unit,
+                           dataset=dataset, ladder=parse_ladder(ladder), unit=unit, signal=signal,
                            target_bits=target_bits, max_ppl_increase=parse_percent(max_ppl_increase),
                            samples=samples, eval_samples=eval_samples, seq_len=seq_len, group_size=group_size,
                            buckets=buckets, smoothing=smoothing, batch_size=batch_size, seed=seed, grid=grid)
@@ -218,12 +221,6 @@ def generate(
     for unit, shares in stats.get("per_unit", {}).items():
         print(f"  {unit}: " + ", ".join(f"{b}-bit {s:.0%}" for b, s in shares.items()), file=sys.stderr)
     write_json(json_path, result)
-
-
-def policy_spec(policy: str | None, precision: int | None) -> str | None:
-    if policy is not None and precision is not None:
-        raise FqError("give --policy or --precision, not both")
-    return f"static:{precision}" if precision is not None else policy
 
 
 @app.command()

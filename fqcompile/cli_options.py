@@ -136,3 +136,10 @@ def parse_percent(text: str | None) -> float | None:
         return float(text.rstrip("%")) / 100 if text.endswith("%") else float(text)
     except ValueError:
         raise FqError(f"expected a percentage like 1% or a fraction like 0.01, got '{text}'") from None
+
+
+def policy_spec(policy: str | None, precision: int | None) -> str | None:
+    """--policy, or --precision B as static:B."""
+    if policy is not None and precision is not None:
+        raise FqError("give --policy or --precision, not both")
+    return f"static:{precision}" if precision is not None else policy

@@ -42,8 +42,8 @@ def run_demo(out: Path, dataset: str = "self", samples: int = 4, seq_len: int = 
     print(f"[0/5] CPU kernels: {kernels} (ready in {stages['kernel build']:.0f} s)")
     print(f"[1/5] calibrating {sources.BUILTIN_NAME} on {dataset} text (small settings; see `fqcompile calibrate`)")
     mark = time.perf_counter()
-    policy = calibrate(sources.BUILTIN_NAME, calib, dataset=dataset, target_bits=target_bits, samples=6,
-                       eval_samples=2, seq_len=96, buckets=4)
+    policy = calibrate(sources.BUILTIN_NAME, calib, dataset=dataset, target_bits=target_bits, samples=4,
+                       eval_samples=2, seq_len=96)
     stages["calibrate"] = time.perf_counter() - mark
     print(f"      policy: {policy['expected']['avg_bits']:.2f} average bits; report in {calib}/report.md")
     what = "nested GPTQ on the same text (16 x 256 tokens)" if method == "gptq" else "round-to-nearest (no data)"

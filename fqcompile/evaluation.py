@@ -1,16 +1,20 @@
 """Evaluate: perplexity and KL(p_ref || p_q) against the full-precision model, on token samples.
 
-Teacher-forced per precision (`evaluate`), or "as served" (`evaluate_served`,
-`evaluate_policies`): each position under the plan the controller chose one step before.
+Teacher-forced per precision (`evaluate`), or "as served" (`evaluate_served`: step by step
+through the KV cache; `evaluate_served_parallel`, which `evaluate_policies` uses: the same
+numbers in a few teacher-forced passes): each position under the plan the controller
+chose for it.
 """
 
 import math
 import time
+from types import SimpleNamespace
 
 import torch
 from rich.progress import Progress
 
-from .calibration.divergence import kl_per_token, log_probs
+from .calibration import policy as pol
+from .calibration.divergence import entropy, kl_per_token, log_probs
 from .controller import Controller, resolve
 from .errors import FqError
 from .formats.checkpoint import precision_stats
@@ -109,10 +113,93 @@ def evaluate_served(model, controller, samples: torch.Tensor, reference=None, ba
     }
 
 
+@torch.inference_mode()
+def evaluate_served_parallel(model, controller, samples: torch.Tensor, reference=None, batch_size: int = 8,
+                             progress=True):
+    """What evaluate_served measures, in a few teacher-forced passes instead of a step per token.
+
+    Position t runs under the bucket of the signal at t-1 and, for gated units, its own input
+    at t, which a causal model computes from positions <= t only: once every position's bucket
+    is known, one pass over whole sequences (Controller.run_tokens) is what serving runs. The
+    buckets come from the previous pass's entropies (the first pass takes the reference
+    model's); a row is done when a pass leaves its buckets unchanged (then each of its
+    positions ran exactly as it would be served), and only the other rows run again. A plan
+    without entropy buckets needs one pass. Also returns "passes": rows run / rows.
+    """
+    plan = controller.plan
+    nll = kl = 0.0
+    tokens = runs = 0
+    controller.reset()
+    start_time = time.perf_counter()
+    with Progress(transient=True, disable=not progress) as bar:
+        task = bar.add_task(f"evaluating {plan.label} as served", total=len(samples))
+        for start in range(0, len(samples), batch_size):
+            batch = samples[start : start + batch_size]
+            inputs = batch[:, :-1]
+            ref_lp = log_probs(reference(batch).logits) if reference is not None else None
+            buckets = _buckets(plan, ref_lp, inputs.shape)
+            todo = torch.arange(len(batch))
+            row_nll, row_kl = torch.zeros(len(batch), dtype=torch.float64), torch.zeros(len(batch), dtype=torch.float64)
+            gated = {}  # unit -> [B, T] precisions its gate chose in each row's last pass
+            for _ in range(inputs.shape[1]):  # position t is exact after t passes at the latest
+                controller.run_tokens(buckets[todo])
+                try:
+                    lp = torch.log_softmax(model(inputs[todo], use_cache=False).logits.float(), dim=-1)
+                finally:
+                    controller.run_tokens(None)
+                runs += len(todo)
+                for u, bits in controller.token_bits.items():
+                    gated.setdefault(u, torch.zeros(inputs.shape, dtype=torch.long))[todo] = bits
+                row_nll[todo] = -lp.gather(-1, batch[todo, 1:, None]).double().sum((1, 2))
+                if ref_lp is not None:
+                    row_kl[todo] = kl_per_token(ref_lp[todo], lp).double().sum(1)
+                again = _buckets(plan, lp, lp.shape[:2])
+                changed = (again != buckets[todo]).any(1)
+                buckets[todo] = again
+                todo = todo[changed]
+                del lp
+                if not len(todo):
+                    break
+            controller.count_passes(buckets, gated)
+            nll += float(row_nll.sum())
+            kl += float(row_kl.sum())
+            tokens += inputs.numel()
+            bar.advance(task, len(batch))
+    return {
+        "perplexity": math.exp(nll / tokens),
+        "kl": kl / tokens if reference is not None else None,
+        "tokens": tokens,
+        "seconds": time.perf_counter() - start_time,
+        "passes": runs / len(samples),
+        **controller.stats(),
+    }
+
+
+def _buckets(plan, lp, shape) -> torch.Tensor:
+    """Each position's bucket from the entropies of log-probs lp [B, T, V] (position 0: any)."""
+    if not plan.edges or lp is None:
+        return torch.zeros(shape, dtype=torch.long)
+    signal = pol.signal(entropy(lp), plan.smoothing)
+    return pol.bucket_of(signal.nan_to_num(0.0), plan.edges)
+
+
+def _cached(model):
+    """`model` as a function of a batch whose logits are computed once (the reference of every policy)."""
+    seen = {}
+
+    def run(batch):
+        key = (batch.data_ptr(), tuple(batch.shape))
+        if key not in seen:
+            seen[key] = SimpleNamespace(logits=model(batch, use_cache=False).logits)
+        return seen[key]
+
+    return run
+
 
 def evaluate_policies(loaded, data, specs, reference=None, batch_size: int = 8, progress=True) -> dict:
     """Each policy evaluated as served (static:B as one teacher-forced pass: it does not depend on the signal)."""
     rows = {}
+    reference = _cached(reference) if reference is not None else None
     with dense_weights(loaded.model):
         for spec in specs:
             plan = resolve(loaded.policy, loaded.manifest, spec)
@@ -125,8 +212,8 @@ def evaluate_policies(loaded, data, specs, reference=None, batch_size: int = 8, 
             else:
                 controller = Controller(loaded.model, loaded.manifest, plan)
                 try:
-                    r = evaluate_served(loaded.model, controller, data, reference=reference, batch_size=batch_size,
-                                        progress=progress)
+                    r = evaluate_served_parallel(loaded.model, controller, data, reference=reference,
+                                                 batch_size=batch_size, progress=progress)
                 finally:
                     controller.close()
             rows[r["policy"]] = r

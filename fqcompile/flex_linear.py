@@ -38,6 +38,14 @@ def set_precisions(layers, bits) -> None:
         layer.__dict__["_precision"] = bits
 
 
+def set_gate(layer, gate) -> None:
+    """Give `layer` a function its forward calls first with the input (None: no gate): the
+    controller's per-token decision for the unit it starts (an error-estimate policy)."""
+    global changes
+    changes += 1
+    layer.gate = gate
+
+
 class FlexLinear(nn.Module):
     """y = x W_b^T + bias, W_b the b-bit slice of the nested weights (b = self.precision).
 
@@ -65,6 +73,7 @@ class FlexLinear(nn.Module):
         self.precision = max(self.precisions)
         self.dense = None  # {bits: weight} while runtime.dense_weights() is active
         self.int8_activations = False  # quantize inputs to int8 in blocks (kernels.quantize_activations)
+        self.gate = None  # set_gate
         self._calls = {}  # bits -> nested_linear's arguments: a decode step calls ~200 layers
         self._slices = {b: layout.slice_args(b) for b in layout.ladder}  # packed_linear's grid arguments
         self._packs = None  # bits -> packed_linear's tensors while the planes are held packed (pack())
@@ -141,6 +150,12 @@ class FlexLinear(nn.Module):
         self.precision = bits
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate is not None:
+            self.gate(x)
+        return self.compute(x)
+
+    def compute(self, x: torch.Tensor) -> torch.Tensor:
+        """forward without the gate: at the precision set now."""
         bits = self.precision
         int8 = self.int8_activations
         if type(bits) is int and not self.dense:  # the decode path: as few Python steps as possible

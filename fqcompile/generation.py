@@ -4,7 +4,7 @@ import time
 
 import torch
 
-from . import slim
+from . import decoding, slim
 from .errors import FqError
 from .loader import Loaded
 from .sources import encode
@@ -113,7 +113,7 @@ def _generate_slim(loaded, prompt, rows, max_new_tokens, temperature, top_p, top
         controller.attach(dec)
         controller.reset()
     start = time.perf_counter()
-    new = slim.generate(dec, rows, max_new_tokens, stops - {None}, pad, temperature, top_k, top_p, seed, streamer)
+    new = decoding.generate(dec, rows, max_new_tokens, stops - {None}, pad, temperature, top_k, top_p, seed, streamer)
     seconds = time.perf_counter() - start
     texts = [tok.decode(n, skip_special_tokens=True) for n in new]
     count = sum(map(len, new))

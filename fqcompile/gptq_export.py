@@ -47,7 +47,7 @@ OURS = {ckpt.MANIFEST, ckpt.POLICY, ckpt.DENSE, ckpt.META, GPTQ_LOG, "config.jso
 def plan_widths(folder: Path, manifest: dict, spec: str) -> tuple[str, dict[str, int], list[str]]:
     """(plan label, {module: width}, modules raised to their fused group's width) for a static plan."""
     plan = resolve(read_policy(folder), manifest, spec)
-    if plan.edges or plan.bits.shape[0] != 1:
+    if plan.edges or plan.rules or plan.bits.shape[0] != 1:
         raise FqError(f"policy '{spec}' switches per token; a GPTQ checkpoint holds one static plan "
                       f"(use static:B or static-mixed:BITS)")
     bits = {name: int(b) for names, b in zip(plan.units, plan.bits[0].tolist()) for name in names}

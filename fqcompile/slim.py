@@ -27,6 +27,7 @@ so the precision controller's hooks work on it unchanged. (torch.compile of the 
 not used: docs/kernels.md says why.)
 """
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -106,11 +107,14 @@ class Projections(nn.Module):
         self.fused = fuse(parts)
 
     def forward(self, x):
+        for p in self.parts:  # the parts' decisions first (they share the input)
+            if p.gate is not None:
+                p.gate(x)
         first = self.parts[0]
         bits = first.precision
         if type(bits) is int and all(type(b) is int and b == bits for b in [p.precision for p in self.parts]):
             return self.fused.run(x, bits, first.int8_activations)
-        return torch.cat([p.forward(x) for p in self.parts], dim=-1)
+        return torch.cat([p.compute(x) for p in self.parts], dim=-1)
 
 
 @dataclass
@@ -166,6 +170,8 @@ class Decoder(nn.Module):
         self.use_stack = True  # False: always the per-op loop (what the stack must agree with)
         self._planned = (None, None)  # (flex_linear.changes, plan) when the plan was last read
         self._synced = {}  # (layer, slot) -> the int8 flag the stack's tensors for it were last set for
+        self._ruled = None  # the gates whose rules the stack holds (_install_rules)
+        self._chosen = torch.zeros(len(self.blocks) * len(SLOTS), 2, dtype=torch.float64)  # the stack's decisions
 
     def _weight(self, norm):
         """A norm's weight as the kernels apply it (a plain tensor: not a parameter of this module)."""
@@ -202,7 +208,7 @@ class Decoder(nn.Module):
             self.tables.append((cos[0], torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1)))  # [length, R]
         self.stack = self._build_stack() if self.use_stack else None
         # The new stack has no projections yet: the next plan read gives it each slot's tensors.
-        self._synced, self._planned = {}, (None, None)
+        self._synced, self._planned, self._ruled = {}, (None, None), None
 
     def _apply(self, fn, *args, **kwargs):  # .to() / .float(): the stack holds the old tensors until the next setup
         self.stack = None
@@ -226,7 +232,8 @@ class Decoder(nn.Module):
         return stack
 
     def stack_plan(self):
-        """Every stack slot's (precision, int8 flag) as two lists, or None if some slot needs the per-op loop.
+        """Every stack slot's (precision, int8 flag) as two lists, and the gated slots (each slot
+        whose rule decides it, with the controller's Gate); None if some slot needs the per-op loop.
 
         Read again only after some layer's settings changed (the controller changes them
         only when a step's plan differs from the last one).
@@ -239,6 +246,13 @@ class Decoder(nn.Module):
 
     def _read_plan(self):
         bits, int8, changed = [], [], []
+        owner = {}  # id(layer) -> the gate deciding its unit
+        for slots in self.slots:
+            for _, parts in slots:
+                for p in parts:
+                    if p.gate is not None:
+                        owner.update((id(layer), p.gate) for layer in p.gate.layers)
+        rules, leader = [], {}  # (layer, slot, follow, gate); gate -> (layer, slot) it decides in
         for i, slots in enumerate(self.slots):
             for s, (run, parts) in enumerate(slots):
                 first = parts[0]
@@ -247,6 +261,17 @@ class Decoder(nn.Module):
                     return None
                 for p in parts[1:]:
                     if type(p.precision) is not int or p.precision != b or p.int8_activations != q or p.dense:
+                        return None
+                gate = owner.get(id(first))
+                if any(owner.get(id(p)) is not gate for p in parts):
+                    return None  # parts decided apart (per-linear units of a fused slot): the per-op loop
+                if gate is not None:
+                    if gate.layers[0] in parts:
+                        leader[gate] = (i, s)
+                        rules.append((i, s, -1, gate))
+                    elif leader.get(gate, (None,))[0] == i:  # a block unit's later projection
+                        rules.append((i, s, leader[gate][1], gate))
+                    else:
                         return None
                 bits.append(b)
                 int8.append(int(q))
@@ -260,7 +285,20 @@ class Decoder(nn.Module):
             for b in run.precisions:
                 _set_linear(self.stack, i, s, run, b)
             self._synced[i, s] = q
-        return bits, int8
+        self._install_rules(rules)
+        return bits, int8, rules
+
+    def _install_rules(self, rules) -> None:
+        """Give the stack the rules of these gated slots (only when they differ from what it holds)."""
+        key = [(i, s, follow, id(gate)) for i, s, follow, gate in rules]
+        if self.stack is None or key == self._ruled:
+            return
+        self.stack.clear_rules()
+        for i, s, follow, gate in rules:
+            for k, (edges, bits) in enumerate(gate.rules):
+                self.stack.set_rule(i, s, k, follow, [float(e) for e in edges] if follow < 0 else [],
+                                    list(bits) if follow < 0 else [])
+        self._ruled = key
 
     @torch.inference_mode()
     def forward(self, input_ids, positions, start: int, mask=None, all_logits: bool = False) -> Output:
@@ -273,8 +311,23 @@ class Decoder(nn.Module):
         x = self.embed(input_ids)
         tables = [(cos[positions], sin[positions]) for cos, sin in self.tables]  # each [B, T, R]
         plan = self.stack_plan() if self.stack is not None and x.dtype is torch.float32 else None
-        if plan is not None and (mask is None or mask.dtype is torch.bool):
-            x = self.stack.forward(x, [c for c, _ in tables], [s for _, s in tables], start, *plan, mask)
+        bucket = -1
+        if plan is not None and plan[2]:  # gated slots: the stack decides them for one row in a decode step
+            buckets = plan[2][0][3].controller.buckets
+            if buckets is not None:
+                bucket = buckets[0] if len(buckets) == 1 else None
+        if plan is not None and bucket is not None and (mask is None or mask.dtype is torch.bool):
+            x = self.stack.forward(x, [c for c, _ in tables], [s for _, s in tables], start, *plan[:2], mask, bucket,
+                                   self._chosen)
+            if bucket >= 0:  # the controller counts what the stack chose
+                clock = time.perf_counter()
+                chosen = self._chosen.tolist()
+                controller = plan[2][0][3].controller
+                for i, s, follow, gate in plan[2]:
+                    if follow < 0:
+                        bits, ms = chosen[i * len(SLOTS) + s]
+                        controller.count(gate.unit, [ms], [int(bits)])
+                controller.overhead += time.perf_counter() - clock
         else:
             x = self._layers(x, tables, start, mask)
         logits = self.head(rms_norm(x if all_logits else x[:, -1:], self.final, self.eps))
@@ -302,73 +355,3 @@ def _set_linear(stack, i: int, slot: int, run, bits: int) -> None:
     packed = run.packed(bits)
     args = ([], [], run.scale, run.zero, *run.layout.slice_args(bits)) if packed else run.call_args(bits)
     stack.set_linear(i, slot, bits, *args, run.bias.data if run.bias is not None else None, packed)
-
-
-def pick(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, gen: torch.Generator) -> torch.Tensor:
-    """Next token per row from last-position logits [B, V]: greedy at temperature 0."""
-    if temperature <= 0:
-        if logits.dtype is torch.float32 and logits.device.type == "cpu":  # numpy's argmax: ~8 us, torch's ~80
-            return torch.from_numpy(logits.numpy().argmax(-1))
-        return logits.max(-1).indices  # the first maximum, as argmax, at a third of its cost
-    logits = logits.float() / temperature
-    if top_k:
-        kth = logits.topk(min(top_k, logits.shape[-1])).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1:
-        ordered, order = logits.sort(-1, descending=True)
-        probs = ordered.softmax(-1)
-        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix reaching top_p
-        logits = logits.scatter(-1, order, ordered.masked_fill(drop, float("-inf")))
-    return torch.multinomial(logits.softmax(-1), 1, generator=gen)[:, 0]
-
-
-@torch.inference_mode()
-def generate(dec: Decoder, rows: list[list[int]], max_new_tokens: int, stop_ids, pad: int, temperature=0.0,
-             top_k=0, top_p=1.0, seed=0, streamer=None, on_logits=None) -> list[list[int]]:
-    """Decode every prompt (token lists; left-padded into one batch); returns the new tokens.
-
-    A row stops at a token in `stop_ids` (kept) or after max_new_tokens. positions follow
-    Hugging Face's convention for left padding (each row's first real token is position 0),
-    so the logits agree with its `generate`. on_logits(step, logits [B, V]) sees every step.
-    """
-    b, width = len(rows), max(map(len, rows))
-    total = width + max_new_tokens
-    dec.setup_cache(b, total, chunk=width)
-    ids = torch.tensor([[pad] * (width - len(r)) + list(r) for r in rows])
-    real = torch.tensor([[False] * (width - len(r)) + [True] * len(r) for r in rows])
-    positions = (real.long().cumsum(-1) - 1).clamp(min=0)
-    keys = torch.zeros(b, total, dtype=torch.bool)
-    keys[:, :width] = real
-    causal = torch.ones(width, width, dtype=torch.bool).tril()
-    # Padding queries attend to themselves only, so no row of the mask is empty (no NaN).
-    mask = (causal & keys[:, None, :width]) | torch.eye(width, dtype=torch.bool)
-    logits = dec(ids, positions, 0, mask[:, None]).logits[:, -1]
-    gen = torch.Generator().manual_seed(seed)
-    stop = set(stop_ids)
-    done = [False] * b  # per-step bookkeeping in plain Python: a dozen tiny tensor ops would cost more
-    out = [[] for _ in range(b)]
-    last = positions[:, -1:].tolist()
-    padded = not bool(real.all())  # without padding, every decode query sees every cache slot: no mask
-    if streamer is not None:
-        streamer.put(ids[:1])  # Hugging Face streamers expect (and may skip) the prompt first
-    for step in range(max_new_tokens):
-        if on_logits is not None:
-            on_logits(step, logits)
-        token = [pad if d else t for d, t in zip(done, pick(logits, temperature, top_k, top_p, gen).tolist())]
-        for r in range(b):
-            if not done[r]:
-                out[r].append(token[r])
-                done[r] = token[r] in stop
-        if streamer is not None:
-            streamer.put(torch.tensor(token[:1]))
-        if all(done) or step == max_new_tokens - 1:
-            break
-        slot = width + step
-        mask = None
-        if padded:
-            keys[:, slot] = True
-            mask = keys[:, None, None, :slot + 1]
-        logits = dec(torch.tensor(token)[:, None], torch.tensor(last) + (step + 1), slot, mask).logits[:, -1]
-    if streamer is not None:
-        streamer.end()
-    return out

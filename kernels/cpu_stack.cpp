@@ -8,11 +8,14 @@
 // projection at each resident precision), and forward runs the whole stack over the same
 // kernels the ops use (cpu_ops.h), so its output is the per-op loop's, bit for bit. The
 // precision of every projection is an argument of each call: the controller still decides
-// it per step.
+// it per step. Under an error-estimate policy some projections decide for themselves, right
+// before they run: a rule (set_rule) maps the mean square of their input to a precision, per
+// signal bucket; a block unit's other projections follow its first one's decision.
 
 #include <torch/custom_class.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <chrono>
 #include <map>
@@ -56,12 +59,31 @@ void add_into(at::Tensor& x, const at::Tensor& y) {
 
 constexpr int64_t kSlots = 4;  // per layer: fused q/k/v, o, fused gate/up, down
 
+// A projection's precision from its input: per signal bucket, increasing mean-square edges and
+// the precision of each interval (calibration/estimate.py's rules), or another slot's decision.
+struct Rule {
+  int64_t follow = -1;  // >= 0: the layer's slot whose decision this one takes
+  std::vector<std::vector<double>> edges;
+  std::vector<std::vector<int64_t>> bits;
+  bool active() const { return follow >= 0 || !bits.empty(); }
+};
+
+// Mean square of the last row of x [B, T, features] (the decode token), summed in double.
+double mean_square(const at::Tensor& x) {
+  const int64_t f = x.size(-1);
+  const float* p = x.data_ptr<float>() + (x.numel() - f);
+  double sum = 0;
+  for (int64_t i = 0; i < f; ++i) sum += static_cast<double>(p[i]) * p[i];
+  return sum / f;
+}
+
 struct Layer {
   // norms before attention and MLP; after them too where the family has them (else undefined)
   at::Tensor attn_in, attn_out, mlp_in, mlp_out, k_cache, v_cache;
   c10::optional<at::Tensor> q_norm, k_norm;  // qk-norm weights
   int64_t window = 0, rope = 0;              // sliding window (0: none); which RoPE table
   std::array<std::map<int64_t, Linear>, kSlots> linear;  // precision -> kernel arguments
+  std::array<Rule, kSlots> rules;
 };
 
 at::Tensor float_norm(const c10::optional<at::Tensor>& w) {
@@ -114,6 +136,27 @@ struct Stack : torch::CustomClassHolder {
         Linear{std::move(planes), std::move(widths), scale, zero, low, offset, group_size, bias, std::move(packed)};
   }
 
+  // Slot `slot` of layer i decides its precision in `bucket` by the rule (edges, bits), or
+  // (follow >= 0) takes the decision of slot `follow`, which runs before it.
+  void set_rule(int64_t i, int64_t slot, int64_t bucket, int64_t follow, std::vector<double> edges,
+                std::vector<int64_t> bits) {
+    TORCH_CHECK(slot >= 0 && slot < kSlots && bucket >= 0 && follow < slot, "Stack: rule for slot ", slot);
+    TORCH_CHECK(follow >= 0 || bits.size() == edges.size() + 1, "Stack: a rule needs one precision more than edges");
+    Rule& r = layer(i).rules[slot];
+    r.follow = follow;
+    if (follow >= 0) return;
+    if (static_cast<int64_t>(r.bits.size()) <= bucket) {
+      r.edges.resize(bucket + 1);
+      r.bits.resize(bucket + 1);
+    }
+    r.edges[bucket] = std::move(edges);
+    r.bits[bucket] = std::move(bits);
+  }
+
+  void clear_rules() {
+    for (Layer& l : layers) l.rules = {};
+  }
+
   const Linear& linear(const Layer& l, int64_t slot, int64_t bits) const {
     const auto found = l.linear[slot].find(bits);
     TORCH_CHECK(found != l.linear[slot].end(), "Stack: no kernel arguments for ", bits, " bits in slot ", slot);
@@ -139,18 +182,45 @@ struct Stack : torch::CustomClassHolder {
     return out;
   }
 
-  at::Tensor project(const Layer& l, int64_t slot, int64_t bits, const at::Tensor& x, int64_t int8) {
+  // The projection at `bits`, or, where `bucket` >= 0 and the slot has a rule, at the precision
+  // its rule gives x; the decision (and the mean square it came from) goes to chosen[i, slot].
+  at::Tensor project(const Layer& l, size_t i, int64_t slot, int64_t bits, const at::Tensor& x, int64_t int8,
+                     int64_t bucket, double* chosen) {
+    const Rule& rule = l.rules[slot];
+    if (bucket >= 0 && rule.active()) {
+      double* row = chosen + (i * kSlots + slot) * 2;
+      if (rule.follow >= 0) {
+        row[0] = chosen[(i * kSlots + rule.follow) * 2];
+        row[1] = chosen[(i * kSlots + rule.follow) * 2 + 1];
+      } else {
+        TORCH_CHECK(bucket < static_cast<int64_t>(rule.bits.size()), "Stack: no rule for bucket ", bucket);
+        const auto& edges = rule.edges[bucket];
+        row[1] = mean_square(x);  // bisect_right, as estimate.decide
+        row[0] = static_cast<double>(rule.bits[bucket][std::upper_bound(edges.begin(), edges.end(), row[1]) - edges.begin()]);
+      }
+      bits = static_cast<int64_t>(row[0]);
+    }
     const Linear& run = linear(l, slot, bits);
     return clocked(&linear_s, [&] { return run(x, int8 != 0); });
   }
 
   // x [B, T, hidden] (embedded tokens) -> the last layer's output. plan and int8: kSlots
-  // entries a layer, the precision and the int8-activation flag of each projection.
+  // entries a layer, the precision and the int8-activation flag of each projection. bucket
+  // (>= 0, one row): the signal bucket whose rules decide the slots that have one; each
+  // decision is written to chosen (float64 [layers * kSlots, 2]: precision, input mean square).
   at::Tensor forward(const at::Tensor& x, const std::vector<at::Tensor>& cos, const std::vector<at::Tensor>& sin,
                      int64_t start,
                      const std::vector<int64_t>& plan, const std::vector<int64_t>& int8,
-                     const c10::optional<at::Tensor>& mask) {
-    return clocked(&forward_s, [&] { return run(x, cos, sin, start, plan, int8, mask); });
+                     const c10::optional<at::Tensor>& mask, int64_t bucket, const c10::optional<at::Tensor>& chosen) {
+    double* out = nullptr;
+    if (bucket >= 0) {
+      TORCH_CHECK(x.size(0) == 1, "Stack: rules decide for one row at a time");
+      TORCH_CHECK(chosen.has_value() && chosen->scalar_type() == at::kDouble && chosen->is_contiguous() &&
+                      chosen->numel() == static_cast<int64_t>(layers.size() * kSlots * 2),
+                  "Stack: chosen must be float64 [layers * 4, 2]");
+      out = chosen->data_ptr<double>();
+    }
+    return clocked(&forward_s, [&] { return run(x, cos, sin, start, plan, int8, mask, bucket, out); });
   }
 
   // The sublayer's output, normed where the family norms it (Gemma), added to the residual h.
@@ -161,7 +231,7 @@ struct Stack : torch::CustomClassHolder {
   at::Tensor run(const at::Tensor& x, const std::vector<at::Tensor>& cos, const std::vector<at::Tensor>& sin,
                  int64_t start,
                  const std::vector<int64_t>& plan, const std::vector<int64_t>& int8,
-                 const c10::optional<at::Tensor>& mask) {
+                 const c10::optional<at::Tensor>& mask, int64_t bucket, double* chosen) {
     const size_t n = layers.size() * kSlots;
     TORCH_CHECK(plan.size() == n && int8.size() == n, "Stack: the plan needs ", n, " entries");
     TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 3, "Stack: x must be float32 [B, T, hidden]");
@@ -177,14 +247,14 @@ struct Stack : torch::CustomClassHolder {
       const int64_t* q = int8.data() + i * kSlots;
       TORCH_CHECK(l.rope >= 0 && l.rope < static_cast<int64_t>(cos.size()), "Stack: layer ", i, " needs RoPE table ",
                   l.rope);
-      const at::Tensor qkv = project(l, 0, bits[0], fqcompile::rms_norm(h, l.attn_in, eps), q[0]);
+      const at::Tensor qkv = project(l, i, 0, bits[0], fqcompile::rms_norm(h, l.attn_in, eps), q[0], bucket, chosen);
       const at::Tensor att = clocked(&attend_s, [&] {
         return fqcompile::attend(qkv, cos[l.rope], sin[l.rope], l.k_cache, l.v_cache, start, heads, mask, l.q_norm,
                                  l.k_norm, eps, scale, l.window);
       });
-      add_normed(h, project(l, 1, bits[1], att, q[1]), l.attn_out);
-      const at::Tensor gate_up = project(l, 2, bits[2], fqcompile::rms_norm(h, l.mlp_in, eps), q[2]);
-      add_normed(h, project(l, 3, bits[3], fqcompile::gated(gate_up, gelu), q[3]), l.mlp_out);
+      add_normed(h, project(l, i, 1, bits[1], att, q[1], bucket, chosen), l.attn_out);
+      const at::Tensor gate_up = project(l, i, 2, bits[2], fqcompile::rms_norm(h, l.mlp_in, eps), q[2], bucket, chosen);
+      add_normed(h, project(l, i, 3, bits[3], fqcompile::gated(gate_up, gelu), q[3], bucket, chosen), l.mlp_out);
     }
     return h;
   }
@@ -198,6 +268,8 @@ TORCH_LIBRARY_FRAGMENT(fqcompile, m) {
       .def("set_layer", &Stack::set_layer)
       .def("set_cache", &Stack::set_cache)
       .def("set_linear", &Stack::set_linear)
+      .def("set_rule", &Stack::set_rule)
+      .def("clear_rules", &Stack::clear_rules)
       .def("forward", &Stack::forward)
       .def("set_timing", &Stack::set_timing)
       .def("timings", &Stack::timings);

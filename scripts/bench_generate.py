@@ -44,7 +44,7 @@ def breakdown(checkpoint: str, bits: int, quantized_head: bool, int8: bool, new_
     with the per-op Python loop instead of the one-call C++ stack; then a pass with the
     stack's projections, attention and whole calls clocked inside C++, the quantized head's
     calls and a float head's matmul timed from Python (means per step, so they add up)."""
-    from fqcompile import generation, loader, slim
+    from fqcompile import decoding, generation, loader, slim
     from fqcompile.flex_linear import FlexLinear
 
     loaded = loader.load(checkpoint, precision=bits, quantized_head=quantized_head)
@@ -63,7 +63,7 @@ def breakdown(checkpoint: str, bits: int, quantized_head: bool, int8: bool, new_
     def steps(mean: bool = False) -> float:
         """The median decode step (or the mean, to match the clocks' sums)."""
         marks.clear()
-        slim.generate(dec, [prompt], new_tokens, stop_ids=[], pad=0, on_logits=mark)
+        decoding.generate(dec, [prompt], new_tokens, stop_ids=[], pad=0, on_logits=mark)
         gaps = sorted(b - a for a, b in zip(marks, marks[1:]))
         return sum(gaps) / len(gaps) if mean else gaps[len(gaps) // 2]
 

@@ -1,6 +1,7 @@
 """Generation speed on random-weight models of real shapes: docs/bench-random*.{md,json}.
 
-    python scripts/bench_random_model.py [--shape tinyllama|gemma3-270m|qwen3-0.6b] [--new-tokens 128] [--repeats 1]
+    python scripts/bench_random_model.py [--shape tinyllama|gemma3-270m|qwen3-0.6b] [--signal entropy|estimate|both]
+                                         [--new-tokens 128] [--repeats 1]
 
 Speed does not depend on the weights' values, so each model is its family's transformers
 class with a real model's shape (SHAPES) and transformers' seeded random initialization
@@ -49,7 +50,7 @@ SHAPES = {  # name -> (model class, config class, config, what the report says a
 }
 
 
-def build(folder: Path, shape: str) -> None:
+def build(folder: Path, shape: str, spread_norms: bool = False) -> None:
     import transformers
     from transformers import AutoTokenizer
 
@@ -63,6 +64,11 @@ def build(folder: Path, shape: str) -> None:
     torch.manual_seed(0)
     model = getattr(transformers, model_class)(getattr(transformers, config_class)(
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id, **config))
+    if spread_norms:  # at init every norm weight is 1, so a normed input's mean square hardly varies
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.uniform_(0.5, 1.5)
     partial = folder.with_name(folder.name + ".partial")
     model.save_pretrained(partial)
     tok.save_pretrained(partial)
@@ -83,16 +89,22 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=1, help="runs of every row, in turn (each takes ~10-20 s)")
+    ap.add_argument("--signal", choices=["entropy", "estimate", "both"], default="entropy",
+                    help="the dynamic policy's signal (estimate, both: norm weights spread over [0.5, 1.5], so that "
+                         "each block's input, and its decision, varies by token)")
     ap.add_argument("--out", help="default: docs/bench-random (TinyLlama) or docs/bench-random-<shape>")
     args = ap.parse_args()
-    work = Path(args.work or ROOT / "out" / f"{args.shape}-random")
-    out = Path(args.out or ROOT / "docs" / ("bench-random" if args.shape == "tinyllama" else f"bench-random-{args.shape}"))
+    suffix = "" if args.signal == "entropy" else f"-{args.signal}"
+    work = Path(args.work or ROOT / "out" / f"{args.shape}-random{suffix}")
+    stem = "bench-random" if args.shape == "tinyllama" else f"bench-random-{args.shape}"
+    out = Path(args.out or ROOT / "docs" / (stem + suffix))
     work.mkdir(parents=True, exist_ok=True)
     model, calib, ckpt = work / "model", work / "calibration", work / "nested-rtn"
-    build(model, args.shape)
+    build(model, args.shape, spread_norms=args.signal != "entropy")
     if not (calib / "policy.json").is_file():
-        fqcompile("calibrate", "--model", str(model), "--out", str(calib), "--dataset", args.data,
-                  "--target-bits", "6", "--samples", "4", "--eval-samples", "2", "--seq-len", "64", "--buckets", "4")
+        fqcompile("calibrate", "--model", str(model), "--out", str(calib), "--dataset", args.data, "--signal",
+                  args.signal, "--target-bits", "6", "--samples", "4", "--eval-samples", "2", "--seq-len", "64",
+                  "--buckets", "4")
     if not (ckpt / "fqcompile.json").is_file():
         fqcompile("export", "--model", str(model), "--out", str(ckpt), "--method", "rtn", "--calib", str(calib))
     name = SHAPES[args.shape][3].split("'")[0]

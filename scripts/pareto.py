@@ -1,17 +1,18 @@
-"""Accuracy vs average bits, as served, for static, static-mixed and dynamic policies: one run.
+"""Accuracy vs average bits, as served, on GPTQ slices: static, static mixed, and dynamic by the
+previous token's entropy, by each unit's error estimate, and by both, at the same budgets.
 
-Calibrates the built-in model on the Austen `calib` split (resumable folder, reused when
-present), exports it with the fitted policy, and evaluates every policy on held-out text
-(the `eval` split) "as served": each position under the plan chosen from the previous
-position's distribution, KV cache built the same way. Writes a markdown table, a JSON
-file and a PNG plot.
+For each ladder: a nested GPTQ export of the built-in model (Austen `calib` text), then
+`calibrate --checkpoint` on its own slices (one measurement, fitted three times: --signal
+entropy, estimate and both), then every policy evaluated as served on held-out text (the
+`eval` split) by evaluation.evaluate_policies (teacher-forced passes that reproduce serving
+exactly). Static mixed comes from the same measurement. Also greedy samples of one prompt
+under several policies. Work folders are kept (--work), so a rerun resumes.
 
-    python scripts/pareto.py --out docs/pareto
+    python scripts/pareto.py [--ladders 4,8 4,6,8] [--unit projection] [--out docs/pareto]
 """
 
 import argparse
 import json
-import tempfile
 import time
 from pathlib import Path
 
@@ -21,89 +22,142 @@ import fqcompile
 from fqcompile import sources
 from fqcompile.calibrator import calibrate
 from fqcompile.calibration.data import load_samples
+from fqcompile.controller import Controller, resolve
 from fqcompile.evaluation import evaluate_policies
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parent.parent / "shared" / "data" / "austen"
+SIGNALS = ("entropy", "estimate", "both")
+PROMPT = "Write a short story about a lighthouse keeper."
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--calib", default=str(HERE.parent / "out" / "calib-austen"), help="calibration folder")
-    ap.add_argument("--samples", type=int, default=32)
+    ap.add_argument("--ladders", nargs="+", default=["4,8"], help="ladders, e.g. 4,8 4,6,8")
+    ap.add_argument("--unit", default="projection", help="calibrate's --unit")
+    ap.add_argument("--calib-samples", type=int, default=4, help="calibrate's --samples (256 tokens each)")
+    ap.add_argument("--samples", type=int, default=32, help="held-out samples")
     ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--bits", default="5,5.5,6,6.5,7,7.5", help="average-bits points for dynamic and static-mixed")
+    ap.add_argument("--bits", default="5,5.5,6,6.5,7,7.5", help="average-bits budgets")
+    ap.add_argument("--work", default=str(HERE.parent / "out" / "pareto"), help="kept work folders")
     ap.add_argument("--out", default=str(HERE.parent / "docs" / "pareto"), help="output prefix (.md/.json/.png)")
     args = ap.parse_args()
     torch.manual_seed(0)
     start = time.perf_counter()
-    calibrate(sources.BUILTIN_NAME, args.calib, dataset=str(DATA), progress=False)
-    with tempfile.TemporaryDirectory() as work:
-        ckpt = fqcompile.export(sources.BUILTIN_NAME, Path(work) / "ckpt", calib=args.calib, progress=False)
-        loaded = fqcompile.load(ckpt)
-        ref = sources.load(sources.BUILTIN_NAME)[0]
-        data = load_samples(str(DATA), loaded.tokenizer, split="eval", seq_len=args.seq_len, max_samples=args.samples)
-        bits = [float(b) for b in args.bits.split(",")]
-        specs = ["static:8", "static:4"] + [f"static-mixed:{b:g}" for b in bits] + [f"dynamic:{b:g}" for b in bits]
-        rows = evaluate_policies(loaded, data, specs, reference=ref, batch_size=args.samples, progress=False)
-        samples = {}
-        prompt = "Write a short story about a lighthouse keeper."
-        for spec in ("static:8", "dynamic:6", "static:4"):
-            from fqcompile.controller import Controller, resolve
-
-            controller = Controller(loaded.model, loaded.manifest, resolve(loaded.policy, loaded.manifest, spec))
-            r = fqcompile.generate(loaded, prompt, max_new_tokens=60, chat=True, controller=controller)
-            controller.close()
-            samples[spec] = {"text": r["text"], **r["controller"]}
+    bits = [float(b) for b in args.bits.split(",")]
+    ref, tok, _ = sources.load(sources.BUILTIN_NAME)
+    data = load_samples(str(DATA), tok, split="eval", seq_len=args.seq_len, max_samples=args.samples)
     fp = fqcompile.evaluate(ref, data, progress=False)[None]["perplexity"]
-    write(Path(args.out), rows, fp, samples, data, bits, time.perf_counter() - start)
+    results = {}
+    for ladder_text in args.ladders:
+        ladder = tuple(int(b) for b in ladder_text.split(","))
+        work = Path(args.work) / f"{args.unit}-{'-'.join(map(str, ladder))}"
+        results[ladder_text] = frontier(ladder, work, args, bits, ref, data)
+        print(f"ladder {ladder_text}: {(time.perf_counter() - start) / 60:.1f} min so far", flush=True)
+    write(Path(args.out), results, fp, data, bits, args, time.perf_counter() - start)
 
 
-def write(out: Path, rows, fp, samples, data, bits, seconds):
+def frontier(ladder, work, args, bits, ref, data) -> dict:
+    clock = {}
+    mark = time.perf_counter()
+    ckpt = work / "ckpt"
+    if not (ckpt / "manifest.json").is_file():
+        fqcompile.export(sources.BUILTIN_NAME, ckpt, ladder=ladder, dataset=str(DATA), force=True, progress=False)
+    clock["export"] = time.perf_counter() - mark
+    policies = {}
+    for signal in SIGNALS:  # one measurement folder: the second and third fits reuse it
+        mark = time.perf_counter()
+        policies[signal] = calibrate(None, work / "calibration", checkpoint=ckpt, dataset=str(DATA), signal=signal,
+                                     samples=args.calib_samples, eval_samples=8, unit=args.unit, progress=False)
+        clock[f"calibrate {signal}"] = time.perf_counter() - mark
+    loaded = fqcompile.load(ckpt)
+    rows = {}
+    mark = time.perf_counter()
+    specs = [f"static:{b}" for b in ladder] + [f"static-mixed:{b:g}" for b in bits]
+    for signal in SIGNALS:
+        loaded.policy = policies[signal]
+        found = evaluate_policies(loaded, data, specs + [f"dynamic:{b:g}" for b in bits], reference=ref,
+                                  batch_size=8, progress=False)
+        for spec, row in found.items():
+            rows[spec if not spec.startswith("dynamic") else f"{signal} {spec}"] = row
+        specs = []  # static plans once
+    clock["evaluate"] = time.perf_counter() - mark
+    samples = {}
+    for signal, spec in (("entropy", f"static:{ladder[-1]}"), ("entropy", "dynamic:6"), ("estimate", "dynamic:6"),
+                         ("both", "dynamic:6"), ("entropy", f"static:{ladder[0]}")):
+        loaded.policy = policies[signal]
+        controller = Controller(loaded.model, loaded.manifest, resolve(loaded.policy, loaded.manifest, spec))
+        r = fqcompile.generate(loaded, PROMPT, max_new_tokens=60, chat=True, controller=controller)
+        controller.close()
+        samples[spec if spec.startswith("static") else f"{signal} {spec}"] = {"text": r["text"], **r["controller"]}
+    return {"rows": rows, "samples": samples, "seconds": clock}
+
+
+def interpolate(points, x):
+    """Piecewise-linear y at x through (x, y) points (clamped at the ends)."""
+    points = sorted(points)
+    if x <= points[0][0]:
+        return points[0][1]
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x <= x1:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0) if x1 > x0 else y1
+    return points[-1][1]
+
+
+def write(out: Path, results, fp, data, bits, args, seconds):
     tokens = int(data.shape[0] * (data.shape[1] - 1))
     lines = [
-        f"SmolLM2-135M, nested RTN [4, 8], group 128, calibrated on the Austen `calib` split; {tokens} held-out "
-        f"tokens (`eval` split, {data.shape[0]} x {data.shape[1]}), evaluated as served. Full-precision perplexity "
-        f"{fp:.3f}. {time.strftime('%Y-%m-%d')}, {seconds / 60:.0f} min for the whole script.",
+        f"SmolLM2-135M, nested GPTQ (Austen `calib` text), group 128; policies fitted by `calibrate --checkpoint` on "
+        f"the checkpoint's own slices ({args.calib_samples} x 256 calibration tokens, unit `{args.unit}`); "
+        f"{tokens} held-out tokens (`eval` split, {data.shape[0]} x {data.shape[1]}), evaluated as served. "
+        f"Full-precision perplexity {fp:.3f}. {time.strftime('%Y-%m-%d')}, {seconds / 60:.0f} min for the whole "
+        f"script. Command: `python scripts/pareto.py --ladders {' '.join(args.ladders)} --unit {args.unit} "
+        f"--calib-samples {args.calib_samples}`.",
         "",
-        "| policy | bits read / weight | perplexity | vs full precision | KL | tokens at 4 / 8 bits | controller overhead |",
-        "|---|---|---|---|---|---|---|",
     ]
-    for r in rows.values():
-        overhead = r.get("controller_seconds", 0) / r["seconds"] if r.get("seconds") else 0.0
-        lines.append(f"| {r['policy']} | {r['avg_bits_read']:.3f} | {r['perplexity']:.3f} | "
-                     f"{(r['perplexity'] / fp - 1) * 100:+.2f}% | {r['kl']:.4f} | "
-                     f"{r['share']['4']:.0%} / {r['share']['8']:.0%} | {overhead:.2%} |")
-    lines += ["", "Dynamic vs static mixed at each target (perplexity, as served):", ""]
-    for b in bits:
-        d, s = rows[f"dynamic:{b:g}"], rows[f"static-mixed:{b:g}"]
-        verdict = "dynamic better" if d["perplexity"] <= s["perplexity"] else "STATIC MIXED BETTER"
-        lines.append(f"- {b:g} bits: dynamic {d['perplexity']:.3f} at {d['avg_bits_read']:.2f} bits read, static mixed "
-                     f"{s['perplexity']:.3f} at {s['avg_bits_read']:.2f}: {verdict}")
-    lines += ["", "Greedy samples (chat prompt: \"Write a short story about a lighthouse keeper.\"):", ""]
-    for spec, s in samples.items():
-        lines += [f"**{spec}** ({s['avg_bits_read']:.2f} bits read per weight):", "", "> " + s["text"].strip().replace("\n", " "), ""]
+    for ladder, res in results.items():
+        rows = res["rows"]
+        top = rows[f"static:{ladder.split(',')[-1]}"]
+        mixed = [(r["avg_bits_read"], r["kl"]) for k, r in rows.items() if k.startswith("static-mixed")]
+        lines += [f"## Ladder [{ladder}]", "",
+                  "Stages (s): " + ", ".join(f"{k} {v:.0f}" for k, v in res["seconds"].items()) + ".", "",
+                  "| policy | bits read / weight | perplexity | vs static top | KL | KL / static mixed at equal bits |",
+                  "|---|---|---|---|---|---|"]
+        for name, r in rows.items():
+            ratio = r["kl"] / interpolate(mixed, r["avg_bits_read"]) if not name.startswith("static") else None
+            lines.append(f"| {name} | {r['avg_bits_read']:.3f} | {r['perplexity']:.3f} | "
+                         f"{(r['perplexity'] / top['perplexity'] - 1) * 100:+.2f}% | {r['kl']:.4f} | "
+                         f"{'-' if ratio is None else f'{ratio:.2f}'} |")
+        lines += ["", "Greedy samples (chat prompt: \"" + PROMPT + "\"):", ""]
+        for spec, s in res["samples"].items():
+            lines += [f"**{spec}** ({s['avg_bits_read']:.2f} bits read per weight):", "",
+                      "> " + s["text"].strip().replace("\n", " "), ""]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    out.with_suffix(".json").write_text(json.dumps({"rows": rows, "fp_perplexity": fp, "samples": samples}, indent=1) + "\n")
+    out.with_suffix(".json").write_text(json.dumps({"results": results, "fp_perplexity": fp}, indent=1) + "\n")
 
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for prefix, style, name in (("dynamic:", "o-", "dynamic"), ("static-mixed:", "s--", "static mixed")):
-        pts = sorted((r["avg_bits_read"], r["perplexity"]) for k, r in rows.items() if k.startswith(prefix))
-        ax.plot(*zip(*pts), style, label=name)
-    for k in ("static:4", "static:8"):
-        ax.plot(rows[k]["avg_bits_read"], rows[k]["perplexity"], "k^")
-        ax.annotate(k, (rows[k]["avg_bits_read"], rows[k]["perplexity"]), textcoords="offset points", xytext=(5, 5))
-    ax.axhline(fp, color="gray", lw=1, label="full precision")
-    ax.set_xlabel("average bits read per weight (as served)")
-    ax.set_ylabel("perplexity (held-out)")
-    ax.legend()
-    ax.grid(alpha=0.3)
+    fig, axes = plt.subplots(1, len(results), figsize=(6.5 * len(results), 4.5), squeeze=False)
+    for ax, (ladder, res) in zip(axes[0], results.items()):
+        rows = res["rows"]
+        for prefix, style, name in (("static-mixed:", "s--", "static mixed"), ("entropy dynamic:", "o-", "entropy"),
+                                    ("estimate dynamic:", "^-", "error estimate"), ("both dynamic:", "d-", "both")):
+            pts = sorted((r["avg_bits_read"], r["kl"]) for k, r in rows.items() if k.startswith(prefix))
+            ax.plot(*zip(*pts), style, label=name)
+        for k, r in rows.items():
+            if k.startswith("static:"):
+                ax.plot(r["avg_bits_read"], r["kl"], "k^")
+                ax.annotate(k, (r["avg_bits_read"], r["kl"]), textcoords="offset points", xytext=(5, 5))
+        ax.set_yscale("log")
+        ax.set_title(f"ladder [{ladder}], GPTQ slices")
+        ax.set_xlabel("average bits read per weight (as served)")
+        ax.set_ylabel("mean KL vs full precision (held-out)")
+        ax.legend()
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out.with_suffix(".png"), dpi=120)
     print("\n".join(lines))

@@ -3,7 +3,7 @@
 import torch
 
 import fqcompile
-from fqcompile import slim
+from fqcompile import decoding, slim
 
 PROMPTS = ["It is a truth universally acknowledged", "Emma Woodhouse, handsome,", "The"]
 
@@ -27,7 +27,7 @@ def check_agreement(loaded, bits, steps, prompts=PROMPTS, dec=None):
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     dec = dec or slim.Decoder(loaded.model)
     seen = []
-    new = slim.generate(dec, rows, steps, stop_ids=[], pad=pad, on_logits=lambda s, lg: seen.append(lg.clone()))
+    new = decoding.generate(dec, rows, steps, stop_ids=[], pad=pad, on_logits=lambda s, lg: seen.append(lg.clone()))
     assert all(len(n) == steps for n in new)
     ref, width = hf_logits(loaded.model, rows, new, pad)
     worst = 0.0
@@ -41,7 +41,7 @@ def check_agreement(loaded, bits, steps, prompts=PROMPTS, dec=None):
 
 def greedy_logits(dec, rows, steps, pad):
     seen = []
-    slim.generate(dec, rows, steps, stop_ids=[], pad=pad, on_logits=lambda s, lg: seen.append(lg.clone()))
+    decoding.generate(dec, rows, steps, stop_ids=[], pad=pad, on_logits=lambda s, lg: seen.append(lg.clone()))
     return torch.stack(seen)
 
 

@@ -16,7 +16,7 @@ from fqcompile.formats import checkpoint as ckpt
 
 def small_args(austen, **kw):
     args = dict(dataset=str(austen / "emma.txt"), samples=6, eval_samples=2, seq_len=48, group_size=32,
-                buckets=3, batch_size=3)
+                buckets=3, batch_size=3, unit="block", signal="entropy")  # the entropy policy's mechanics
     return {**args, **kw}
 
 
@@ -114,8 +114,9 @@ def test_export_takes_only_a_matching_calibration(calib_dir, tiny_dir, smol_dir,
 
 
 def test_linear_units(tiny_dir, austen, tmp_path):
-    policy = calibrate(str(tiny_dir), tmp_path / "lin", unit="linear", progress=False,
-                       **small_args(austen, samples=2, eval_samples=1, seq_len=24, buckets=2, ladder=(2, 4)))
+    policy = calibrate(str(tiny_dir), tmp_path / "lin", progress=False,
+                       **small_args(austen, unit="linear", samples=2, eval_samples=1, seq_len=24, buckets=2,
+                                    ladder=(2, 4)))
     names = [u["name"] for u in policy["units"]]
     assert len(names) == 14 and all(u["modules"] == [u["name"]] for u in policy["units"])
     assert names[0] == "model.layers.0.self_attn.q_proj" and names[-1] == "model.layers.1.mlp.down_proj"

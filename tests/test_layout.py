@@ -13,7 +13,7 @@ FOLDERS = {"fqcompile": "fqcompile", "calibration": "fqcompile.calibration", "ke
 # Leaves every room may use: they import nothing of ours but each other and formats.
 SHARED = {"fqcompile", "fqcompile.errors", "fqcompile.files", "fqcompile.processes", "fqcompile.sources"}
 # The runtime's generate path, which the offline stages never import.
-RUNTIME = {"fqcompile.flex_linear", "fqcompile.loader", "fqcompile.generation", "fqcompile.slim",
+RUNTIME = {"fqcompile.flex_linear", "fqcompile.loader", "fqcompile.generation", "fqcompile.slim", "fqcompile.decoding",
            "fqcompile.controller", "fqcompile.evaluation", "fqcompile.bench", "fqcompile.demo", "fqcompile.cli",
            "fqcompile.cli_options", "fqcompile.inspection", "fqcompile.gptq_export"}
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fqcompile
-from fqcompile import flex_linear, loader, slim
+from fqcompile import decoding, flex_linear, loader, slim
 from fqcompile.errors import FqError
 
 from slim_checks import PROMPTS, check_agreement, greedy_logits, stack_and_loop
@@ -40,17 +40,17 @@ def test_layers_stay_switchable_after_fusion(tiny_ckpt):
 
 def test_sampling_is_seeded_and_respects_top_k():
     logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
-    a = slim.pick(logits, 0.8, 5, 1.0, torch.Generator().manual_seed(1))
-    b = slim.pick(logits, 0.8, 5, 1.0, torch.Generator().manual_seed(1))
+    a = decoding.pick(logits, 0.8, 5, 1.0, torch.Generator().manual_seed(1))
+    b = decoding.pick(logits, 0.8, 5, 1.0, torch.Generator().manual_seed(1))
     assert torch.equal(a, b)
     top5 = logits.topk(5).indices
     for _ in range(20):
-        t = slim.pick(logits, 1.5, 5, 0.9, torch.Generator().manual_seed(_))
+        t = decoding.pick(logits, 1.5, 5, 0.9, torch.Generator().manual_seed(_))
         assert all(t[r] in top5[r] for r in range(4))
-    assert torch.equal(slim.pick(logits, 0.0, 0, 1.0, None), logits.argmax(-1))
+    assert torch.equal(decoding.pick(logits, 0.0, 0, 1.0, None), logits.argmax(-1))
     logits[1, 7] = logits[1, 3] = logits[1].max() + 1  # a tie: the first maximum, as argmax
-    assert slim.pick(logits, 0.0, 0, 1.0, None)[1] == 3
-    assert torch.equal(slim.pick(logits.double(), 0.0, 0, 1.0, None), logits.argmax(-1))
+    assert decoding.pick(logits, 0.0, 0, 1.0, None)[1] == 3
+    assert torch.equal(decoding.pick(logits.double(), 0.0, 0, 1.0, None), logits.argmax(-1))
 
 
 def test_refuses_unsupported_models(tiny_dir):
@@ -175,7 +175,7 @@ def test_plan_falls_back_when_fused_parts_disagree(tiny_ckpt):
     assert dec.stack_plan() is None
     tok = loaded.tokenizer
     rows = [tok(PROMPTS[0])["input_ids"]]
-    assert len(slim.generate(dec, rows, 4, stop_ids=[], pad=tok.eos_token_id)[0]) == 4
+    assert len(decoding.generate(dec, rows, 4, stop_ids=[], pad=tok.eos_token_id)[0]) == 4
 
 
 def test_qwen2_with_qkv_bias_agrees_with_hugging_face(tmp_path, smol_dir):

@@ -136,7 +136,7 @@ def test_calibration_kl_grows_as_precision_drops_for_every_unit(tmp_path, austen
     from fqcompile.calibrator import calibrate
 
     calibrate(sources.BUILTIN_NAME, tmp_path / "cal", dataset=str(austen), ladder=(4, 6, 8), samples=6,
-              eval_samples=2, seq_len=96, buckets=4, batch_size=3, progress=False)
+              eval_samples=2, seq_len=96, buckets=4, batch_size=3, unit="block", signal="entropy", progress=False)
     table = json.loads((tmp_path / "cal" / "table.json").read_text())
     kl4, kl6 = torch.tensor(table["mean_kl"]["4"]), torch.tensor(table["mean_kl"]["6"])  # [units, buckets]
     assert kl4.shape == (30, 4)
