@@ -29,18 +29,18 @@ from safetensors.torch import load_file
 
 from fqcompile.calibration import policy as pol
 from fqcompile.calibration.sensitivity import save_atomic
-from fqcompile.errors import FqError
 
 QUANTILES = 32  # per (bucket, unit): midpoints of 32 equal-count slices of the calibration tokens
 
 
 def input_ms(x: torch.Tensor) -> torch.Tensor:
-    """The estimator's input: the mean square over features of each row (what the engines compute)."""
-    return x.float().pow(2).mean(-1)
+    """The estimator's input: the mean square over features of each row, in float64 (as the C++
+    stack sums it, so the engines agree at a rule's edges)."""
+    return x.double().pow(2).mean(-1)
 
 
 @torch.inference_mode()
-def record(model, batches, units, ladder, slice_of, folder, progress_bar=None):
+def record(model, batches, units, ladder, slice_of, folder):
     """Per unit, on the reference model's own inputs: ms of its decision input and the true
     error energy per weight ||(W_top - W_b) x||^2 / weights for each lower precision b.
 
@@ -79,8 +79,6 @@ def record(model, batches, units, ladder, slice_of, folder, progress_bar=None):
                 h.remove()
         ms_all.append(ms)
         energy_all.append(energy / size[:, None, None, None])
-        if progress_bar is not None:
-            progress_bar()
     result = {"ms": torch.cat(ms_all, 1).float(), "energy": torch.cat(energy_all, 2).float()}
     save_atomic(path, result)
     return result
@@ -111,7 +109,8 @@ def fit_estimators(ms: torch.Tensor, energy: torch.Tensor):
 def fit(rec: dict, results: dict, ladder, edges: list[float], smoothing: float) -> dict:
     """The estimate table of policy.json: estimators, KL per energy per bucket, ms quantiles."""
     ms = rec["ms"]
-    a, c, r2 = fit_estimators(ms, rec["energy"])
+    # position 0 (BOS, often with outsized activations) always runs at the prefill precision
+    a, c, r2 = fit_estimators(ms[:, :, 1:], rec["energy"][:, :, :, 1:])
     sig = pol.signal(results["reference"]["entropy"], smoothing)
     valid = ~torch.isnan(sig)
     bucket = pol.bucket_of(sig.nan_to_num(0.0), edges)[valid]
@@ -123,9 +122,7 @@ def fit(rec: dict, results: dict, ladder, edges: list[float], smoothing: float) 
     for u, unit in enumerate(results["units"]):
         x = ms[u][valid].double()
         for kk in range(k):
-            here = bucket == kk
-            if not here.any():
-                raise FqError("a signal bucket has no calibration tokens: use fewer `buckets` or more `samples`")
+            here = bucket == kk  # never empty: policy.table refuses such buckets first
             quantiles[kk, u] = torch.quantile(x[here], qs)
             for j, b in enumerate(ladder[:-1]):
                 est = (a[u, j] + c[u, j] * x[here]).sum()
@@ -184,7 +181,7 @@ def _envelope(lines: list[tuple[float, float]]) -> tuple[list[float], list[int]]
     cuts = sorted({(b0 - b1) / (s1 - s0) for i, (b0, s0) in enumerate(lines) for b1, s1 in lines[i + 1:]
                    if s1 != s0 and (b0 - b1) / (s1 - s0) > 0})
     probes = [cuts[0] / 2, *[(x + y) / 2 for x, y in zip(cuts, cuts[1:])], cuts[-1] * 2] if cuts else [1.0]
-    best = [min(range(len(lines)), key=lambda j: (lines[j][0] + lines[j][1] * p, -j)) for p in probes]
+    best = [min(range(len(lines)), key=lambda j: (lines[j][0] + lines[j][1] * p, j)) for p in probes]  # ties: lower, as policy.plans
     edges, choice = [], [best[0]]
     for e, j in zip(cuts, best[1:]):
         if j != choice[-1]:

@@ -54,7 +54,7 @@ def write_report(out, summary, policy, dkl, shares, base, token_share, ladder, d
     for points, style, name in ((dyn, "-", "dynamic (predicted)"), (sta, "--", "static mixed (predicted)")):
         points = sorted(points)
         ax.plot([p[0] for p in points], [c * p[1] for p in points], style, label=name)
-    ax.plot([r["avg_bits"] for r in rows], [r["measured_kl"] for r in rows], "o", label="dynamic (measured)")
+    ax.plot([r["measured_bits"] for r in rows], [r["measured_kl"] for r in rows], "o", label="dynamic (measured)")
     ax.plot([r["static_avg_bits"] for r in rows], [r["static_measured_kl"] for r in rows], "s",
             label="static mixed (measured)")
     ax.set_yscale("log")
@@ -137,10 +137,10 @@ def _estimate_plot(out, policy, inputs, units, ladder) -> str:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
     picks = sorted(set(torch.linspace(0, len(units) - 1, 4).round().long().tolist()))
     for u in picks:
-        x, e = inputs["ms"][u].flatten(), inputs["energy"][u, 0].flatten()
+        x, e = inputs["ms"][u][:, 1:].flatten(), inputs["energy"][u, 0][:, 1:].flatten()  # as fitted
         keep = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:2000]
         left.scatter(e[keep], a[u] + c[u] * x[keep], s=3, alpha=0.4, label=f"{units[u]} (R² {float(r2[u]):.2f})")
-    top = float(inputs["energy"][picks, 0].max())
+    top = float(inputs["energy"][picks, 0][..., 1:].max())
     left.plot([0, top], [0, top], "k-", lw=1)
     left.set_xlabel(f"true ||(W{ladder[-1]} - W{ladder[0]}) x||² per weight")
     left.set_ylabel("estimate a + c ms(x)")

@@ -1,7 +1,8 @@
 """Sensitivity measurement: per-token KL(p_ref || p_q) with one unit lowered at a time.
 
 The full-precision model gives, per calibration token, the reference distribution and its
-entropy. Then, for every unit (a decoder block's linear layers, or one linear layer) and
+entropy. Then, for every unit (a decoder block's linear layers, the linears that read one
+input, or one linear layer) and
 every lower precision of the ladder, the model runs with only that unit fake-quantized
 (the same RTN codes `export` writes) and the per-token KL against the reference is kept.
 
@@ -52,9 +53,15 @@ def units_of(model, linears: list[str], kind: str) -> list[Unit]:
         return [Unit(block_name[b], b, tuple(mods)) for b, mods in sorted(by_block.items())]
     if kind == "projection":
         source = shared_inputs(model, linears)
-        return [Unit(mods[0], b, tuple(mods)) for b, block in sorted(by_block.items())
+        return [Unit(_joined(mods), b, tuple(mods)) for b, block in sorted(by_block.items())
                 for mods in _groups(block, source)]
     return [Unit(m, b, (m,)) for b, mods in sorted(by_block.items()) for m in mods]
+
+
+def _joined(names: list[str]) -> str:
+    """model.layers.0.self_attn.q_proj+k_proj+v_proj for a group (its first name for one)."""
+    parent = names[0].rpartition(".")[0]
+    return parent + "." + "+".join(n.rpartition(".")[2] for n in names)
 
 
 def _groups(names: list[str], source: dict) -> list[list[str]]:

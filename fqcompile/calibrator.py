@@ -2,8 +2,8 @@
 
 The folder is resumable: calibration.json (the settings that define the measurement) is
 written first, per-unit results as they finish. A rerun with the same settings skips
-what is measured; the fit settings (target, buckets, smoothing) may change between runs,
-so a new target is a quick refit. Different measurement settings are refused.
+what is measured; the fit settings (target, signal, buckets, smoothing) may change between
+runs, so a new target or signal is a quick refit. Different measurement settings are refused.
 
 The slices measured are RTN's on the grid the export will write, or, with `checkpoint`,
 the slices an existing checkpoint serves (GPTQ's, rotated or not): the policy is then
@@ -144,7 +144,7 @@ def calibrate(
     measure_start = time.perf_counter()
     results = m.measure(fp_model, calib, units, ladder, slice_of, out, batch_size, progress)
     batches = [calib[i : i + batch_size] for i in range(0, len(calib), batch_size)]
-    inputs = estimate.record(fp_model, batches, units, ladder, slice_of, out)
+    inputs = estimate.record(fp_model, batches, units, ladder, slice_of, out) if signal != "entropy" else None
     measure_seconds = time.perf_counter() - measure_start
     expected_shape = (len(calib), seq_len - 1)
     for r in [results["baseline"], *[v for u in results["units"] for v in u.values()]]:

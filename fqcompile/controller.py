@@ -114,7 +114,6 @@ class Controller:
                                    for names in plan.units], dtype=torch.float64)
         position = torch.searchsorted(torch.tensor(self.ladder), plan.bits)  # [buckets, units]
         self.bucket_counts = torch.nn.functional.one_hot(position, len(self.ladder)).double()  # [buckets, units, rungs]
-        self.bucket_bytes = unit_bytes.gather(1, position.T).sum(0)  # [buckets]
         # Units whose rule switches on their input: their gate sets and counts them, not the bucket.
         self.gated = {u: [(edges[u], bits[u]) for edges, bits in zip(plan.rules["edges"], plan.rules["bits"])]
                       for u in range(len(plan.units)) if any(edges[u] for edges in plan.rules["edges"])} \
@@ -122,7 +121,7 @@ class Controller:
         fixed = torch.ones(len(plan.units), dtype=torch.float64)
         fixed[list(self.gated)] = 0
         self.bucket_counts *= fixed[None, :, None]
-        self.bucket_bytes = (unit_bytes.gather(1, position.T) * fixed[:, None]).sum(0)
+        self.bucket_bytes = (unit_bytes.gather(1, position.T) * fixed[:, None]).sum(0)  # [buckets]
         self.unit_bytes = unit_bytes.tolist()
         self.plan_ids = torch.unique(plan.bits, dim=0, return_inverse=True)[1].tolist()  # equal bits, one id
         self.unit_bits = [[None if u in self.gated else b for u, b in enumerate(row)] for row in plan.bits.tolist()]
@@ -133,8 +132,8 @@ class Controller:
         self.reset()
         self.hooks = []
         self.attach(model)
-        for u in self.gated:
-            set_gate(self.layers[u][0], self._gate(u))
+        for u, layers in enumerate(self.layers):  # a gate another controller left is not ours to follow
+            set_gate(layers[0], self._gate(u) if u in self.gated else None)
 
     def attach(self, module) -> None:
         """Watch `module`'s forward calls instead (e.g. the slim decoder over the same layers)."""
@@ -160,7 +159,8 @@ class Controller:
         for h in self.hooks:
             h.remove()
         for u in self.gated:
-            set_gate(self.layers[u][0], None)
+            if getattr(self.layers[u][0].gate, "controller", None) is self:  # a later controller's gates stay
+                set_gate(self.layers[u][0], None)
 
     def _gate(self, u: int) -> "Gate":
         return Gate(self, u, self.gated[u], self.layers[u])
@@ -174,6 +174,16 @@ class Controller:
             self.gate_bytes += unit_bytes[r]
         if self.trace is not None:
             self.trace.append((u, ms, bits))
+
+    def count_stack(self, rules, chosen: torch.Tensor) -> None:
+        """What the C++ stack chose for its gated slots (slim.py): chosen [slots, 2] (bits, ms)."""
+        start = time.perf_counter()
+        rows = chosen.tolist()
+        for rule in rules:
+            if rule.follow < 0:
+                bits, ms = rows[rule.row]
+                self.count(rule.gate.unit, [ms], [int(bits)])
+        self.overhead += time.perf_counter() - start
 
     def count_tokens(self, u: int, bits: torch.Tensor) -> None:
         """Gated unit u ran the positions of `bits` (a tensor of precisions) at those precisions."""
@@ -202,7 +212,7 @@ class Controller:
 
     def _set_tokens(self) -> None:
         buckets = self.token_buckets
-        per = torch.tensor(self.plan.bits.tolist())[buckets]  # [B, T, units]
+        per = self.plan.bits[buckets]  # [B, T, units]
         per[:, 0] = self.plan.prefill
         for u, layers in enumerate(self.layers):
             if u not in self.gated:

@@ -21,6 +21,7 @@ from .formats.checkpoint import precision_stats
 from .loader import dense_weights, set_precision
 
 FULL = "fp"  # label of the unquantized reference row
+CACHE_BYTES = 4 << 30  # evaluate_policies keeps the reference's logits up to this size (16k tokens x 49k: 3.2 GB)
 
 
 @torch.inference_mode()
@@ -139,9 +140,11 @@ def evaluate_served_parallel(model, controller, samples: torch.Tensor, reference
             ref_lp = log_probs(reference(batch).logits) if reference is not None else None
             buckets = _buckets(plan, ref_lp, inputs.shape)
             todo = torch.arange(len(batch))
+            used = buckets.clone()  # the buckets each row's last pass ran
             row_nll, row_kl = torch.zeros(len(batch), dtype=torch.float64), torch.zeros(len(batch), dtype=torch.float64)
             gated = {}  # unit -> [B, T] precisions its gate chose in each row's last pass
             for _ in range(inputs.shape[1]):  # position t is exact after t passes at the latest
+                used[todo] = buckets[todo]
                 controller.run_tokens(buckets[todo])
                 try:
                     lp = torch.log_softmax(model(inputs[todo], use_cache=False).logits.float(), dim=-1)
@@ -160,7 +163,7 @@ def evaluate_served_parallel(model, controller, samples: torch.Tensor, reference
                 del lp
                 if not len(todo):
                     break
-            controller.count_passes(buckets, gated)
+            controller.count_passes(used, gated)
             nll += float(row_nll.sum())
             kl += float(row_kl.sum())
             tokens += inputs.numel()
@@ -196,10 +199,13 @@ def _cached(model):
     return run
 
 
+
 def evaluate_policies(loaded, data, specs, reference=None, batch_size: int = 8, progress=True) -> dict:
     """Each policy evaluated as served (static:B as one teacher-forced pass: it does not depend on the signal)."""
     rows = {}
-    reference = _cached(reference) if reference is not None else None
+    vocab = loaded.model.get_output_embeddings().weight.shape[0]
+    if reference is not None and len(specs) > 1 and data[:, :-1].numel() * vocab * 4 <= CACHE_BYTES:
+        reference = _cached(reference)
     with dense_weights(loaded.model):
         for spec in specs:
             plan = resolve(loaded.policy, loaded.manifest, spec)

@@ -12,7 +12,7 @@ from .formats.nested import Layout
 from .kernels import (MAX_PACKED_BATCH, kernel_args, nested_linear, pack_rows, packed_linear, quantize_activations,
                       unpack_rows)
 
-# Bumped whenever a layer's precision, int8 flag or dense weights change: the slim decoder
+# Bumped whenever a layer's precision, int8 flag, dense weights or gate change: the slim decoder
 # reuses its per-step plan until then (reading ~200 layers' settings cost ~0.25 ms a step).
 changes = 0
 
@@ -143,7 +143,8 @@ class FlexLinear(nn.Module):
         return super()._apply(fn, *args, **kwargs)
 
     def set_precision(self, bits) -> None:
-        """One precision for the whole batch (int), or one per batch row (a [B] tensor of bits)."""
+        """One precision for the whole batch (int), or one per batch row (a [B] tensor of bits;
+        the controller also sets [B, T] tensors, one per position, through set_precisions)."""
         wanted = set(bits.tolist()) if torch.is_tensor(bits) else {bits}
         if not wanted <= set(self.precisions):
             raise FqError(f"precision {sorted(wanted)} is not available (loaded: {list(self.precisions)})")

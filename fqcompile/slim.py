@@ -11,13 +11,15 @@ Llama only in what a layer's description says (`Decoder.__init__`): qk-norm (Qwe
 norms after attention and MLP and (1 + w) norm weights (Gemma 3), a per-layer sliding window
 and RoPE table (Gemma 3's local and global layers), a query scale (Gemma 3), projections
 fused in the checkpoint (Phi-3). A sliding-window layer's cache is a ring of window + chunk - 1
-slots (chunk: the most tokens one call feeds, the prompt in `generate`), so generation goes
-on past the window in bounded memory.
+slots (chunk: the most tokens one call feeds, the prompt in `decoding.generate`), so
+generation goes on past the window in bounded memory.
 On the CPU in float32 the whole stack of layers is one call instead (fqcompile.Stack,
 kernels/cpu_stack.cpp: the same kernels without ~300 dispatches a step, about a third of a
 small model's step); its plan, each projection's precision, is read from the layers again
 whenever a layer's settings changed since the last step (flex_linear.changes), so the
-controller works unchanged.
+controller works unchanged. Under an error-estimate policy the stack also gets the gated
+slots' rules and runs them itself for one row (Rule; the controller counts its choices);
+per-linear gates on a fused slot, and batches, run in the per-op loop.
 Fusion concatenates the layers' planes once and turns the separate layers' planes into row
 views of the fused ones, so memory does not grow and the controller still switches every
 layer by name; a fused call is used whenever its parts run at the same precision.
@@ -27,8 +29,8 @@ so the precision controller's hooks work on it unchanged. (torch.compile of the 
 not used: docs/kernels.md says why.)
 """
 
-import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -115,6 +117,16 @@ class Projections(nn.Module):
         if type(bits) is int and all(type(b) is int and b == bits for b in [p.precision for p in self.parts]):
             return self.fused.run(x, bits, first.int8_activations)
         return torch.cat([p.compute(x) for p in self.parts], dim=-1)
+
+
+class Rule(NamedTuple):
+    """A stack slot whose precision a gate decides: itself (follow -1) or as slot `follow` of its layer."""
+
+    layer: int
+    slot: int
+    follow: int
+    gate: object  # the controller's Gate
+    row: int  # the slot's row in the stack's `chosen`
 
 
 @dataclass
@@ -268,9 +280,9 @@ class Decoder(nn.Module):
                 if gate is not None:
                     if gate.layers[0] in parts:
                         leader[gate] = (i, s)
-                        rules.append((i, s, -1, gate))
+                        rules.append(Rule(i, s, -1, gate, i * len(SLOTS) + s))
                     elif leader.get(gate, (None,))[0] == i:  # a block unit's later projection
-                        rules.append((i, s, leader[gate][1], gate))
+                        rules.append(Rule(i, s, leader[gate][1], gate, i * len(SLOTS) + s))
                     else:
                         return None
                 bits.append(b)
@@ -290,15 +302,14 @@ class Decoder(nn.Module):
 
     def _install_rules(self, rules) -> None:
         """Give the stack the rules of these gated slots (only when they differ from what it holds)."""
-        key = [(i, s, follow, id(gate)) for i, s, follow, gate in rules]
-        if self.stack is None or key == self._ruled:
+        if self.stack is None or rules == self._ruled:  # the gates themselves compared, not their id()
             return
         self.stack.clear_rules()
-        for i, s, follow, gate in rules:
-            for k, (edges, bits) in enumerate(gate.rules):
-                self.stack.set_rule(i, s, k, follow, [float(e) for e in edges] if follow < 0 else [],
-                                    list(bits) if follow < 0 else [])
-        self._ruled = key
+        for r in rules:
+            for k, (edges, bits) in enumerate(r.gate.rules):
+                self.stack.set_rule(r.layer, r.slot, k, r.follow, [float(e) for e in edges] if r.follow < 0 else [],
+                                    list(bits) if r.follow < 0 else [])
+        self._ruled = rules
 
     @torch.inference_mode()
     def forward(self, input_ids, positions, start: int, mask=None, all_logits: bool = False) -> Output:
@@ -311,23 +322,16 @@ class Decoder(nn.Module):
         x = self.embed(input_ids)
         tables = [(cos[positions], sin[positions]) for cos, sin in self.tables]  # each [B, T, R]
         plan = self.stack_plan() if self.stack is not None and x.dtype is torch.float32 else None
-        bucket = -1
+        bucket, controller = -1, None
         if plan is not None and plan[2]:  # gated slots: the stack decides them for one row in a decode step
-            buckets = plan[2][0][3].controller.buckets
-            if buckets is not None:
-                bucket = buckets[0] if len(buckets) == 1 else None
+            controller = plan[2][0].gate.controller
+            if controller.buckets is not None:
+                bucket = controller.buckets[0] if len(controller.buckets) == 1 else None
         if plan is not None and bucket is not None and (mask is None or mask.dtype is torch.bool):
             x = self.stack.forward(x, [c for c, _ in tables], [s for _, s in tables], start, *plan[:2], mask, bucket,
                                    self._chosen)
-            if bucket >= 0:  # the controller counts what the stack chose
-                clock = time.perf_counter()
-                chosen = self._chosen.tolist()
-                controller = plan[2][0][3].controller
-                for i, s, follow, gate in plan[2]:
-                    if follow < 0:
-                        bits, ms = chosen[i * len(SLOTS) + s]
-                        controller.count(gate.unit, [ms], [int(bits)])
-                controller.overhead += time.perf_counter() - clock
+            if bucket >= 0:
+                controller.count_stack(plan[2], self._chosen)
         else:
             x = self._layers(x, tables, start, mask)
         logits = self.head(rms_norm(x if all_logits else x[:, -1:], self.final, self.eps))

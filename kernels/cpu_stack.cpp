@@ -70,6 +70,7 @@ struct Rule {
 
 // Mean square of the last row of x [B, T, features] (the decode token), summed in double.
 double mean_square(const at::Tensor& x) {
+  TORCH_CHECK(x.is_contiguous() && x.scalar_type() == at::kFloat, "Stack: a rule's input must be contiguous float32");
   const int64_t f = x.size(-1);
   const float* p = x.data_ptr<float>() + (x.numel() - f);
   double sum = 0;
@@ -140,8 +141,9 @@ struct Stack : torch::CustomClassHolder {
   // (follow >= 0) takes the decision of slot `follow`, which runs before it.
   void set_rule(int64_t i, int64_t slot, int64_t bucket, int64_t follow, std::vector<double> edges,
                 std::vector<int64_t> bits) {
-    TORCH_CHECK(slot >= 0 && slot < kSlots && bucket >= 0 && follow < slot, "Stack: rule for slot ", slot);
-    TORCH_CHECK(follow >= 0 || bits.size() == edges.size() + 1, "Stack: a rule needs one precision more than edges");
+    TORCH_CHECK(slot >= 0 && slot < kSlots && bucket >= 0 && follow < slot, "Stack.set_rule: needs 0 <= slot < 4, ",
+                "bucket >= 0 and follow < slot; got slot ", slot, ", bucket ", bucket, ", follow ", follow);
+    TORCH_CHECK(follow >= 0 || bits.size() == edges.size() + 1, "Stack.set_rule: bits needs one entry more than edges");
     Rule& r = layer(i).rules[slot];
     r.follow = follow;
     if (follow >= 0) return;
@@ -214,7 +216,7 @@ struct Stack : torch::CustomClassHolder {
                      const c10::optional<at::Tensor>& mask, int64_t bucket, const c10::optional<at::Tensor>& chosen) {
     double* out = nullptr;
     if (bucket >= 0) {
-      TORCH_CHECK(x.size(0) == 1, "Stack: rules decide for one row at a time");
+      TORCH_CHECK(x.size(0) == 1, "Stack.forward: x must have batch size 1 when bucket >= 0");
       TORCH_CHECK(chosen.has_value() && chosen->scalar_type() == at::kDouble && chosen->is_contiguous() &&
                       chosen->numel() == static_cast<int64_t>(layers.size() * kSlots * 2),
                   "Stack: chosen must be float64 [layers * 4, 2]");

@@ -4,8 +4,8 @@ previous token's entropy, by each unit's error estimate, and by both, at the sam
 For each ladder: a nested GPTQ export of the built-in model (Austen `calib` text), then
 `calibrate --checkpoint` on its own slices (one measurement, fitted three times: --signal
 entropy, estimate and both), then every policy evaluated as served on held-out text (the
-`eval` split) by evaluation.evaluate_policies (teacher-forced passes that reproduce serving
-exactly). Static mixed comes from the same measurement. Also greedy samples of one prompt
+`eval` split) by evaluation.evaluate_policies (teacher-forced passes that give what serving
+one token at a time gives, up to float rounding). Static mixed comes from the same measurement. Also greedy samples of one prompt
 under several policies. Work folders are kept (--work), so a rerun resumes.
 
     python scripts/pareto.py [--ladders 4,8 4,6,8] [--unit projection] [--out docs/pareto]
@@ -54,7 +54,7 @@ def main():
         work = Path(args.work) / f"{args.unit}-{'-'.join(map(str, ladder))}"
         results[ladder_text] = frontier(ladder, work, args, bits, ref, data)
         print(f"ladder {ladder_text}: {(time.perf_counter() - start) / 60:.1f} min so far", flush=True)
-    write(Path(args.out), results, fp, data, bits, args, time.perf_counter() - start)
+        write(Path(args.out), results, fp, data, bits, args, time.perf_counter() - start)  # after each ladder
 
 
 def frontier(ladder, work, args, bits, ref, data) -> dict:

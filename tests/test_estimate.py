@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import fqcompile
 from fqcompile import sources
@@ -14,7 +15,9 @@ from fqcompile.calibration import sensitivity as m
 from fqcompile.calibration.data import load_samples
 from fqcompile.calibrator import calibrate
 from fqcompile.controller import Controller, resolve
-from fqcompile.evaluation import evaluate_policies
+from fqcompile.evaluation import evaluate_policies, evaluate_served, evaluate_served_parallel
+from fqcompile.generation import decoder
+from fqcompile.loader import dense_weights
 from fqcompile.sources import quantizable
 
 
@@ -128,8 +131,6 @@ def test_estimators_are_never_negative():
 def varied_dir(tmp_path_factory, tiny_dir):
     """The tiny model with its norm weights spread over [0.2, 2]: inputs after a norm vary in
     mean square from token to token, as in trained models (at init they are all 1)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     model = AutoModelForCausalLM.from_pretrained(tiny_dir)
     gen = torch.Generator().manual_seed(5)
     with torch.no_grad():
@@ -191,8 +192,6 @@ def test_estimate_policy_fields(linear_ckpt):
 def _traces(loaded, spec, engines, ids):
     """Per engine ("hf", "slim" per-op loop, "stack"): the gates' decisions and the controller's
     stats over the tokens `ids` [1, T], fed one at a time after a one-token prompt."""
-    from fqcompile.generation import decoder
-
     out = {}
     for engine in engines:
         dec = decoder(loaded)
@@ -210,7 +209,7 @@ def _traces(loaded, spec, engines, ids):
                 for t in range(ids.shape[1]):
                     dec(ids[:, t:t + 1], torch.tensor([[t]]), t)
         controller.close()
-        out[engine] = controller.trace, controller.stats(), dec._ruled is not None
+        out[engine] = controller.trace, controller.stats(), bool(dec._ruled)
     decoder(loaded).use_stack = True
     return out
 
@@ -276,9 +275,6 @@ def test_served_evaluation_in_passes_equals_step_by_step(block_ckpt, varied_dir,
     """evaluate_served_parallel (what `eval --policy` and pareto.py run) gives evaluate_served's
     numbers: error estimates alone (one pass), combined with entropy buckets (passes until the
     buckets settle), and a static-mixed plan."""
-    from fqcompile.evaluation import evaluate_served, evaluate_served_parallel
-    from fqcompile.loader import dense_weights
-
     both, _ = _estimate_ckpt(tmp_path, varied_dir, austen, "block", signal="both")
     ref = sources.load(str(varied_dir))[0]
     for folder, spec, one_pass in ((block_ckpt[0], "dynamic:5.5", True), (both, "dynamic:5.5", False),
@@ -295,4 +291,4 @@ def test_served_evaluation_in_passes_equals_step_by_step(block_ckpt, varied_dir,
         assert passes["avg_bits_read"] == steps["avg_bits_read"] and passes["share"] == steps["share"]
         assert passes["decode_tokens"] == steps["decode_tokens"] == 3 * 38
         assert 0 < passes["share"]["4"] < 1
-        assert passes["passes"] == 1 if one_pass else passes["passes"] >= 1
+        assert passes["passes"] == 1 if one_pass else passes["passes"] > 1  # rows ran again until buckets settled
