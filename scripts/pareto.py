@@ -27,7 +27,6 @@ from fqcompile.evaluation import evaluate_policies
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parent.parent / "shared" / "data" / "austen"
-SIGNALS = ("entropy", "estimate", "both")
 PROMPT = "Write a short story about a lighthouse keeper."
 
 
@@ -39,6 +38,8 @@ def main():
     ap.add_argument("--samples", type=int, default=32, help="held-out samples")
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--bits", default="5,5.5,6,6.5,7,7.5", help="average-bits budgets")
+    ap.add_argument("--signals", default="entropy,estimate,both",
+                    help="dynamic signals to evaluate (entropy ones take several passes per sample)")
     ap.add_argument("--work", default=str(HERE.parent / "out" / "pareto"), help="kept work folders")
     ap.add_argument("--out", default=str(HERE.parent / "docs" / "pareto"), help="output prefix (.md/.json/.png)")
     args = ap.parse_args()
@@ -61,11 +62,12 @@ def frontier(ladder, work, args, bits, ref, data) -> dict:
     clock = {}
     mark = time.perf_counter()
     ckpt = work / "ckpt"
-    if not (ckpt / "manifest.json").is_file():
+    if not (ckpt / "fqcompile.json").is_file():  # the manifest: an export that finished
         fqcompile.export(sources.BUILTIN_NAME, ckpt, ladder=ladder, dataset=str(DATA), force=True, progress=False)
     clock["export"] = time.perf_counter() - mark
     policies = {}
-    for signal in SIGNALS:  # one measurement folder: the second and third fits reuse it
+    signals = args.signals.split(",")
+    for signal in signals:  # one measurement folder: the later fits reuse it
         mark = time.perf_counter()
         policies[signal] = calibrate(None, work / "calibration", checkpoint=ckpt, dataset=str(DATA), signal=signal,
                                      samples=args.calib_samples, eval_samples=8, unit=args.unit, progress=False)
@@ -74,7 +76,7 @@ def frontier(ladder, work, args, bits, ref, data) -> dict:
     rows = {}
     mark = time.perf_counter()
     specs = [f"static:{b}" for b in ladder] + [f"static-mixed:{b:g}" for b in bits]
-    for signal in SIGNALS:
+    for signal in signals:
         loaded.policy = policies[signal]
         found = evaluate_policies(loaded, data, specs + [f"dynamic:{b:g}" for b in bits], reference=ref,
                                   batch_size=8, progress=False)
@@ -83,8 +85,9 @@ def frontier(ladder, work, args, bits, ref, data) -> dict:
         specs = []  # static plans once
     clock["evaluate"] = time.perf_counter() - mark
     samples = {}
-    for signal, spec in (("entropy", f"static:{ladder[-1]}"), ("entropy", "dynamic:6"), ("estimate", "dynamic:6"),
-                         ("both", "dynamic:6"), ("entropy", f"static:{ladder[0]}")):
+    first = signals[0]
+    for signal, spec in ((first, f"static:{ladder[-1]}"), *((s, "dynamic:6") for s in signals),
+                         (first, f"static:{ladder[0]}")):
         loaded.policy = policies[signal]
         controller = Controller(loaded.model, loaded.manifest, resolve(loaded.policy, loaded.manifest, spec))
         r = fqcompile.generate(loaded, PROMPT, max_new_tokens=60, chat=True, controller=controller)
@@ -112,7 +115,7 @@ def write(out: Path, results, fp, data, bits, args, seconds):
         f"{tokens} held-out tokens (`eval` split, {data.shape[0]} x {data.shape[1]}), evaluated as served. "
         f"Full-precision perplexity {fp:.3f}. {time.strftime('%Y-%m-%d')}, {seconds / 60:.0f} min for the whole "
         f"script. Command: `python scripts/pareto.py --ladders {' '.join(args.ladders)} --unit {args.unit} "
-        f"--calib-samples {args.calib_samples}`.",
+        f"--calib-samples {args.calib_samples} --bits {args.bits} --signals {args.signals}`.",
         "",
     ]
     for ladder, res in results.items():
@@ -147,7 +150,8 @@ def write(out: Path, results, fp, data, bits, args, seconds):
         for prefix, style, name in (("static-mixed:", "s--", "static mixed"), ("entropy dynamic:", "o-", "entropy"),
                                     ("estimate dynamic:", "^-", "error estimate"), ("both dynamic:", "d-", "both")):
             pts = sorted((r["avg_bits_read"], r["kl"]) for k, r in rows.items() if k.startswith(prefix))
-            ax.plot(*zip(*pts), style, label=name)
+            if pts:
+                ax.plot(*zip(*pts), style, label=name)
         for k, r in rows.items():
             if k.startswith("static:"):
                 ax.plot(r["avg_bits_read"], r["kl"], "k^")

@@ -69,8 +69,8 @@ def test_estimator_predicts_the_true_error_on_held_out_text(smol_measured):
     """Fitted on calibration inputs, a + c ms(x) tracks each projection's true 4-bit error on held-out text."""
     _, fit_inputs, held, _ = smol_measured
     a, c, r2_fit = estimate.fit_estimators(fit_inputs["ms"], fit_inputs["energy"])
-    true = held["energy"][:, 0].flatten(1).double()  # [units, tokens]
-    guess = a[:, :1] + c[:, :1] * held["ms"].flatten(1).double()
+    true = held["energy"][:, 0, :, 1:].flatten(1).double()  # [units, tokens]; position 0 is never decided
+    guess = a[:, :1] + c[:, :1] * held["ms"][:, :, 1:].flatten(1).double()
     r2 = 1 - (true - guess).pow(2).sum(1) / (true - true.mean(1, keepdim=True)).pow(2).sum(1)
     assert r2.median() > 0.5 and r2_fit.median() > 0.5
     assert ((guess.mean(1) / true.mean(1) - 1).abs() < 0.25).float().mean() > 0.9  # the level, unit by unit
@@ -89,7 +89,8 @@ def test_thresholds_hit_the_target_bits_on_held_out_text(smol_measured):
         lam = pol.fit(*estimate.table(est, base, one), shares, ladder, target_bits=target)
         rules = estimate.rules(est, lam, shares, ladder)
         chosen = torch.tensor([[estimate.decide(rules["edges"][0][u], rules["bits"][0][u], float(x))
-                                for x in held["ms"][u].flatten()] for u in range(len(shares))], dtype=torch.float64)
+                                for x in held["ms"][u, :, 1:].flatten()] for u in range(len(shares))],
+                              dtype=torch.float64)
         bits = float((chosen.mean(1) * shares).sum())
         assert abs(bits - target) <= 0.1, (target, bits)
 
@@ -189,7 +190,7 @@ def test_estimate_policy_fields(linear_ckpt):
     assert (cal / "estimate.png").is_file() and "R² quartiles" in (cal / "report.md").read_text()
 
 
-def _traces(loaded, spec, engines, ids):
+def _traces(loaded, spec, engines, ids, trace=True):
     """Per engine ("hf", "slim" per-op loop, "stack"): the gates' decisions and the controller's
     stats over the tokens `ids` [1, T], fed one at a time after a one-token prompt."""
     out = {}
@@ -197,7 +198,7 @@ def _traces(loaded, spec, engines, ids):
         dec = decoder(loaded)
         dec.use_stack = engine == "stack"
         controller = Controller(loaded.model, loaded.manifest, resolve(loaded.policy, loaded.manifest, spec))
-        controller.trace = []
+        controller.trace = [] if trace else None
         with torch.inference_mode():
             if engine == "hf":
                 past = None
@@ -244,10 +245,15 @@ def test_every_engine_makes_the_same_decisions_per_block(block_ckpt, austen):
 def test_every_engine_makes_the_same_decisions_per_projection(projection_ckpt, austen):
     """Each projection decides on its own input: in the stack, every slot runs its own rule."""
     loaded = fqcompile.load(projection_ckpt[0])
-    runs = _traces(loaded, "dynamic:6", ("hf", "slim", "stack"), _text(loaded, austen))
+    ids = _text(loaded, austen)
+    runs = _traces(loaded, "dynamic:6", ("hf", "slim", "stack"), ids)
     _same_decisions(runs)
     assert runs["stack"][2]
     assert len({u for u, _, _ in runs["stack"][0]}) > 2  # several projections switch
+    untraced = _traces(loaded, "dynamic:6", ("stack",), ids, trace=False)["stack"][1]  # counted in tensors
+    traced = runs["stack"][1]
+    assert untraced["avg_bits_read"] == pytest.approx(traced["avg_bits_read"]) and untraced["share"] == pytest.approx(
+        traced["share"])
 
 
 def test_every_engine_makes_the_same_decisions_per_linear(linear_ckpt, austen):
