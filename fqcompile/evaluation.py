@@ -203,7 +203,7 @@ def _cached(model):
 def evaluate_policies(loaded, data, specs, reference=None, batch_size: int = 8, progress=True) -> dict:
     """Each policy evaluated as served (static:B as one teacher-forced pass: it does not depend on the signal)."""
     rows = {}
-    vocab = loaded.model.get_output_embeddings().weight.shape[0]
+    vocab = loaded.model.get_output_embeddings().out_features  # a FlexLinear with --quantized-head
     if reference is not None and len(specs) > 1 and data[:, :-1].numel() * vocab * 4 <= CACHE_BYTES:
         reference = _cached(reference)
     with dense_weights(loaded.model):

@@ -266,7 +266,7 @@ def test_every_engine_makes_the_same_decisions_per_linear(linear_ckpt, austen):
 
 
 def test_served_evaluation_runs_the_rules(linear_ckpt, tiny_dir, austen):
-    loaded = fqcompile.load(linear_ckpt[0])
+    loaded = fqcompile.load(linear_ckpt[0], quantized_head=True)  # as `eval` serves by default
     ref = sources.load(str(tiny_dir))[0]
     data = load_samples(str(austen / "emma.txt"), loaded.tokenizer, split="eval", seq_len=24, max_samples=2)
     rows = evaluate_policies(loaded, data, ["static:8", "static:4", "dynamic:5", "dynamic:7"], reference=ref,
