@@ -105,13 +105,7 @@ def evaluate_served(model, controller, samples: torch.Tensor, reference=None, ba
                     kl += kl_per_token(ref_lp[:, t], lp).double().sum().item()
                 tokens += len(batch)
                 bar.advance(task, len(batch))
-    return {
-        "perplexity": math.exp(nll / tokens),
-        "kl": kl / tokens if reference is not None else None,
-        "tokens": tokens,
-        "seconds": time.perf_counter() - start_time,
-        **controller.stats(),
-    }
+    return _served(nll, kl, tokens, reference is not None, start_time, controller)
 
 
 @torch.inference_mode()
@@ -168,14 +162,13 @@ def evaluate_served_parallel(model, controller, samples: torch.Tensor, reference
             kl += float(row_kl.sum())
             tokens += inputs.numel()
             bar.advance(task, len(batch))
-    return {
-        "perplexity": math.exp(nll / tokens),
-        "kl": kl / tokens if reference is not None else None,
-        "tokens": tokens,
-        "seconds": time.perf_counter() - start_time,
-        "passes": runs / len(samples),
-        **controller.stats(),
-    }
+    return _served(nll, kl, tokens, reference is not None, start_time, controller, passes=runs / len(samples))
+
+
+def _served(nll, kl, tokens, with_kl, start_time, controller, **extra) -> dict:
+    """An as-served evaluation's row: the metrics, then the controller's statistics."""
+    return {"perplexity": math.exp(nll / tokens), "kl": kl / tokens if with_kl else None, "tokens": tokens,
+            "seconds": time.perf_counter() - start_time, **extra, **controller.stats()}
 
 
 def _buckets(plan, lp, shape) -> torch.Tensor:
