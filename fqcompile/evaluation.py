@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import torch
 from rich.progress import Progress
+from transformers import DynamicCache
 
 from .calibration import policy as pol
 from .calibration.divergence import entropy, kl_per_token, log_probs
@@ -110,16 +111,18 @@ def evaluate_served(model, controller, samples: torch.Tensor, reference=None, ba
 
 @torch.inference_mode()
 def evaluate_served_parallel(model, controller, samples: torch.Tensor, reference=None, batch_size: int = 8,
-                             progress=True):
-    """What evaluate_served measures, in a few teacher-forced passes instead of a step per token.
+                             chunk: int = 32, progress=True):
+    """What evaluate_served measures, in teacher-forced passes instead of a step per token.
 
     Position t runs under the bucket of the signal at t-1 and, for gated units, its own input
     at t, which a causal model computes from positions <= t only: once every position's bucket
-    is known, one pass over whole sequences (Controller.run_tokens) is what serving runs. The
-    buckets come from the previous pass's entropies (the first pass takes the reference
-    model's); a row is done when a pass leaves its buckets unchanged (then each of its
-    positions ran exactly as it would be served), and only the other rows run again. A plan
-    without entropy buckets needs one pass. Also returns "passes": rows run / rows.
+    is known, one pass over whole sequences (Controller.run_tokens) is what serving runs. A plan
+    without entropy buckets needs that one pass. With buckets, each row runs in chunks of
+    `chunk` positions through a KV cache: a chunk's buckets come from the served entropies
+    before it and, for its own positions, from its previous pass (the first guesses from the
+    reference model's); it runs again until they settle (then each of its positions ran exactly
+    as served), and the next chunk continues the cache. Also returns "passes": positions run /
+    positions.
     """
     plan = controller.plan
     nll = kl = 0.0
@@ -132,37 +135,62 @@ def evaluate_served_parallel(model, controller, samples: torch.Tensor, reference
             batch = samples[start : start + batch_size]
             inputs = batch[:, :-1]
             ref_lp = log_probs(reference(batch).logits) if reference is not None else None
-            buckets = _buckets(plan, ref_lp, inputs.shape)
-            todo = torch.arange(len(batch))
-            used = buckets.clone()  # the buckets each row's last pass ran
-            row_nll, row_kl = torch.zeros(len(batch), dtype=torch.float64), torch.zeros(len(batch), dtype=torch.float64)
-            gated = {}  # unit -> [B, T] precisions its gate chose in each row's last pass
-            for _ in range(inputs.shape[1]):  # position t is exact after t passes at the latest
-                used[todo] = buckets[todo]
-                controller.run_tokens(buckets[todo])
-                try:
-                    lp = torch.log_softmax(model(inputs[todo], use_cache=False).logits.float(), dim=-1)
-                finally:
-                    controller.run_tokens(None)
-                runs += len(todo)
-                for u, bits in controller.token_bits.items():
-                    gated.setdefault(u, torch.zeros(inputs.shape, dtype=torch.long))[todo] = bits
-                row_nll[todo] = -lp.gather(-1, batch[todo, 1:, None]).double().sum((1, 2))
-                if ref_lp is not None:
-                    row_kl[todo] = kl_per_token(ref_lp[todo], lp).double().sum(1)
-                again = _buckets(plan, lp, lp.shape[:2])
-                changed = (again != buckets[todo]).any(1)
-                buckets[todo] = again
-                todo = todo[changed]
-                del lp
-                if not len(todo):
-                    break
+            if plan.edges:
+                guess = entropy(ref_lp) if ref_lp is not None else torch.zeros(inputs.shape)
+                lp, used, gated, n = _in_chunks(model, controller, inputs, guess, chunk)
+            else:
+                used = torch.zeros(inputs.shape, dtype=torch.long)
+                lp, gated = _pass(model, controller, inputs, used)
+                n = inputs.numel()
+            runs += n
             controller.count_passes(used, gated)
-            nll += float(row_nll.sum())
-            kl += float(row_kl.sum())
+            nll -= float(lp.gather(-1, batch[:, 1:, None]).double().sum())
+            if ref_lp is not None:
+                kl += float(kl_per_token(ref_lp, lp).double().sum())
             tokens += inputs.numel()
+            del lp, ref_lp
             bar.advance(task, len(batch))
-    return _served(nll, kl, tokens, reference is not None, start_time, controller, passes=runs / len(samples))
+    return _served(nll, kl, tokens, reference is not None, start_time, controller, passes=runs / tokens)
+
+
+def _pass(model, controller, inputs, buckets, cache=None):
+    """Log-probs of one teacher-forced pass under `buckets` [B, T] (continuing `cache` if given)
+    and each gated unit's [B, T] precisions."""
+    controller.run_tokens(buckets, prompt=cache is None or cache.get_seq_length() == 0)
+    try:
+        logits = model(inputs, cache=cache, use_cache=cache is not None).logits
+        return torch.log_softmax(logits.float(), dim=-1), controller.token_bits
+    finally:
+        controller.run_tokens(None)
+
+
+def _in_chunks(model, controller, inputs, guess, chunk: int):
+    """evaluate_served_parallel's passes for a plan with entropy buckets, row by row (see there):
+    log-probs [B, T, V], the buckets used [B, T], the gated units' precisions, positions run."""
+    plan = controller.plan
+    used = torch.zeros(inputs.shape, dtype=torch.long)
+    lp, gated, runs = None, {}, 0
+    for r in range(len(inputs)):
+        ent = guess[r : r + 1].clone()  # [1, T]: served entropies up to the chunk, guesses after
+        cache = DynamicCache(config=model.config)
+        for s in range(0, inputs.shape[1], chunk):
+            e = min(s + chunk, inputs.shape[1])
+            buckets = _buckets(plan, ent)[:, s:e]
+            while True:
+                out, bits = _pass(model, controller, inputs[r : r + 1, s:e], buckets, cache)
+                runs += e - s
+                ent[:, s:e] = entropy(out)
+                again = _buckets(plan, ent)[:, s:e]
+                if torch.equal(again, buckets):
+                    break
+                buckets = again
+                cache.crop(s - e)
+            if lp is None:
+                lp = out.new_empty(*inputs.shape, out.shape[-1])
+            lp[r, s:e], used[r, s:e] = out[0], buckets[0]
+            for u, b in bits.items():
+                gated.setdefault(u, torch.zeros(inputs.shape, dtype=torch.long))[r, s:e] = b[0]
+    return lp, used, gated, runs
 
 
 def _served(nll, kl, tokens, with_kl, start_time, controller, **extra) -> dict:
@@ -171,12 +199,9 @@ def _served(nll, kl, tokens, with_kl, start_time, controller, **extra) -> dict:
             "seconds": time.perf_counter() - start_time, **extra, **controller.stats()}
 
 
-def _buckets(plan, lp, shape) -> torch.Tensor:
-    """Each position's bucket from the entropies of log-probs lp [B, T, V] (position 0: any)."""
-    if not plan.edges or lp is None:
-        return torch.zeros(shape, dtype=torch.long)
-    signal = pol.signal(entropy(lp), plan.smoothing)
-    return pol.bucket_of(signal.nan_to_num(0.0), plan.edges)
+def _buckets(plan, ent) -> torch.Tensor:
+    """Each position's bucket [B, T] from the entropies [B, T] of the positions before it (position 0: any)."""
+    return pol.bucket_of(pol.signal(ent, plan.smoothing).nan_to_num(0.0), plan.edges)
 
 
 def _cached(model):
