@@ -23,6 +23,18 @@ from fqcompile.errors import FqError
 LAM_RANGE = (1e-9, 1e3)
 
 
+def unit_label(names) -> str:
+    """A unit's name from its linears' names: the name of one; under one parent, e.g.
+    model.layers.0.self_attn.q_proj+k_proj+v_proj; else their common prefix (a block)."""
+    if len(names) == 1:
+        return names[0]
+    parents = {n.rpartition(".")[0] for n in names}
+    if len(parents) == 1:
+        return parents.pop() + "." + "+".join(n.rpartition(".")[2] for n in names)
+    prefix = [p[0] for p in zip(*(n.split(".") for n in names)) if len(set(p)) == 1]
+    return ".".join(prefix) or "all"
+
+
 def signal(entropy: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
     """Decode-time signal per position: the (smoothed) entropy at the previous position.
 

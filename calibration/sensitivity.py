@@ -22,6 +22,7 @@ from torch import nn
 from fqcompile.errors import FqError
 from fqcompile.files import atomic_file
 from fqcompile.formats.nested import CELL_CENTRE, Layout, dequantize, pack_planes, quantize_rtn
+from fqcompile.calibration import policy as pol
 from fqcompile.calibration.divergence import entropy, kl_per_token, log_probs
 
 
@@ -53,15 +54,9 @@ def units_of(model, linears: list[str], kind: str) -> list[Unit]:
         return [Unit(block_name[b], b, tuple(mods)) for b, mods in sorted(by_block.items())]
     if kind == "projection":
         source = shared_inputs(model, linears)
-        return [Unit(_joined(mods), b, tuple(mods)) for b, block in sorted(by_block.items())
+        return [Unit(pol.unit_label(mods), b, tuple(mods)) for b, block in sorted(by_block.items())
                 for mods in _groups(block, source)]
     return [Unit(m, b, (m,)) for b, mods in sorted(by_block.items()) for m in mods]
-
-
-def _joined(names: list[str]) -> str:
-    """model.layers.0.self_attn.q_proj+k_proj+v_proj for a group (its first name for one)."""
-    parent = names[0].rpartition(".")[0]
-    return parent + "." + "+".join(n.rpartition(".")[2] for n in names)
 
 
 def _groups(names: list[str], source: dict) -> list[list[str]]:

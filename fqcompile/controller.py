@@ -314,7 +314,7 @@ class Controller:
             "controller_seconds": self.overhead,
         }
         if verbose:
-            out["per_unit"] = {names[0] if len(names) == 1 else _common(names): {
+            out["per_unit"] = {pol.unit_label(names): {
                 str(b): float(c / max(1.0, counts[u].sum())) for b, c in zip(self.ladder, counts[u])}
                 for u, names in enumerate(self.plan.units)}
         return out
@@ -358,9 +358,3 @@ class Gate:
             bits[:, 0] = c.plan.prefill
         set_precisions(self.layers, bits)
         c.token_bits[self.unit] = bits
-
-
-def _common(names: list[str]) -> str:
-    parts = [n.split(".") for n in names]
-    prefix = [p[0] for p in zip(*parts) if len(set(p)) == 1]
-    return ".".join(prefix) or "all"

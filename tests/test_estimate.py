@@ -175,6 +175,11 @@ def test_projection_units_are_the_linears_reading_one_input(tiny_dir):
     names = [tuple(n.rsplit(".", 1)[1] for n in u.modules) for u in units]
     assert names == [("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",)] * 2
     assert [u.block for u in units] == [0] * 4 + [1] * 4
+    # one label per unit, in calibration and in `generate -v` alike: no two alike
+    assert [u.name for u in units[:4]] == [
+        "model.layers.0.self_attn.q_proj+k_proj+v_proj", "model.layers.0.self_attn.o_proj",
+        "model.layers.0.mlp.gate_proj+up_proj", "model.layers.0.mlp.down_proj"]
+    assert pol.unit_label([n for u in units[:4] for n in u.modules]) == "model.layers.0"  # a block
 
 
 def test_estimate_policy_fields(linear_ckpt):
