@@ -117,6 +117,12 @@ def breakdown(checkpoint: str, bits: int, quantized_head: bool, int8: bool, new_
             "outside_ms": 1e3 * timed_step - ms["linear"] - ms["stack_linear"] - ms["attend"] - glue - ms["head"]}
 
 
+def _shown(script: str) -> str:
+    """The script as run from the repository root (the command a reader can repeat)."""
+    path = Path(script).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else script
+
+
 def report(checkpoint: str, out: Path, new_tokens: int, prompt_tokens: int, title: str, about: str,
            repeats: int = 3) -> str:
     """The three bench runs and the breakdown; writes OUT.json and OUT.md and returns the markdown."""
@@ -153,7 +159,7 @@ def report(checkpoint: str, out: Path, new_tokens: int, prompt_tokens: int, titl
         f"{prompt_tokens}-token prompt, {new_tokens} new tokens (stop tokens ignored); "
         + (f"every row run {repeats} times, the rows in turn, medians shown. " if repeats > 1 else "one run a row. ")
         + "Command:", "",
-        f"    python {' '.join(sys.argv)}", "",
+        f"    python {' '.join([_shown(sys.argv[0]), *sys.argv[1:]])}", "",
         about,
         f"Checkpoint: {manifest['source']['model']}, {manifest['quantizer']['method']} nested "
         f"{manifest['ladder']}, group {manifest['group_size']}.", "",
