@@ -172,7 +172,7 @@ def _in_chunks(model, controller, inputs, guess, chunk: int):
     lp, gated, runs = None, {}, 0
     for r in range(len(inputs)):
         ent = guess[r : r + 1].clone()  # [1, T]: served entropies up to the chunk, guesses after
-        cache = DynamicCache(config=model.config)
+        cache = DynamicCache()  # full layers (no config): a sliding-window layer could not be cut back
         for s in range(0, inputs.shape[1], chunk):
             e = min(s + chunk, inputs.shape[1])
             buckets = _buckets(plan, ent)[:, s:e]
