@@ -12,7 +12,6 @@ from types import SimpleNamespace
 
 import torch
 from rich.progress import Progress
-from transformers import DynamicCache
 
 from .calibration import policy as pol
 from .calibration.divergence import entropy, kl_per_token, log_probs
@@ -167,6 +166,8 @@ def _pass(model, controller, inputs, buckets, cache=None):
 def _in_chunks(model, controller, inputs, guess, chunk: int):
     """evaluate_served_parallel's passes for a plan with entropy buckets, row by row (see there):
     log-probs [B, T, V], the buckets used [B, T], the gated units' precisions, positions run."""
+    from transformers import DynamicCache  # on first use, as in loader.py: CLI refusals answer without it
+
     plan = controller.plan
     used = torch.zeros(inputs.shape, dtype=torch.long)
     lp, gated, runs = None, {}, 0
