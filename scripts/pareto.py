@@ -5,8 +5,9 @@ For each ladder: a nested GPTQ export of the built-in model (Austen `calib` text
 `calibrate --checkpoint` on its own slices (one measurement, fitted three times: --signal
 entropy, estimate and both), then every policy evaluated as served on held-out text (the
 `eval` split) by evaluation.evaluate_policies (teacher-forced passes that give what serving
-one token at a time gives, up to float rounding). Static mixed comes from the same measurement. Also greedy samples of one prompt
-under several policies. Work folders are kept (--work), so a rerun resumes.
+one token at a time gives, up to float rounding). Static mixed comes from the same
+measurement. Also greedy samples of one prompt under several policies. Work folders are
+kept (--work): a rerun resumes from the export, the measurement and each signal's rows.
 
     python scripts/pareto.py [--ladders 4,8 4,6,8] [--unit projection] [--out docs/pareto]
 """
@@ -73,17 +74,26 @@ def frontier(ladder, work, args, bits, ref, data) -> dict:
                                      samples=args.calib_samples, eval_samples=8, unit=args.unit, progress=False)
         clock[f"calibrate {signal}"] = time.perf_counter() - mark
     loaded = fqcompile.load(ckpt)
-    rows = {}
+    # Rows are kept in the work folder after each signal's evaluation (an entropy signal's
+    # takes ~20-40 min): a rerun with the same settings evaluates only what is missing.
+    saved_file, setup = work / "rows.json", {"samples": args.samples, "seq_len": args.seq_len, "unit": args.unit,
+                                              "calib_samples": args.calib_samples}
+    saved = json.loads(saved_file.read_text()) if saved_file.is_file() else {}
+    rows = saved["rows"] if saved.get("setup") == setup else {}
     mark = time.perf_counter()
     specs = [f"static:{b}" for b in ladder] + [f"static-mixed:{b:g}" for b in bits]
     for signal in signals:
         loaded.policy = policies[signal]
-        found = evaluate_policies(loaded, data, specs + [f"dynamic:{b:g}" for b in bits], reference=ref,
-                                  batch_size=8, progress=False)
-        for spec, row in found.items():
-            rows[spec if not spec.startswith("dynamic") else f"{signal} {spec}"] = row
+        label = {spec: spec if not spec.startswith("dynamic") else f"{signal} {spec}"
+                 for spec in specs + [f"dynamic:{b:g}" for b in bits]}
+        missing = [spec for spec, name in label.items() if name not in rows]
+        if missing:
+            found = evaluate_policies(loaded, data, missing, reference=ref, batch_size=8, progress=False)
+            rows.update({k if not k.startswith("dynamic") else f"{signal} {k}": row for k, row in found.items()})
+            saved_file.with_suffix(".tmp").write_text(json.dumps({"setup": setup, "rows": rows}))
+            saved_file.with_suffix(".tmp").replace(saved_file)
         specs = []  # static plans once
-    clock["evaluate"] = time.perf_counter() - mark
+    clock["evaluate (this run)"] = time.perf_counter() - mark
     samples = {}
     first = signals[0]
     for signal, spec in ((first, f"static:{ladder[-1]}"), *((s, "dynamic:6") for s in signals),
