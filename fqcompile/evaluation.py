@@ -176,12 +176,12 @@ def _in_chunks(model, controller, inputs, guess, chunk: int):
         cache = DynamicCache()  # full layers (no config): a sliding-window layer could not be cut back
         for s in range(0, inputs.shape[1], chunk):
             e = min(s + chunk, inputs.shape[1])
-            buckets = _buckets(plan, ent)[:, s:e]
+            buckets = _buckets(plan, ent[:, :e])[:, s:]  # a bucket reads only the entropies before it
             while True:
                 out, bits = _pass(model, controller, inputs[r : r + 1, s:e], buckets, cache)
                 runs += e - s
                 ent[:, s:e] = entropy(out)
-                again = _buckets(plan, ent)[:, s:e]
+                again = _buckets(plan, ent[:, :e])[:, s:]
                 if torch.equal(again, buckets):
                     break
                 buckets = again
