@@ -149,7 +149,6 @@ class Controller:
         self.signal = None
         self.buckets = None  # each row's bucket in this decode step (None: a prompt)
         self.token_buckets = None  # run_tokens: [B, T] buckets of whole teacher-forced sequences
-        self.token_prompt = True
         self.token_bits = {}
         self.steps = [0] * len(self.plan.bits)  # decode row-steps per bucket
         self.gate_counts = [[0] * len(self.ladder) for _ in self.layers]  # gated units: row-steps per rung
@@ -207,13 +206,12 @@ class Controller:
             self.gate_counts[u][r] += n
             self.gate_bytes += n * self.unit_bytes[u][r]
 
-    def run_tokens(self, buckets, prompt: bool = True) -> None:
+    def run_tokens(self, buckets) -> None:
         """Teacher-forced mode: each later forward runs whole sequences, position t of row r at the
-        plan of bucket buckets[r, t] (with `prompt`, position 0 is the prompt: the prefill
-        precision; without, the forward continues a KV cache), with gated units deciding every
-        position from its own input; None: back to step by step. A causal model computes position
-        t from positions <= t only, so this is what serving would run."""
-        self.token_buckets, self.token_prompt = buckets, prompt
+        plan of bucket buckets[r, t] (position 0, the prompt, at the prefill precision), with gated
+        units deciding every position from its own input; None: back to step by step. A causal
+        model computes position t from positions <= t only, so this is what serving would run."""
+        self.token_buckets = buckets
         self.signal = self.buckets = None
         if buckets is not None:
             self.token_bits = {}  # gated unit -> the [B, T] precisions its gate chose in this pass
@@ -229,8 +227,7 @@ class Controller:
     def _set_tokens(self) -> None:
         buckets = self.token_buckets
         per = self.plan.bits[buckets]  # [B, T, units]
-        if self.token_prompt:
-            per[:, 0] = self.plan.prefill
+        per[:, 0] = self.plan.prefill
         for u, layers in enumerate(self.layers):
             if u not in self.gated:
                 column = per[..., u]
@@ -354,7 +351,6 @@ class Gate:
         for k, (edges, values) in enumerate(self.rules):
             here = c.token_buckets == k
             bits[here] = torch.tensor(values)[torch.bucketize(ms[here], torch.tensor(edges, dtype=ms.dtype), right=True)]
-        if c.token_prompt:
-            bits[:, 0] = c.plan.prefill
+        bits[:, 0] = c.plan.prefill
         set_precisions(self.layers, bits)
         c.token_bits[self.unit] = bits

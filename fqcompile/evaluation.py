@@ -1,9 +1,9 @@
 """Evaluate: perplexity and KL(p_ref || p_q) against the full-precision model, on token samples.
 
-Teacher-forced per precision (`evaluate`), or "as served" (`evaluate_served`: step by step
-through the KV cache; `evaluate_served_parallel`, which `evaluate_policies` uses: the same
-numbers in a few teacher-forced passes): each position under the plan the controller
-chose for it.
+Teacher-forced per precision (`evaluate`), or "as served": each position under the plan the
+controller chose for it, step by step through the KV cache (`evaluate_served`) or, where no
+decision reads the previous token's entropy, the same numbers in one teacher-forced pass
+(`evaluate_served_parallel`). `evaluate_policies` picks.
 """
 
 import math
@@ -13,8 +13,7 @@ from types import SimpleNamespace
 import torch
 from rich.progress import Progress
 
-from .calibration import policy as pol
-from .calibration.divergence import entropy, kl_per_token, log_probs
+from .calibration.divergence import kl_per_token, log_probs
 from .controller import Controller, resolve
 from .errors import FqError
 from .formats.checkpoint import precision_stats
@@ -22,6 +21,7 @@ from .loader import dense_weights, set_precision
 
 FULL = "fp"  # label of the unquantized reference row
 CACHE_BYTES = 4 << 30  # evaluate_policies keeps the reference's logits up to this size (16k tokens x 49k: 3.2 GB)
+STEP_ROWS = 32  # rows per step in evaluate_policies' step-by-step runs: a step reads every weight, whatever its rows
 
 
 @torch.inference_mode()
@@ -110,22 +110,21 @@ def evaluate_served(model, controller, samples: torch.Tensor, reference=None, ba
 
 @torch.inference_mode()
 def evaluate_served_parallel(model, controller, samples: torch.Tensor, reference=None, batch_size: int = 8,
-                             chunk: int = 32, progress=True):
-    """What evaluate_served measures, in teacher-forced passes instead of a step per token.
+                             progress=True):
+    """What evaluate_served measures, in one teacher-forced pass instead of a step per token, for
+    a plan without entropy buckets (error estimates alone, static mixed).
 
-    Position t runs under the bucket of the signal at t-1 and, for gated units, its own input
-    at t, which a causal model computes from positions <= t only: once every position's bucket
-    is known, one pass over whole sequences (Controller.run_tokens) is what serving runs. A plan
-    without entropy buckets needs that one pass. With buckets, each row runs in chunks of
-    `chunk` positions through a KV cache: a chunk's buckets come from the served entropies
-    before it and, for its own positions, from its previous pass (the first guesses from the
-    reference model's); it runs again until they settle (then each of its positions ran exactly
-    as served), and the next chunk continues the cache. Also returns "passes": positions run /
-    positions.
+    Position t runs under the plan's fixed bits and, for gated units, a decision on its own input
+    at t, which a causal model computes from positions <= t only: one pass over whole sequences
+    (Controller.run_tokens) is what serving runs. With entropy buckets, position t's plan depends
+    on the served distribution at t-1: evaluate_served runs those (evaluate_policies picks).
     """
     plan = controller.plan
+    if plan.edges:
+        raise FqError(f"policy {plan.label} switches on the previous token's entropy: evaluate it step by step "
+                      "(evaluate_served)")
     nll = kl = 0.0
-    tokens = runs = 0
+    tokens = 0
     controller.reset()
     start_time = time.perf_counter()
     with Progress(transient=True, disable=not progress) as bar:
@@ -134,14 +133,13 @@ def evaluate_served_parallel(model, controller, samples: torch.Tensor, reference
             batch = samples[start : start + batch_size]
             inputs = batch[:, :-1]
             ref_lp = log_probs(reference(batch).logits) if reference is not None else None
-            if plan.edges:
-                guess = entropy(ref_lp) if ref_lp is not None else torch.zeros(inputs.shape)
-                lp, used, gated, n = _in_chunks(model, controller, inputs, guess, chunk)
-            else:
-                used = torch.zeros(inputs.shape, dtype=torch.long)
-                lp, gated = _pass(model, controller, inputs, used)
-                n = inputs.numel()
-            runs += n
+            used = torch.zeros(inputs.shape, dtype=torch.long)
+            controller.run_tokens(used)
+            try:
+                lp = torch.log_softmax(model(inputs).logits.float(), dim=-1)
+                gated = controller.token_bits
+            finally:
+                controller.run_tokens(None)
             controller.count_passes(used, gated)
             nll -= float(lp.gather(-1, batch[:, 1:, None]).double().sum())
             if ref_lp is not None:
@@ -149,60 +147,13 @@ def evaluate_served_parallel(model, controller, samples: torch.Tensor, reference
             tokens += inputs.numel()
             del lp, ref_lp
             bar.advance(task, len(batch))
-    return _served(nll, kl, tokens, reference is not None, start_time, controller, passes=runs / tokens)
+    return _served(nll, kl, tokens, reference is not None, start_time, controller)
 
 
-def _pass(model, controller, inputs, buckets, cache=None):
-    """Log-probs of one teacher-forced pass under `buckets` [B, T] (continuing `cache` if given)
-    and each gated unit's [B, T] precisions."""
-    controller.run_tokens(buckets, prompt=cache is None or cache.get_seq_length() == 0)
-    try:
-        logits = model(inputs, cache=cache, use_cache=cache is not None).logits
-        return torch.log_softmax(logits.float(), dim=-1), controller.token_bits
-    finally:
-        controller.run_tokens(None)
-
-
-def _in_chunks(model, controller, inputs, guess, chunk: int):
-    """evaluate_served_parallel's passes for a plan with entropy buckets, row by row (see there):
-    log-probs [B, T, V], the buckets used [B, T], the gated units' precisions, positions run."""
-    from transformers import DynamicCache  # on first use, as in loader.py: CLI refusals answer without it
-
-    plan = controller.plan
-    used = torch.zeros(inputs.shape, dtype=torch.long)
-    lp, gated, runs = None, {}, 0
-    for r in range(len(inputs)):
-        ent = guess[r : r + 1].clone()  # [1, T]: served entropies up to the chunk, guesses after
-        cache = DynamicCache()  # full layers (no config): a sliding-window layer could not be cut back
-        for s in range(0, inputs.shape[1], chunk):
-            e = min(s + chunk, inputs.shape[1])
-            buckets = _buckets(plan, ent[:, :e])[:, s:]  # a bucket reads only the entropies before it
-            while True:
-                out, bits = _pass(model, controller, inputs[r : r + 1, s:e], buckets, cache)
-                runs += e - s
-                ent[:, s:e] = entropy(out)
-                again = _buckets(plan, ent[:, :e])[:, s:]
-                if torch.equal(again, buckets):
-                    break
-                buckets = again
-                cache.crop(s - e)
-            if lp is None:
-                lp = out.new_empty(*inputs.shape, out.shape[-1])
-            lp[r, s:e], used[r, s:e] = out[0], buckets[0]
-            for u, b in bits.items():
-                gated.setdefault(u, torch.zeros(inputs.shape, dtype=torch.long))[r, s:e] = b[0]
-    return lp, used, gated, runs
-
-
-def _served(nll, kl, tokens, with_kl, start_time, controller, **extra) -> dict:
+def _served(nll, kl, tokens, with_kl, start_time, controller) -> dict:
     """An as-served evaluation's row: the metrics, then the controller's statistics."""
     return {"perplexity": math.exp(nll / tokens), "kl": kl / tokens if with_kl else None, "tokens": tokens,
-            "seconds": time.perf_counter() - start_time, **extra, **controller.stats()}
-
-
-def _buckets(plan, ent) -> torch.Tensor:
-    """Each position's bucket [B, T] from the entropies [B, T] of the positions before it (position 0: any)."""
-    return pol.bucket_of(pol.signal(ent, plan.smoothing).nan_to_num(0.0), plan.edges)
+            "seconds": time.perf_counter() - start_time, **controller.stats()}
 
 
 def _cached(model):
@@ -220,7 +171,8 @@ def _cached(model):
 
 
 def evaluate_policies(loaded, data, specs, reference=None, batch_size: int = 8, progress=True) -> dict:
-    """Each policy evaluated as served (static:B as one teacher-forced pass: it does not depend on the signal)."""
+    """Each policy evaluated as served: static:B, static mixed and error estimates alone in
+    teacher-forced passes, entropy-bucket plans step by step (STEP_ROWS rows a step)."""
     rows = {}
     vocab = loaded.model.get_output_embeddings().out_features  # a FlexLinear with --quantized-head
     if reference is not None and len(specs) > 1 and data[:, :-1].numel() * vocab * 4 <= CACHE_BYTES:
@@ -237,8 +189,12 @@ def evaluate_policies(loaded, data, specs, reference=None, batch_size: int = 8, 
             else:
                 controller = Controller(loaded.model, loaded.manifest, plan)
                 try:
-                    r = evaluate_served_parallel(loaded.model, controller, data, reference=reference,
-                                                 batch_size=batch_size, progress=progress)
+                    if plan.edges:  # each step's plan reads the served distribution of the step before
+                        r = evaluate_served(loaded.model, controller, data, reference=reference,
+                                            batch_size=max(batch_size, STEP_ROWS), progress=progress)
+                    else:
+                        r = evaluate_served_parallel(loaded.model, controller, data, reference=reference,
+                                                     batch_size=batch_size, progress=progress)
                 finally:
                     controller.close()
             rows[r["policy"]] = r

@@ -4,8 +4,8 @@ previous token's entropy, by each unit's error estimate, and by both, at the sam
 For each ladder: a nested GPTQ export of the built-in model (Austen `calib` text), then
 `calibrate --checkpoint` on its own slices (one measurement, fitted three times: --signal
 entropy, estimate and both), then every policy evaluated as served on held-out text (the
-`eval` split) by evaluation.evaluate_policies (teacher-forced passes that give what serving
-one token at a time gives, up to float rounding). Static mixed comes from the same
+`eval` split) by evaluation.evaluate_policies (entropy plans step by step through the KV cache,
+the others in teacher-forced passes that give the same numbers). Static mixed comes from the same
 measurement. Also greedy samples of one prompt under several policies. Work folders are
 kept (--work): a rerun resumes from the export, the measurement and each signal's rows.
 
@@ -40,7 +40,7 @@ def main():
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--bits", default="5,5.5,6,6.5,7,7.5", help="average-bits budgets")
     ap.add_argument("--signals", default="entropy,estimate,both",
-                    help="dynamic signals to evaluate (entropy ones take several passes per sample)")
+                    help="dynamic signals to evaluate (entropy ones run step by step: slower)")
     ap.add_argument("--work", default=str(HERE.parent / "out" / "pareto"), help="kept work folders")
     ap.add_argument("--out", default=str(HERE.parent / "docs" / "pareto"), help="output prefix (.md/.json/.png)")
     args = ap.parse_args()
@@ -75,7 +75,7 @@ def frontier(ladder, work, args, bits, ref, data) -> dict:
         clock[f"calibrate {signal}"] = time.perf_counter() - mark
     loaded = fqcompile.load(ckpt)
     # Rows are kept in the work folder after each signal's evaluation (an entropy signal's
-    # takes ~20-40 min): a rerun with the same settings evaluates only what is missing.
+    # takes a quarter of an hour): a rerun with the same settings evaluates only what is missing.
     saved_file, setup = work / "rows.json", {"samples": args.samples, "seq_len": args.seq_len, "unit": args.unit,
                                               "calib_samples": args.calib_samples}
     saved = json.loads(saved_file.read_text()) if saved_file.is_file() else {}

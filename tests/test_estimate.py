@@ -15,6 +15,7 @@ from fqcompile.calibration import sensitivity as m
 from fqcompile.calibration.data import load_samples
 from fqcompile.calibrator import calibrate
 from fqcompile.controller import Controller, resolve
+from fqcompile.errors import FqError
 from fqcompile.evaluation import evaluate_policies, evaluate_served, evaluate_served_parallel
 from fqcompile.generation import decoder
 from fqcompile.loader import dense_weights
@@ -283,9 +284,9 @@ def test_served_evaluation_runs_the_rules(linear_ckpt, tiny_dir, austen):
 
 
 def test_served_evaluation_in_passes_equals_step_by_step(block_ckpt, varied_dir, austen, tmp_path):
-    """evaluate_served_parallel (what `eval --policy` and pareto.py run) gives evaluate_served's
-    numbers: error estimates alone (one pass), combined with entropy buckets (chunks run until
-    their buckets settle), and a static-mixed plan."""
+    """What `eval --policy` and pareto.py run (evaluate_policies) gives evaluate_served's numbers
+    one row at a time: error estimates alone and a static-mixed plan in one teacher-forced pass
+    (evaluate_served_parallel), a plan with entropy buckets step by step with all rows a step."""
     both, _ = _estimate_ckpt(tmp_path, varied_dir, austen, "block", signal="both")
     ref = sources.load(str(varied_dir))[0]
     for folder, spec, one_pass in ((block_ckpt[0], "dynamic:5.5", True), (both, "dynamic:5.5", False),
@@ -294,15 +295,17 @@ def test_served_evaluation_in_passes_equals_step_by_step(block_ckpt, varied_dir,
         data = load_samples(str(austen / "emma.txt"), loaded.tokenizer, split="eval", seq_len=40, max_samples=3)
         with dense_weights(loaded.model):
             controller = Controller(loaded.model, loaded.manifest, resolve(loaded.policy, loaded.manifest, spec))
-            steps = evaluate_served(loaded.model, controller, data, reference=ref, progress=False)
-            # chunks of 16 positions: a KV cache continued across chunks and cut back for reruns
-            runs = [evaluate_served_parallel(loaded.model, controller, data, reference=ref, chunk=chunk,
-                                             progress=False) for chunk in (64, 16)]
+            steps = evaluate_served(loaded.model, controller, data, reference=ref, batch_size=1, progress=False)
+            if one_pass:
+                parallel = evaluate_served_parallel(loaded.model, controller, data, reference=ref, progress=False)
+            else:
+                with pytest.raises(FqError, match="step by step"):
+                    evaluate_served_parallel(loaded.model, controller, data, reference=ref, progress=False)
             controller.close()
-        for passes in runs:
-            assert passes["kl"] == pytest.approx(steps["kl"], rel=1e-4)
-            assert passes["perplexity"] == pytest.approx(steps["perplexity"], rel=1e-5)
-            assert passes["avg_bits_read"] == steps["avg_bits_read"] and passes["share"] == steps["share"]
-            assert passes["decode_tokens"] == steps["decode_tokens"] == 3 * 38
-            assert 0 < passes["share"]["4"] < 1
-            assert passes["passes"] == 1 if one_pass else passes["passes"] > 1  # chunks ran again until buckets settled
+        served = evaluate_policies(loaded, data, [spec], reference=ref, batch_size=2, progress=False)
+        for row in [served[steps["policy"]]] + ([parallel] if one_pass else []):
+            assert row["kl"] == pytest.approx(steps["kl"], rel=1e-4)
+            assert row["perplexity"] == pytest.approx(steps["perplexity"], rel=1e-5)
+            assert row["avg_bits_read"] == steps["avg_bits_read"] and row["share"] == steps["share"]
+            assert row["decode_tokens"] == steps["decode_tokens"] == 3 * 38
+            assert 0 < row["share"]["4"] < 1
