@@ -9,7 +9,9 @@ the others in teacher-forced passes that give the same numbers). Static mixed co
 measurement. Also greedy samples of one prompt under several policies. Work folders are
 kept (--work): a rerun resumes from the export, the measurement and each signal's rows.
 
-    python scripts/pareto.py [--ladders 4,8 4,6,8] [--unit projection] [--out docs/pareto]
+    python scripts/pareto.py [--ladders 4,8 4,6,8:estimate] [--unit projection] [--out docs/pareto]
+
+A ladder may name its own signals after a colon (4,6,8:estimate); the others take --signals.
 """
 
 import argparse
@@ -33,7 +35,7 @@ PROMPT = "Write a short story about a lighthouse keeper."
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--ladders", nargs="+", default=["4,8"], help="ladders, e.g. 4,8 4,6,8")
+    ap.add_argument("--ladders", nargs="+", default=["4,8"], help="ladders, e.g. 4,8 4,6,8:estimate")
     ap.add_argument("--unit", default="projection", help="calibrate's --unit")
     ap.add_argument("--calib-samples", type=int, default=4, help="calibrate's --samples (256 tokens each)")
     ap.add_argument("--samples", type=int, default=32, help="held-out samples")
@@ -51,15 +53,16 @@ def main():
     data = load_samples(str(DATA), tok, split="eval", seq_len=args.seq_len, max_samples=args.samples)
     fp = fqcompile.evaluate(ref, data, progress=False)[None]["perplexity"]
     results = {}
-    for ladder_text in args.ladders:
+    for spec in args.ladders:
+        ladder_text, _, own = spec.partition(":")
         ladder = tuple(int(b) for b in ladder_text.split(","))
         work = Path(args.work) / f"{args.unit}-{'-'.join(map(str, ladder))}"
-        results[ladder_text] = frontier(ladder, work, args, bits, ref, data)
+        results[ladder_text] = frontier(ladder, work, args, (own or args.signals).split(","), bits, ref, data)
         print(f"ladder {ladder_text}: {(time.perf_counter() - start) / 60:.1f} min so far", flush=True)
         write(Path(args.out), results, fp, data, bits, args, time.perf_counter() - start)  # after each ladder
 
 
-def frontier(ladder, work, args, bits, ref, data) -> dict:
+def frontier(ladder, work, args, signals, bits, ref, data) -> dict:
     clock = {}
     mark = time.perf_counter()
     ckpt = work / "ckpt"
@@ -67,7 +70,6 @@ def frontier(ladder, work, args, bits, ref, data) -> dict:
         fqcompile.export(sources.BUILTIN_NAME, ckpt, ladder=ladder, dataset=str(DATA), force=True, progress=False)
     clock["export"] = time.perf_counter() - mark
     policies = {}
-    signals = args.signals.split(",")
     for signal in signals:  # one measurement folder: the later fits reuse it
         mark = time.perf_counter()
         policies[signal] = calibrate(None, work / "calibration", checkpoint=ckpt, dataset=str(DATA), signal=signal,
