@@ -27,6 +27,7 @@ from fqcompile.calibrator import calibrate
 from fqcompile.calibration.data import load_samples
 from fqcompile.controller import Controller, resolve
 from fqcompile.evaluation import evaluate_policies
+from fqcompile.files import atomic_file
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parent.parent / "shared" / "data" / "austen"
@@ -91,9 +92,9 @@ def frontier(ladder, work, args, signals, bits, ref, data) -> dict:
         missing = [spec for spec, name in label.items() if name not in rows]
         if missing:
             found = evaluate_policies(loaded, data, missing, reference=ref, batch_size=8, progress=False)
-            rows.update({k if not k.startswith("dynamic") else f"{signal} {k}": row for k, row in found.items()})
-            saved_file.with_suffix(".tmp").write_text(json.dumps({"setup": setup, "rows": rows}))
-            saved_file.with_suffix(".tmp").replace(saved_file)
+            rows.update({label[k]: row for k, row in found.items()})
+            with atomic_file(saved_file) as tmp:
+                tmp.write_text(json.dumps({"setup": setup, "rows": rows}))
         specs = []  # static plans once
     clock["evaluate (this run)"] = time.perf_counter() - mark
     samples = {}
